@@ -1,0 +1,157 @@
+"""`kd-sentiment`: one sub-command per pipeline step; MLproject entry points call the same commands.
+
+Every flag is documented (`kd-sentiment STEP --help`) and checked before any work starts. A
+mistake the user can fix (bad data, unknown model, bad parameter) prints one line and exits with
+status 2; the step's MLflow run, if it had started, is marked FAILED.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from dataclasses import fields
+
+from kd_sentiment.errors import UserError
+from kd_sentiment.train import TrainConfig
+
+TRAIN_HELP = {
+    "epochs": "passes over the training data",
+    "batch_size": "examples per batch per process",
+    "lr": "peak AdamW learning rate (linear warm-up, then linear decay to 0)",
+    "weight_decay": "AdamW weight decay (not applied to biases and LayerNorm)",
+    "warmup_ratio": "fraction of optimizer steps spent warming up the learning rate",
+    "max_length": "tokens per text; longer texts are truncated",
+    "gradient_accumulation_steps": "batches per optimizer step",
+    "mixed_precision": "no, fp16 (GPU) or bf16 (GPU or recent CPU)",
+    "seed": "seed for data subsets, shuffling and initialisation",
+    "checkpoint_every": "optimizer steps between checkpoints for resume (0: at epoch ends only)",
+    "temperature": "distillation temperature T (softens both distributions)",
+    "alpha": "weight of the soft-target loss; 0 = plain fine-tuning without a teacher",
+}
+
+
+# ----------------------------------------------------------------------------- value parsers
+
+def boolean(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def whole_number(text: str) -> int:
+    """An integer; '3.0' is accepted because MLproject has no integer type (floats pass through)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(value)
+
+
+def optional_count(text: str) -> int | None:
+    """A positive count, or '' / 'all' / 'none' for no limit."""
+    if str(text).strip().lower() in ("", "all", "none"):
+        return None
+    value = whole_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of examples or 'all', got {value}")
+    return value
+
+
+def fraction_or_count(text: str) -> float | int:
+    """0.1 -> a fraction; 2000 -> a count."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a count, got {text!r}") from None
+    if value <= 0 or (value >= 1 and value != int(value)):
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a whole count >= 1, got {text!r}")
+    return value if value < 1 else int(value)
+
+
+def optional_text(text: str) -> str | None:
+    return text or None
+
+
+# ----------------------------------------------------------------------------- shared flag groups
+
+def add_data_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="tweeteval",
+                       help="imdb, tweeteval, or a folder with train/validation/test files (text,label)")
+    group.add_argument("--data_dir", type=optional_text, default=None,
+                       help="local data in the layout of ../shared/data (default: $KD_SENTIMENT_DATA_DIR, "
+                            "else the Hugging Face Hub)")
+    group.add_argument("--validation_size", type=fraction_or_count, default=0.1,
+                       help="fraction or count of train held out for validation when the dataset has none")
+    group.add_argument("--max_train_samples", type=optional_count, default=None,
+                       help="stratified, seeded subset of train ('all' for everything)")
+    group.add_argument("--max_eval_samples", type=optional_count, default=None,
+                       help="stratified, seeded subset of validation and of test ('all' for everything)")
+
+
+def add_training_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+    group = parser.add_argument_group("training")
+    for f in fields(TrainConfig):
+        if f.name in exclude:
+            continue
+        kind = {int: whole_number, float: float, str: str}[type(f.default)]
+        group.add_argument(f"--{f.name}", type=kind, default=f.default,
+                           help=f"{TRAIN_HELP[f.name]} (default: {f.default})")
+    group.add_argument("--cpu", type=boolean, default=False, help="train on CPU even if a GPU is present")
+    group.add_argument("--output_dir", type=optional_text, default=None,
+                       help="checkpoints and best weights (default: outputs/STEP-DATASET-MODEL-sSEED)")
+    group.add_argument("--resume", type=boolean, default=False,
+                       help="continue from OUTPUT_DIR/checkpoint, in the same MLflow run")
+    parser.add_argument("--catalog", type=optional_text, default=None,
+                        help="YAML mapping model names to sources (default: $KD_SENTIMENT_CATALOG, else built-in)")
+    parser.add_argument("--alias", default="champion", help="registry alias for the new version ('' skips)")
+
+
+def train_config(ns: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)})
+
+
+def step_args(cls, ns: argparse.Namespace, **extra):
+    names = {f.name for f in fields(cls)} - {"train"}
+    return cls(**{k: getattr(ns, k) for k in names if hasattr(ns, k)}, train=train_config(ns), **extra)
+
+
+# ----------------------------------------------------------------------------- commands
+
+def cmd_teacher(ns: argparse.Namespace) -> None:
+    from kd_sentiment import teacher
+
+    teacher.run(step_args(teacher.TeacherArgs, ns))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kd-sentiment", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = commands.add_parser("teacher", help="fine-tune and register the teacher",
+                            description="Fine-tune a large model on the dataset, log it to MLflow and "
+                                        "register it as kd-sentiment-teacher-DATASET.")
+    p.add_argument("--model", default="", help="catalog name, Hub id or local folder (default: the catalog's teacher)")
+    add_data_flags(p)
+    add_training_flags(p, exclude=("temperature", "alpha"))
+    p.set_defaults(func=cmd_teacher)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    ns = build_parser().parse_args(argv)
+    try:
+        ns.func(ns)
+    except UserError as err:
+        print(f"kd-sentiment {ns.command}: error: {err}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,35 @@
+"""Final evaluation of a trained model: validation and test metrics, temperature scaling, figures.
+
+Shared by every step that produces a model, so teacher and students are measured the same way.
+"""
+from __future__ import annotations
+
+import mlflow
+import numpy as np
+
+from kd_sentiment import calibration
+from kd_sentiment.tracking import log_figure
+from kd_sentiment.train import predict_logits
+
+
+def evaluate(model, tokenizer, splits, max_length: int, batch_size: int, accelerator=None):
+    """(metrics, val_logits, test_logits) where metrics has `val_*`, `test_*`, `temperature`, `*_after_ts`."""
+    val_logits = predict_logits(model, tokenizer, splits.validation["text"], max_length, batch_size, accelerator)
+    test_logits = predict_logits(model, tokenizer, splits.test["text"], max_length, batch_size, accelerator)
+    metrics = calibration.evaluate_with_temperature(val_logits, splits.validation["label"].to_numpy(),
+                                                    test_logits, splits.test["label"].to_numpy(),
+                                                    splits.label_names)
+    return metrics, val_logits, test_logits
+
+
+def log_evaluation(metrics: dict, test_logits: np.ndarray, splits, title: str) -> None:
+    """Log metrics, the test reliability diagram (before and after temperature scaling), the
+    confusion matrix and the raw test logits (so any figure can be recomputed later)."""
+    mlflow.log_metrics(metrics)
+    labels = splits.test["label"].to_numpy()
+    curves = {"test": (calibration.probabilities(test_logits), labels),
+              f"test, T={metrics['temperature']:.2f}": (calibration.probabilities(test_logits, metrics["temperature"]), labels)}
+    log_figure(calibration.reliability_figure(curves, title), "figures/reliability_diagram.png")
+    matrix = calibration.confusion(test_logits, labels, splits.num_labels)
+    log_figure(calibration.confusion_figure(matrix, splits.label_names, title), "figures/confusion_matrix.png")
+    mlflow.log_dict({"labels": splits.label_names, "matrix": matrix.tolist()}, "metrics/test_confusion_matrix.json")

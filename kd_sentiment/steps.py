@@ -1,0 +1,125 @@
+"""What the training steps (teacher, distill) share: arguments, set-up, train+evaluate, publish.
+
+A training step is: open the step's MLflow run -> log params, environment and data -> train with
+the shared loop -> evaluate on validation/test (with calibration) -> log the model and register it
+under an alias. Only the main process talks to MLflow; every process trains and evaluates.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import mlflow
+import torch
+from accelerate import Accelerator
+
+from kd_sentiment import tracking
+from kd_sentiment.data import Splits, load_splits
+from kd_sentiment.errors import UserError
+from kd_sentiment.evaluation import evaluate, log_evaluation
+from kd_sentiment.models import count_parameters, flops_per_example
+from kd_sentiment.train import TrainConfig, TrainResult, read_checkpoint_state, train
+
+
+@dataclass
+class StepArgs:
+    """Arguments every training step takes (the CLI documents each one)."""
+
+    dataset: str = "tweeteval"
+    data_dir: str | None = None
+    catalog: str | None = None
+    validation_size: float | int = 0.1
+    max_train_samples: int | None = None
+    max_eval_samples: int | None = None
+    output_dir: str | None = None
+    resume: bool = False
+    alias: str = "champion"
+    cpu: bool = False
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def slug(text: str) -> str:
+    """A name safe for folders and registry names: `../models/all-MiniLM-L6-v2#layers=0,2` -> `all-minilm-l6-v2-l0-2`."""
+    base, _, layers = text.rstrip("/").partition("#layers=")
+    name = Path(base).name if ("/" in base and Path(base).expanduser().exists()) else base.replace("/", "-")
+    name = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return f"{name}-l{re.sub('[^0-9]+', '-', layers)}" if layers else name
+
+
+@dataclass
+class StepContext:
+    """What a step has once set up: data, catalog, accelerator and where its files go."""
+
+    splits: Splits
+    catalog: dict
+    accelerator: Accelerator
+    output_dir: Path
+    run_id: str | None  # the MLflow run to continue when resuming, else None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def set_up(step: str, args: StepArgs, model_name: str, catalog: dict) -> StepContext:
+    """Validate arguments, load the data, create the accelerator, find a checkpoint to resume."""
+    args.train.validate()
+    check_alias(args.alias)
+    tracking.configure()
+    splits = load_splits(args.dataset, args.data_dir, args.validation_size, args.max_train_samples,
+                         args.max_eval_samples, args.train.seed)
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.train.mixed_precision)
+    output_dir = Path(args.output_dir or f"outputs/{step}-{splits.name}-{slug(model_name)}-s{args.train.seed}")
+    state = read_checkpoint_state(output_dir) if args.resume else None
+    if accelerator.is_main_process:
+        tracking.use_experiment(splits.name)
+    return StepContext(splits, catalog, accelerator, output_dir, state.get("mlflow_run_id") if state else None)
+
+
+def log_step_params(ctx: StepContext, args: StepArgs, **params) -> None:
+    tracking.log_params({**{k: v for k, v in asdict(args).items() if k != "train"}, **asdict(args.train),
+                         "num_processes": ctx.accelerator.num_processes, **params})
+    tracking.log_environment(threads=torch.get_num_threads())
+    tracking.log_splits(ctx.splits)
+
+
+def fit_and_evaluate(ctx: StepContext, args: StepArgs, model, tokenizer, teacher_logits=None):
+    """Train with the shared loop, then evaluate; logs per-epoch history and final metrics.
+
+    Returns (TrainResult, metrics, test_logits); metrics carry `val_*`, `test_*`, calibration.
+    """
+    splits, acc = ctx.splits, ctx.accelerator
+    run_id = mlflow.active_run().info.run_id if ctx.is_main else None
+    result: TrainResult = train(
+        model, tokenizer, splits.train["text"], splits.train["label"].to_numpy(),
+        splits.validation["text"], splits.validation["label"].to_numpy(), splits.label_names,
+        splits.selection_metric, args.train, acc, ctx.output_dir, teacher_logits=teacher_logits,
+        resume=args.resume, log_metrics=mlflow.log_metrics if ctx.is_main else (lambda m, s: None),
+        extra_state={"mlflow_run_id": run_id})
+    metrics, _, test_logits = evaluate(result.model, tokenizer, splits, args.train.max_length,
+                                       args.train.batch_size * 2, acc)
+    metrics.update(best_epoch=result.best_epoch, parameters=count_parameters(result.model),
+                   flops_per_example=flops_per_example(result.model.config, args.train.max_length))
+    if ctx.is_main:
+        if result.resumed_from_step:
+            mlflow.set_tag("resumed_from_step", str(result.resumed_from_step))
+        log_evaluation(metrics, test_logits, splits, mlflow.active_run().info.run_name)
+    return result, metrics, test_logits
+
+
+def publish(model, tokenizer, splits: Splits, registered_name: str, alias: str, tags: dict) -> None:
+    """Log the model as an MLflow transformers pipeline and register it under `alias` (main process)."""
+    example = splits.test["text"].iloc[:2].tolist()
+    model_uri = tracking.log_classifier(model, tokenizer, example)
+    version = tracking.register(model_uri, registered_name, alias or None, tags)
+    mlflow.set_tags({"registered_model": registered_name, "registered_version": version.version})
+    print(f"Registered {registered_name} version {version.version}"
+          + (f" with alias '{alias}': models:/{registered_name}@{alias}" if alias else ""))
+
+
+def check_alias(alias: str) -> None:
+    if alias and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", alias):
+        raise UserError(f"alias={alias!r}: use letters, digits, '_' and '-' (not starting with a digit); "
+                        "empty skips aliasing.")
+

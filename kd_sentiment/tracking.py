@@ -1,0 +1,199 @@
+"""MLflow: where runs go, how a step's run ends, and the registry (register, alias, look up).
+
+Tracking store: $MLFLOW_TRACKING_URI when set (e.g. a team's `mlflow server`); otherwise the
+embedded default `sqlite:///mlflow.db` with artifacts under `./mlartifacts`, both in the working
+directory. Runs live in one experiment per dataset, `kd-sentiment/<dataset>`, so a pipeline's
+steps can be child runs of one parent; each run is tagged with its step.
+
+A step's run ends FINISHED only when the step returns; an exception marks it FAILED, Ctrl-C or
+SIGTERM KILLED. Registration is the last thing a step does and is undone if any part of it fails,
+so a failed run never leaves a half-made version behind.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import subprocess
+import warnings
+from contextlib import contextmanager
+from importlib.metadata import version
+from pathlib import Path
+
+import mlflow
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from kd_sentiment.errors import UserError
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_ARTIFACT_DIR = "mlartifacts"
+LIBRARIES = ("torch", "transformers", "accelerate", "mlflow", "datasets", "onnxruntime", "optimum", "optimum-onnx")
+# Explicit requirements for logged models: inference alone would also pull in torchvision.
+MODEL_PIP_REQUIREMENTS = [f"{lib}=={version(lib)}" for lib in ("mlflow", "torch", "transformers", "tokenizers")] + \
+    [f"{lib}=={version(lib)}" for lib in ("numpy", "pandas")]
+
+
+def configure() -> str:
+    """Point MLflow at $MLFLOW_TRACKING_URI, else at the embedded sqlite store. Returns the URI."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def use_experiment(dataset: str) -> str:
+    """Select (creating if needed) the experiment `kd-sentiment/<dataset>`; returns its id.
+
+    Inside `mlflow run`, the run already exists in the experiment `mlflow run` chose; keep it.
+    """
+    if os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
+        return os.environ.get("MLFLOW_EXPERIMENT_ID", "")
+    name = f"kd-sentiment/{dataset}"
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        artifacts = None
+        if mlflow.get_tracking_uri() == DEFAULT_TRACKING_URI:  # embedded store: artifacts beside it
+            artifacts = (Path.cwd() / DEFAULT_ARTIFACT_DIR / name.replace("/", "-")).resolve().as_uri()
+        experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
+    else:
+        experiment_id = experiment.experiment_id
+    mlflow.set_experiment(experiment_id=experiment_id)
+    return experiment_id
+
+
+def _raise_keyboard_interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+@contextmanager
+def step_run(step: str, run_name: str, run_id: str | None = None, nested: bool = False, active: bool = True):
+    """Start (or, with run_id, continue) the step's run and end it with the right status.
+
+    `active=False` (non-main processes of a multi-process job) yields None and logs nothing.
+    """
+    if not active:
+        yield None
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested,
+                           tags={"kd_sentiment.step": step})
+    try:
+        yield run
+    except KeyboardInterrupt:
+        mlflow.end_run("KILLED")
+        raise
+    except BaseException:
+        mlflow.end_run("FAILED")
+        raise
+    else:
+        mlflow.end_run("FINISHED")
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def log_params(params: dict) -> None:
+    """Log params not yet on the active run. `mlflow run` has already logged its -P values (as
+    typed), and a resumed run has its params from the first attempt; MLflow forbids changing them."""
+    existing = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({k: v for k, v in params.items() if k not in existing})
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, check=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def log_environment(threads: int | None = None) -> None:
+    """Tags for reproducing the run: code version, library versions, machine."""
+    tags = {"git_commit": git_commit(), "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_count": str(os.cpu_count())}
+    tags.update({f"version.{lib}": version(lib) for lib in LIBRARIES})
+    if threads is not None:
+        tags["torch_threads"] = str(threads)
+    mlflow.set_tags(tags)
+
+
+def log_splits(splits) -> None:
+    """Dataset name, source and sizes as params, each split as an `mlflow.data` input."""
+    log_params({"dataset": splits.name, "data_source": splits.source,
+                       **{f"n_{split}": n for split, n in splits.sizes().items()}})
+    mlflow.log_metrics({f"data_{k}": v for k, v in splits.duplicates.items()})
+    for split, size in splits.sizes().items():
+        frame = splits.split(split)[["text", "label"]]
+        with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways": it is a path
+            warnings.simplefilter("ignore", UserWarning)
+            dataset = mlflow.data.from_pandas(frame, source=splits.source, name=f"{splits.name}-{split}-{size}",
+                                              targets="label")
+        mlflow.log_input(dataset, context=split)
+
+
+def log_figure(fig, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(fig, path)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- registry
+
+def register(model_uri: str, name: str, alias: str | None, tags: dict | None = None) -> ModelVersion:
+    """Register `model_uri` as a new version of `name`, tag it, point `alias` at it.
+
+    All or nothing: if tagging or aliasing fails the version is deleted again (and the registered
+    model too, if this call created it).
+    """
+    client = MlflowClient()
+    created = False
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name)
+        created = True
+    model_version = None
+    try:
+        run_id = mlflow.active_run().info.run_id if mlflow.active_run() else None
+        model_version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags or {})
+        if alias:
+            client.set_registered_model_alias(name, alias, model_version.version)
+        return model_version
+    except BaseException:
+        if model_version is not None:
+            client.delete_model_version(name, model_version.version)
+        if created:
+            client.delete_registered_model(name)
+        raise
+
+
+def resolve_version(model_uri: str, needed_by: str = "") -> ModelVersion:
+    """The registry version behind `models:/NAME@ALIAS` or `models:/NAME/VERSION`, or a clear error."""
+    if not model_uri.startswith("models:/"):
+        raise UserError(f"'{model_uri}' is not a registry URI; use models:/NAME@ALIAS or models:/NAME/VERSION.")
+    ref = model_uri[len("models:/"):]
+    client = MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return client.get_model_version_by_alias(name, alias)
+        name, _, number = ref.rpartition("/")
+        return client.get_model_version(name, number)
+    except MlflowException as err:
+        hint = f" {needed_by}" if needed_by else ""
+        raise UserError(f"'{model_uri}' is not in the model registry at {mlflow.get_tracking_uri()} "
+                        f"({err.message.splitlines()[0]}).{hint}") from None
+
+
+def log_classifier(model, tokenizer, input_example: list[str]) -> str:
+    """Log a fine-tuned classifier as an `mlflow.transformers` text-classification pipeline
+    (signature inferred from a real prediction on `input_example`); returns the model URI."""
+    from transformers import pipeline
+
+    classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, device=-1)
+    signature = mlflow.models.infer_signature(input_example, classifier(input_example))
+    info = mlflow.transformers.log_model(classifier, name="model", task="text-classification",
+                                         signature=signature, input_example=input_example,
+                                         pip_requirements=MODEL_PIP_REQUIREMENTS)
+    return info.model_uri

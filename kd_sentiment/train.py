@@ -1,0 +1,279 @@
+"""The one training loop, shared by the teacher step (alpha=0: cross-entropy) and distill (soft targets).
+
+Built on accelerate (device placement, mixed precision, multi-process via torchrun) in the spirit
+of accelerate's nlp_example.py. Batches are made by this module rather than by accelerate's
+dataloader wrappers so that three things stay exact and simple:
+  - each process takes every W-th batch of one seeded, length-grouped order (W = world size);
+  - evaluation sees every example exactly once (results are keyed by example index);
+  - a resumed run skips precisely the batches it already trained on.
+Texts are tokenized once, padded per batch (dynamic padding), and grouped by length so short tweets
+are not padded to the length of the longest review.
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from kd_sentiment.calibration import classification_metrics
+from kd_sentiment.errors import UserError
+from kd_sentiment.losses import distillation_loss
+
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run. Every field is a CLI flag and an MLflow param."""
+
+    epochs: int = 3
+    batch_size: int = 32
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.1
+    max_length: int = 128
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    seed: int = 42
+    checkpoint_every: int = 100  # optimizer steps between checkpoints; 0: only at epoch ends
+    temperature: float = 2.0     # distillation temperature (unused when alpha == 0)
+    alpha: float = 0.0           # weight of the soft-target loss; 0 = plain fine-tuning
+
+    def validate(self) -> None:
+        positive = ("epochs", "batch_size", "lr", "max_length", "gradient_accumulation_steps", "temperature")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name}={getattr(self, name)}: must be greater than 0.")
+        if not 0 <= self.alpha <= 1:
+            raise UserError(f"alpha={self.alpha}: must lie in [0, 1].")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"warmup_ratio={self.warmup_ratio}: must lie in [0, 1).")
+        if self.weight_decay < 0 or self.checkpoint_every < 0:
+            raise UserError("weight_decay and checkpoint_every must not be negative.")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16.")
+
+
+@dataclass
+class TrainResult:
+    model: torch.nn.Module
+    best_epoch: int
+    best_metric: float
+    history: list[dict] = field(default_factory=list)
+    resumed_from_step: int = 0
+
+
+# ----------------------------------------------------------------------------- batches
+
+def tokenize(tokenizer, texts, max_length: int):
+    """Token ids per text, truncated to max_length, not padded (padding happens per batch)."""
+    # Tokenizing once and padding per batch is deliberate; silence the "call __call__ instead" advice.
+    tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True
+    return tokenizer(list(texts), truncation=True, max_length=max_length)
+
+
+def length_grouped_batches(lengths: np.ndarray, batch_size: int, seed: int | None) -> list[np.ndarray]:
+    """Batches of indices with similar lengths. With a seed: shuffle, sort within chunks of 50
+    batches by length, then shuffle the batches (randomness kept, padding cut). Without: one
+    sort by length (for evaluation)."""
+    if seed is None:
+        order = np.argsort(lengths, kind="stable")
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(lengths))
+    chunk = batch_size * 50
+    order = np.concatenate([c[np.argsort(lengths[c], kind="stable")] for c in np.split(order, range(chunk, len(order), chunk))])
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def shard(batches: list, rank: int, world: int, pad: bool) -> list:
+    """This process's share: every world-th batch. With pad, wrap around so every rank gets the same
+    number of batches (DDP needs equal step counts); evaluation never pads."""
+    if pad and len(batches) % world:
+        batches = batches + batches[: world - len(batches) % world]
+    return batches[rank::world]
+
+
+def collate(encodings, indices, tokenizer, labels=None, teacher_logits=None) -> dict:
+    features = [{k: encodings[k][i] for k in encodings.keys()} for i in indices]
+    batch = dict(tokenizer.pad(features, return_tensors="pt"))
+    batch["index"] = torch.as_tensor(indices)
+    if labels is not None:
+        batch["labels"] = torch.as_tensor(labels[indices])
+    if teacher_logits is not None:
+        batch["teacher_logits"] = torch.as_tensor(teacher_logits[indices], dtype=torch.float32)
+    return batch
+
+
+def model_inputs(batch: dict, device) -> dict:
+    return {k: v.to(device) for k, v in batch.items() if k not in ("index", "labels", "teacher_logits")}
+
+
+# ----------------------------------------------------------------------------- prediction
+
+@torch.no_grad()
+def predict_logits(model, tokenizer, texts, max_length: int, batch_size: int = 64,
+                   accelerator: Accelerator | None = None) -> np.ndarray:
+    """Logits (N, K) for `texts`, in input order. Under several processes each computes a share
+    and all receive the full result, every example exactly once."""
+    rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
+    device = accelerator.device if accelerator else next(model.parameters()).device
+    encodings = tokenize(tokenizer, texts, max_length)
+    lengths = np.array([len(ids) for ids in encodings["input_ids"]])
+    model.eval()
+    indices, outputs = [], []
+    for batch_idx in shard(length_grouped_batches(lengths, batch_size, None), rank, world, pad=False):
+        batch = collate(encodings, batch_idx, tokenizer)
+        outputs.append(model(**model_inputs(batch, device)).logits.float().cpu())
+        indices.append(batch["index"])
+    num_labels = model.config.num_labels
+    index = torch.cat(indices) if indices else torch.empty(0, dtype=torch.long)
+    logits = torch.cat(outputs) if outputs else torch.empty(0, num_labels)
+    if world > 1:
+        index = accelerator.gather(accelerator.pad_across_processes(index.to(device), pad_index=-1)).cpu()
+        logits = accelerator.gather(accelerator.pad_across_processes(logits.to(device))).cpu()
+        keep = index >= 0
+        index, logits = index[keep], logits[keep]
+    result = np.zeros((len(lengths), num_labels), dtype=np.float32)
+    result[index.numpy()] = logits.numpy()
+    assert len(np.unique(index.numpy())) == len(lengths), "every example must be predicted exactly once"
+    return result
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict) -> None:
+    """Full training state (weights, optimizer, scheduler, RNGs) plus loop position, swapped in
+    atomically so a kill during saving leaves the previous checkpoint intact."""
+    tmp, final = output_dir / "checkpoint.tmp", output_dir / "checkpoint"
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        (tmp / STATE_FILE).write_text(json.dumps(state, indent=1))
+        if final.exists():
+            shutil.rmtree(final)
+        tmp.rename(final)
+    accelerator.wait_for_everyone()
+
+
+def read_checkpoint_state(output_dir: Path) -> dict | None:
+    path = Path(output_dir) / "checkpoint" / STATE_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train(model, tokenizer, train_texts, train_labels: np.ndarray, val_texts, val_labels: np.ndarray,
+          label_names: list[str], selection_metric: str, config: TrainConfig, accelerator: Accelerator,
+          output_dir: Path, teacher_logits: np.ndarray | None = None, resume: bool = False,
+          log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
+          extra_state: dict | None = None) -> TrainResult:
+    """Train `model`, evaluate on validation after each epoch, return it with the best epoch's weights.
+
+    teacher_logits: soft targets aligned with train_texts (required when config.alpha > 0).
+    resume: continue from output_dir/checkpoint if present (same data and config expected).
+    log_metrics: called on the main process with (metrics, step) for per-step loss and per-epoch
+    validation metrics (`history/val_*`, step = epoch; final `val_*` are the caller's).
+    extra_state: stored in each checkpoint (e.g. the MLflow run id), read back by the caller.
+    """
+    config.validate()
+    if config.alpha > 0 and teacher_logits is None:
+        raise UserError("alpha > 0 needs the teacher's logits (soft targets).")
+    output_dir = Path(output_dir)
+    set_seed(config.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    encodings = tokenize(tokenizer, train_texts, config.max_length)
+    lengths = np.array([len(ids) for ids in encodings["input_ids"]])
+    batches_per_epoch = math.ceil(math.ceil(len(lengths) / config.batch_size) / world)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * config.epochs
+
+    no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
+    groups = [
+        {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": config.weight_decay},
+        {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=config.lr)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    # Loop position; overwritten by the checkpoint when resuming.
+    state = {"epoch": 0, "batches_done": 0, "global_step": 0, "best_metric": -math.inf,
+             "best_epoch": -1, "history": [], **(extra_state or {})}
+    best_dir = output_dir / "best"
+    if resume and read_checkpoint_state(output_dir):
+        accelerator.load_state(str(output_dir / "checkpoint"))
+        state = read_checkpoint_state(output_dir)
+        accelerator.print(f"Resuming from {output_dir / 'checkpoint'}: epoch {state['epoch']}, "
+                          f"step {state['global_step']}")
+    resumed_from = state["global_step"]
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    progress = tqdm(total=total_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process,
+                    desc="training")
+    for epoch in range(state["epoch"], config.epochs):
+        model.train()
+        # The order depends only on seed and epoch, so a resumed run rebuilds it and skips ahead.
+        my_batches = shard(length_grouped_batches(lengths, config.batch_size, config.seed + epoch), rank, world, pad=True)
+        for i in range(state["batches_done"], len(my_batches)):
+            batch = collate(encodings, my_batches[i], tokenizer, train_labels, teacher_logits)
+            group_end = min((i // config.gradient_accumulation_steps + 1) * config.gradient_accumulation_steps,
+                            len(my_batches))
+            group_size = group_end - (i // config.gradient_accumulation_steps) * config.gradient_accumulation_steps
+            sync = i + 1 == group_end
+            with accelerator.no_sync(model) if not sync else nullcontext():
+                logits = model(**model_inputs(batch, accelerator.device)).logits
+                teacher = batch.get("teacher_logits")
+                loss = distillation_loss(logits.float(), batch["labels"].to(accelerator.device),
+                                         None if teacher is None else teacher.to(accelerator.device),
+                                         config.temperature, config.alpha)
+                accelerator.backward(loss / group_size)
+            if not sync:
+                continue
+            accelerator.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+            state["global_step"] += 1
+            state["batches_done"] = i + 1
+            progress.update(1)
+            if accelerator.is_main_process:
+                log_metrics({"train_loss": loss.item(), "lr": scheduler.get_last_lr()[0]}, state["global_step"])
+            if config.checkpoint_every and state["global_step"] % config.checkpoint_every == 0 and i + 1 < len(my_batches):
+                save_checkpoint(accelerator, output_dir, state)
+
+        # End of epoch: evaluate, keep the best weights, checkpoint the position.
+        val_logits = predict_logits(accelerator.unwrap_model(model), tokenizer, val_texts, config.max_length,
+                                    config.batch_size * 2, accelerator)
+        metrics = classification_metrics(val_logits, val_labels, label_names)
+        state["history"].append({"epoch": epoch + 1, **metrics})
+        if accelerator.is_main_process:
+            log_metrics({f"history/val_{k}": v for k, v in metrics.items()}, epoch + 1)
+            accelerator.print(f"epoch {epoch + 1}: val {selection_metric}={metrics[selection_metric]:.4f}")
+        if metrics[selection_metric] > state["best_metric"]:
+            state["best_metric"], state["best_epoch"] = metrics[selection_metric], epoch + 1
+            if accelerator.is_main_process:
+                accelerator.unwrap_model(model).save_pretrained(best_dir, safe_serialization=True)
+        accelerator.wait_for_everyone()
+        state["epoch"], state["batches_done"] = epoch + 1, 0
+        save_checkpoint(accelerator, output_dir, state)
+    progress.close()
+
+    model = accelerator.unwrap_model(model)
+    if best_dir.exists():
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(best_dir / "model.safetensors"))
+    model.eval()
+    return TrainResult(model, state["best_epoch"], state["best_metric"], state["history"], resumed_from)

@@ -94,14 +94,15 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
                        help="stratified, seeded subset of validation and of test ('all' for everything)")
 
 
-def add_training_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = ()) -> None:
+def add_training_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (), **defaults) -> None:
+    """Training flags from TrainConfig's fields; `defaults` overrides a field's default for this step."""
     group = parser.add_argument_group("training")
     for f in fields(TrainConfig):
         if f.name in exclude:
             continue
         kind = {int: whole_number, float: float, str: str}[type(f.default)]
-        group.add_argument(f"--{f.name}", type=kind, default=f.default,
-                           help=f"{TRAIN_HELP[f.name]} (default: {f.default})")
+        default = defaults.get(f.name, f.default)
+        group.add_argument(f"--{f.name}", type=kind, default=default, help=f"{TRAIN_HELP[f.name]} (default: {default})")
     group.add_argument("--cpu", type=boolean, default=False, help="train on CPU even if a GPU is present")
     group.add_argument("--output_dir", type=optional_text, default=None,
                        help="checkpoints and best weights (default: outputs/STEP-DATASET-MODEL-sSEED)")
@@ -129,6 +130,12 @@ def cmd_teacher(ns: argparse.Namespace) -> None:
     teacher.run(step_args(teacher.TeacherArgs, ns))
 
 
+def cmd_distill(ns: argparse.Namespace) -> None:
+    from kd_sentiment import distill
+
+    distill.run(step_args(distill.DistillArgs, ns))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kd-sentiment", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -140,6 +147,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(p)
     add_training_flags(p, exclude=("temperature", "alpha"))
     p.set_defaults(func=cmd_teacher)
+
+    p = commands.add_parser("distill", help="distil students from the registered teacher",
+                            description="Train a student on the registered teacher's soft targets (cached in "
+                                        "MLflow) and register it as kd-sentiment-STUDENT-DATASET.")
+    p.add_argument("--student", default="distilbert",
+                   help="catalog name (distilbert, minilm, tinybert), Hub id, folder, SOURCE#layers=0,2,4, "
+                        "teacher-layers:0,2,4,6,8,10 (cut from the teacher), or 'all' (every catalog student, "
+                        "one nested run each)")
+    p.add_argument("--teacher", type=optional_text, default="",
+                   help="registry URI of the teacher (default: models:/kd-sentiment-teacher-DATASET@champion)")
+    p.add_argument("--name", type=optional_text, default="",
+                   help="registered model name (default: kd-sentiment-STUDENT-DATASET)")
+    add_data_flags(p)
+    add_training_flags(p, alpha=0.5, temperature=2.0)
+    p.set_defaults(func=cmd_distill)
     return parser
 
 

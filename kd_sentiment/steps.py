@@ -70,11 +70,20 @@ def set_up(step: str, args: StepArgs, model_name: str, catalog: dict) -> StepCon
     splits = load_splits(args.dataset, args.data_dir, args.validation_size, args.max_train_samples,
                          args.max_eval_samples, args.train.seed)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.train.mixed_precision)
-    output_dir = Path(args.output_dir or f"outputs/{step}-{splits.name}-{slug(model_name)}-s{args.train.seed}")
-    state = read_checkpoint_state(output_dir) if args.resume else None
     if accelerator.is_main_process:
         tracking.use_experiment(splits.name)
-    return StepContext(splits, catalog, accelerator, output_dir, state.get("mlflow_run_id") if state else None)
+    output_dir, run_id = checkpoint_location(step, args, splits.name, model_name)
+    return StepContext(splits, catalog, accelerator, output_dir, run_id)
+
+
+def checkpoint_location(step: str, args: StepArgs, dataset: str, model_name: str) -> tuple[Path, str | None]:
+    """Where a model's checkpoints go, and the MLflow run to continue there when resuming."""
+    default = f"outputs/{step}-{dataset}-{slug(model_name)}"
+    if args.train.alpha:
+        default += f"-a{args.train.alpha:g}-T{args.train.temperature:g}"
+    output_dir = Path(args.output_dir or f"{default}-s{args.train.seed}")
+    state = read_checkpoint_state(output_dir) if args.resume else None
+    return output_dir, (state.get("mlflow_run_id") if state else None)
 
 
 def log_step_params(ctx: StepContext, args: StepArgs, **params) -> None:
@@ -112,6 +121,8 @@ def publish(model, tokenizer, splits: Splits, registered_name: str, alias: str, 
     """Log the model as an MLflow transformers pipeline and register it under `alias` (main process)."""
     example = splits.test["text"].iloc[:2].tolist()
     model_uri = tracking.log_classifier(model, tokenizer, example)
+    tags = {**tags, "dataset": splits.name, "label_names": ",".join(splits.label_names),
+            "run_id": mlflow.active_run().info.run_id}
     version = tracking.register(model_uri, registered_name, alias or None, tags)
     mlflow.set_tags({"registered_model": registered_name, "registered_version": version.version})
     print(f"Registered {registered_name} version {version.version}"

@@ -124,11 +124,13 @@ def log_splits(splits) -> None:
     mlflow.log_metrics({f"data_{k}": v for k, v in splits.duplicates.items()})
     for split, size in splits.sizes().items():
         frame = splits.split(split)[["text", "label"]]
-        with warnings.catch_warnings():  # a local path "can be interpreted in multiple ways": it is a path
+        # Silenced: a local path "can be interpreted in multiple ways" (it is a path) and the integer
+        # label column "cannot represent missing values" (labels are validated, never missing).
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", UserWarning)
             dataset = mlflow.data.from_pandas(frame, source=splits.source, name=f"{splits.name}-{split}-{size}",
                                               targets="label")
-        mlflow.log_input(dataset, context=split)
+            mlflow.log_input(dataset, context=split)
 
 
 def log_figure(fig, path: str) -> None:
@@ -197,3 +199,11 @@ def log_classifier(model, tokenizer, input_example: list[str]) -> str:
                                          signature=signature, input_example=input_example,
                                          pip_requirements=MODEL_PIP_REQUIREMENTS)
     return info.model_uri
+
+
+def load_registered_classifier(model_uri: str):
+    """(model, tokenizer) of a registered `mlflow.transformers` classifier, in eval mode on CPU."""
+    components = mlflow.transformers.load_model(model_uri, return_type="components", device=-1)
+    model = components["model"]
+    model.eval()
+    return model, components["tokenizer"]

@@ -83,3 +83,28 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
     full_env.update(env or {})
     return subprocess.run([sys.executable, "-m", "kd_sentiment.cli", *args], cwd=cwd, env=full_env,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_train_config(**overrides):
+    from kd_sentiment.train import TrainConfig
+
+    return TrainConfig(**{"epochs": 3, "batch_size": 32, "lr": 2e-3, "max_length": 96, "checkpoint_every": 0,
+                          "seed": 0, **overrides})
+
+
+@pytest.fixture(scope="session")
+def teacher_home(tiny_model, tmp_path_factory):
+    """A working directory whose MLflow store holds a tiny teacher trained on an IMDb slice and
+    registered as kd-sentiment-teacher-imdb@champion: (folder, the teacher's final metrics)."""
+    from kd_sentiment import teacher
+
+    home = tmp_path_factory.mktemp("teacher-home")
+    old = os.getcwd()
+    os.chdir(home)
+    try:
+        metrics = teacher.run(teacher.TeacherArgs(model=str(tiny_model), dataset="imdb", validation_size=300,
+                                                  max_train_samples=1500, max_eval_samples=300,
+                                                  train=tiny_train_config()))
+    finally:
+        os.chdir(old)
+    return home, metrics

@@ -5,39 +5,17 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd_sentiment import teacher
-from kd_sentiment.train import TrainConfig
-
 from conftest import run_cli
 
 NAME = "kd-sentiment-teacher-imdb"
 
 
-def tiny_teacher_args(model, **overrides):
-    train = TrainConfig(epochs=3, batch_size=32, lr=2e-3, max_length=96, checkpoint_every=0, seed=0)
-    return teacher.TeacherArgs(model=str(model), dataset="imdb", validation_size=300, max_train_samples=1500,
-                               max_eval_samples=300, train=train, **overrides)
-
-
-@pytest.fixture(scope="module")
-def trained(tiny_model, tmp_path_factory):
-    """One real teacher run on an IMDb slice, shared by the tests below (it takes ~30 s)."""
-    import os
-    home = tmp_path_factory.mktemp("teacher-home")
-    old = os.getcwd()
-    os.chdir(home)
-    try:
-        metrics = teacher.run(tiny_teacher_args(tiny_model))
-    finally:
-        os.chdir(old)
-    return home, metrics
-
-
-def test_teacher_beats_majority_and_logs_everything(trained):
-    home, metrics = trained
+def test_teacher_beats_majority_and_logs_everything(teacher_home):
+    home, metrics = teacher_home
     assert metrics["test_accuracy"] > 0.6  # balanced test slice: majority class scores 0.5
     mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
-    run = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list")[0]
+    run = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list",
+                             filter_string="tags.`kd_sentiment.step` = 'teacher'")[0]
     assert run.info.status == "FINISHED"
     for key in ("test_accuracy", "test_macro_recall", "test_ece", "test_ece_after_ts", "test_nll", "test_brier",
                 "val_accuracy", "temperature"):
@@ -50,8 +28,8 @@ def test_teacher_beats_majority_and_logs_everything(trained):
     assert (home / "mlartifacts").is_dir()
 
 
-def test_registered_teacher_loads_by_alias_in_fresh_process(trained):
-    home, _ = trained
+def test_registered_teacher_loads_by_alias_in_fresh_process(teacher_home):
+    home, _ = teacher_home
     code = ("import mlflow; mlflow.set_tracking_uri('sqlite:///mlflow.db');"
             f"m = mlflow.pyfunc.load_model('models:/{NAME}@champion');"
             "print(sorted(set(m.predict(['a wonderful, moving film', 'dull and awful'])['label'])))")

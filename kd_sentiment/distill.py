@@ -1,0 +1,140 @@
+"""The `distill` step: a small student learns from the registered teacher's soft targets.
+
+loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE(student, labels)   (losses.py)
+
+The teacher comes from the model registry (`models:/kd-sentiment-teacher-<dataset>@champion` by
+default); its logits are cached in MLflow (soft_targets.py), so a second student or another
+temperature does not run the teacher again. Teacher and student may use different tokenizers: each
+tokenizes the raw text itself, and only output distributions are matched. `alpha=0` trains the same
+student on the same data and budget with labels only: the baseline every KD result is compared to
+(the teacher is then used only for the comparison metrics on test).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from scipy.special import log_softmax
+
+from kd_sentiment import soft_targets, tracking
+from kd_sentiment.calibration import classification_metrics
+from kd_sentiment.errors import UserError
+from kd_sentiment.models import keep_layers, load_catalog, load_classifier, resolve
+from kd_sentiment.steps import (StepArgs, StepContext, checkpoint_location, fit_and_evaluate, log_step_params,
+                                publish, set_up, slug)
+from kd_sentiment.teacher import registered_name as teacher_registered_name
+
+TEACHER_SOURCE = "teacher"  # a student source that means "the teacher itself", e.g. teacher#layers=0,2,4
+
+
+@dataclass
+class DistillArgs(StepArgs):
+    student: str = "distilbert"  # catalog name, Hub id, folder, teacher-layers:..., or "all"
+    teacher: str = ""            # registry URI; empty: models:/kd-sentiment-teacher-<dataset>@champion
+    name: str = ""               # registered name; empty: kd-sentiment-<student>-<dataset>
+
+
+def teacher_uri(args: DistillArgs, dataset: str) -> str:
+    return args.teacher or f"models:/{teacher_registered_name(dataset)}@champion"
+
+
+def student_name(student: str) -> str:
+    """Registry-friendly name: `minilm` -> minilm, `teacher-layers:0,2,4` -> cut-l0-2-4."""
+    return slug(student.replace("teacher-layers:", "cut#layers=").replace("teacher#", "cut#"))
+
+
+def comparison_metrics(student_test: np.ndarray, teacher_test: np.ndarray, labels: np.ndarray,
+                       label_names: list[str], metrics: dict) -> dict:
+    """Student vs teacher on the same test texts: agreement, KL(teacher || student), retention."""
+    teacher = classification_metrics(teacher_test, labels, label_names)
+    log_p_t, log_p_s = log_softmax(teacher_test.astype(np.float64), 1), log_softmax(student_test.astype(np.float64), 1)
+    return {
+        "test_agreement_with_teacher": float((student_test.argmax(1) == teacher_test.argmax(1)).mean()),
+        "test_kl_teacher_student": float((np.exp(log_p_t) * (log_p_t - log_p_s)).sum(1).mean()),
+        "teacher_test_accuracy": teacher["accuracy"],
+        "teacher_test_macro_recall": teacher["macro_recall"],
+        "retention_accuracy": metrics["test_accuracy"] / teacher["accuracy"],
+        "retention_macro_recall": metrics["test_macro_recall"] / teacher["macro_recall"],
+    }
+
+
+def check_labels(version, label_names: list[str]) -> None:
+    """The teacher must predict the dataset's classes, in the same order."""
+    teacher_labels = version.tags.get("label_names")
+    if teacher_labels and teacher_labels != ",".join(label_names):
+        raise UserError(f"Teacher models:/{version.name}/{version.version} predicts [{teacher_labels}] but the "
+                        f"dataset has labels {label_names}; distil from a teacher trained on this dataset.")
+
+
+def build_student(student: str, ctx: StepContext, model_uri: str):
+    """(model, tokenizer, source) for a student spec; `teacher#layers=...` cuts the registered teacher."""
+    source, layers = resolve(student, ctx.catalog)
+    if source != TEACHER_SOURCE:
+        model, tokenizer = load_classifier(source, ctx.splits.label_names, layers)
+        return model, tokenizer, source
+    if not layers:
+        raise UserError(f"student={student!r}: a student cut from the teacher needs layers, "
+                        "e.g. teacher-layers:0,2,4,6,8,10.")
+    model, tokenizer = tracking.load_registered_classifier(model_uri)
+    return keep_layers(model, layers), tokenizer, f"{model_uri}#layers={','.join(map(str, layers))}"
+
+
+def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool) -> dict:
+    """One student: its own MLflow run (nested under a parent for student=all)."""
+    splits = ctx.splits
+    uri = teacher_uri(args, splits.name)
+    hint = (f"Create it with `kd-sentiment teacher --dataset {splits.name}` "
+            f"(or `mlflow run . -e teacher -P dataset={splits.name}`), or pass teacher=models:/NAME@ALIAS.")
+    version = tracking.resolve_version(uri, needed_by=hint)
+    check_labels(version, splits.label_names)
+    name = args.name or f"kd-sentiment-{student_name(student)}-{splits.name}"
+    run_name = f"distill-{student_name(student)}-a{args.train.alpha:g}-T{args.train.temperature:g}"
+    if nested:  # each student of student=all has its own checkpoints and resumable run
+        own = replace(args, output_dir=str(Path(args.output_dir) / student_name(student)) if args.output_dir else None)
+        output_dir, run_id = checkpoint_location("distill", own, splits.name, student)
+        ctx = replace(ctx, output_dir=output_dir, run_id=run_id)
+    with tracking.step_run("distill", run_name, run_id=ctx.run_id, nested=nested, active=ctx.is_main) as run:
+        experiment_id = run.info.experiment_id if run else ""
+        texts = {split: splits.split(split)["text"] for split in ("train", "test")}
+        if args.train.alpha == 0:
+            texts.pop("train")  # the baseline never sees the teacher
+        logits, hit, cache_run = soft_targets.teacher_logits(version, uri, texts, args.train.max_length,
+                                                             args.train.batch_size * 2, ctx.accelerator, experiment_id)
+        model, tokenizer, source = build_student(student, ctx, uri)
+        if model.config.num_labels != splits.num_labels:
+            raise UserError(f"student {student} has {model.config.num_labels} outputs, the dataset "
+                            f"{splits.num_labels} classes.")
+        if ctx.is_main:
+            log_step_params(ctx, args, student=student, student_source=source, registered_name=name,
+                            teacher_name=version.name, teacher_version=version.version,
+                            teacher_run_id=version.run_id)
+            mlflow.set_tags({"teacher": f"{version.name}/{version.version}", "soft_targets_run_id": cache_run})
+            mlflow.log_metric("soft_targets_cache_hit", int(hit))
+        result, metrics, test_logits = fit_and_evaluate(ctx, args, model, tokenizer, logits.get("train"))
+        metrics.update(comparison_metrics(test_logits, logits["test"], splits.test["label"].to_numpy(),
+                                          splits.label_names, metrics))
+        if ctx.is_main:
+            mlflow.log_metrics(metrics)
+            publish(result.model, tokenizer, splits, name, args.alias,
+                    {"step": "distill", "teacher": f"{version.name}/{version.version}", "student": student,
+                     "alpha": str(args.train.alpha), "temperature": str(args.train.temperature)})
+        ctx.accelerator.wait_for_everyone()
+    return metrics
+
+
+def run(args: DistillArgs) -> dict[str, dict]:
+    """Distil one student, or every catalog student with student=all; returns metrics per student."""
+    catalog = load_catalog(args.catalog)
+    students = catalog["students"] if args.student == "all" else [args.student]
+    if args.student == "all" and args.name:
+        raise UserError("name= applies to a single student; leave it empty with student=all.")
+    ctx = set_up("distill", args, args.student, catalog)
+    if len(students) == 1:
+        return {students[0]: distill_one(students[0], args, ctx, nested=False)}
+    results = {}
+    with tracking.step_run("distill", f"distill-all-a{args.train.alpha:g}", active=ctx.is_main):
+        for student in students:
+            results[student] = distill_one(student, args, ctx, nested=True)
+    return results

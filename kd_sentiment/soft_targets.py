@@ -1,0 +1,100 @@
+"""The teacher's logits ("soft targets"), computed once and cached in MLflow.
+
+Distilling several students, or sweeping temperature and alpha, reuses one teacher pass. The cache
+is a dedicated MLflow run per (teacher version, max_length), tagged `kd_sentiment.soft_targets_for`,
+holding one `soft_targets/<split>-<fingerprint>.npy` per distinct set of texts (the fingerprint is
+a hash of the texts, so a different subset or dataset never hits a stale entry). The teacher's
+model version gets a tag `soft_targets_run_id` pointing at it.
+"""
+from __future__ import annotations
+
+import gc
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from kd_sentiment.data import fingerprint
+from kd_sentiment.train import predict_logits
+
+CACHE_TAG = "kd_sentiment.soft_targets_for"
+
+
+def cache_key(version, max_length: int) -> str:
+    # The source run id guards against a deleted and re-created model reusing a version number.
+    return f"{version.name}/{version.version}/{version.run_id}/max_length={max_length}"
+
+
+def find_cache_run(version, max_length: int) -> str | None:
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
+                              filter_string=f"tags.`{CACHE_TAG}` = '{cache_key(version, max_length)}'")
+    return runs[0].info.run_id if runs else None
+
+
+def cached_entries(run_id: str | None) -> set[str]:
+    if run_id is None:
+        return set()
+    return {Path(a.path).name for a in MlflowClient().list_artifacts(run_id, "soft_targets")}
+
+
+def load_entry(run_id: str, name: str) -> np.ndarray:
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"soft_targets/{name}", dst_path=tmp)
+        return np.load(path)
+
+
+def store_entries(version, max_length: int, run_id: str | None, experiment_id: str, arrays: dict[str, np.ndarray]) -> str:
+    """Add arrays to the cache run (created on first use); returns its run id."""
+    client = MlflowClient()
+    if run_id is None:
+        run = client.create_run(experiment_id, run_name=f"soft-targets-{version.name}-v{version.version}",
+                                tags={CACHE_TAG: cache_key(version, max_length), "kd_sentiment.step": "soft-targets",
+                                      "teacher": f"{version.name}/{version.version}"})
+        run_id = run.info.run_id
+        client.log_param(run_id, "max_length", max_length)
+        client.set_terminated(run_id, "FINISHED")
+        client.set_model_version_tag(version.name, version.version, "soft_targets_run_id", run_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, array in arrays.items():
+            np.save(Path(tmp) / name, array)
+            client.log_artifact(run_id, str(Path(tmp) / name), "soft_targets")
+    return run_id
+
+
+def teacher_logits(version, model_uri: str, texts_by_split: dict, max_length: int, batch_size: int,
+                   accelerator, experiment_id: str) -> tuple[dict[str, np.ndarray], bool, str]:
+    """Logits of the registered teacher for each split's texts: (arrays, cache_hit, cache_run_id).
+
+    Only on a miss is the teacher loaded; it is released before returning, so the student trains
+    without the teacher in memory. Every process gets the same arrays; the main one talks to MLflow.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    from kd_sentiment.tracking import load_registered_classifier
+
+    names = {split: f"{split}-{fingerprint(texts)}.npy" for split, texts in texts_by_split.items()}
+    found = [None, set()]
+    if accelerator.is_main_process:
+        run_id = find_cache_run(version, max_length)
+        found = [run_id, cached_entries(run_id)]
+    broadcast_object_list(found)
+    run_id, present = found
+    missing = [split for split, name in names.items() if name not in present]
+
+    arrays = {}
+    if missing:
+        model, tokenizer = load_registered_classifier(model_uri)
+        for split in missing:
+            arrays[split] = predict_logits(model, tokenizer, texts_by_split[split], max_length, batch_size, accelerator)
+        del model
+        gc.collect()
+        if accelerator.is_main_process:
+            run_id = store_entries(version, max_length, run_id, experiment_id,
+                                   {names[s]: arrays[s] for s in missing})
+    # Cached splits are read from the store by every process (local file copies; cheap).
+    for split in texts_by_split:
+        if split not in arrays:
+            arrays[split] = load_entry(run_id, names[split])
+    return arrays, not missing, run_id

@@ -1,0 +1,79 @@
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kd_sentiment import distill, tracking
+from kd_sentiment.errors import UserError
+
+from conftest import run_cli, tiny_train_config
+
+
+def distill_args(student, **overrides):
+    train = tiny_train_config(epochs=2, alpha=overrides.pop("alpha", 0.7), temperature=2.0)
+    return distill.DistillArgs(student=str(student), dataset="imdb", validation_size=300, max_train_samples=600,
+                               max_eval_samples=300, train=train, **overrides)
+
+
+@pytest.fixture
+def in_teacher_home(teacher_home, monkeypatch):
+    home, metrics = teacher_home
+    monkeypatch.chdir(home)
+    mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
+    return home, metrics
+
+
+def test_students_from_registry_share_cached_soft_targets(in_teacher_home, tiny_model, monkeypatch):
+    home, teacher_metrics = in_teacher_home
+    # First student: cut from the teacher (1 of its 2 layers).
+    first = distill.run(distill_args("teacher-layers:1"))["teacher-layers:1"]
+    # Second student: the teacher must not be loaded again: its logits come from the cache.
+    loads = []
+    real_load = tracking.load_registered_classifier
+    monkeypatch.setattr(tracking, "load_registered_classifier", lambda uri: loads.append(uri) or real_load(uri))
+    second = distill.run(distill_args(tiny_model, name="kd-sentiment-fresh-imdb"))[str(tiny_model)]
+    assert loads == []
+
+    runs = {r.info.run_name: r for r in mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list",
+                                                           filter_string="tags.`kd_sentiment.step` = 'distill'")}
+    cut = runs["distill-cut-l1-a0.7-T2"]
+    assert cut.data.metrics["soft_targets_cache_hit"] == 0
+    fresh = [r for name, r in runs.items() if name != "distill-cut-l1-a0.7-T2"][0]
+    assert fresh.data.metrics["soft_targets_cache_hit"] == 1
+    for metrics in (first, second):
+        assert 0 <= metrics["test_agreement_with_teacher"] <= 1 and metrics["test_kl_teacher_student"] >= 0
+        assert metrics["teacher_test_accuracy"] == pytest.approx(teacher_metrics["test_accuracy"], abs=1e-9)
+        assert metrics["retention_accuracy"] == pytest.approx(metrics["test_accuracy"] / metrics["teacher_test_accuracy"])
+        assert metrics["parameters"] > 0 and metrics["flops_per_example"] > 0
+    # The cut student keeps the teacher's width with half the layers.
+    assert first["parameters"] < teacher_metrics["parameters"]
+
+    client = MlflowClient()
+    version = client.get_model_version_by_alias("kd-sentiment-cut-l1-imdb", "champion")
+    assert version.tags["teacher"] == "kd-sentiment-teacher-imdb/1"
+    teacher_version = client.get_model_version("kd-sentiment-teacher-imdb", "1")
+    assert teacher_version.tags["soft_targets_run_id"] == cut.data.tags["soft_targets_run_id"]
+    assert client.get_model_version_by_alias("kd-sentiment-fresh-imdb", "champion").tags["alpha"] == "0.7"
+
+
+def test_alpha_zero_baseline_never_uses_teacher_for_training(in_teacher_home, tiny_model):
+    metrics = distill.run(distill_args(tiny_model, alpha=0.0, name="kd-sentiment-baseline-imdb", alias=""))
+    (baseline,) = metrics.values()
+    assert "test_agreement_with_teacher" in baseline  # compared with the teacher, never trained on it
+    assert MlflowClient().get_registered_model("kd-sentiment-baseline-imdb").aliases == {}
+
+
+def test_missing_teacher_alias_is_a_clear_error_and_registers_nothing(in_teacher_home, tiny_model):
+    before = {m.name for m in MlflowClient().search_registered_models()}
+    out = run_cli("distill", "--student", str(tiny_model), "--dataset", "imdb", "--teacher",
+                  "models:/kd-sentiment-teacher-imdb@nosuchalias", "--max_train_samples", "100",
+                  "--max_eval_samples", "50", cwd=in_teacher_home[0])
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "is not in the model registry" in out.stderr and "kd-sentiment teacher --dataset imdb" in out.stderr
+    assert {m.name for m in MlflowClient().search_registered_models()} == before
+
+
+def test_teacher_with_other_labels_is_rejected(in_teacher_home, tiny_model):
+    with pytest.raises(UserError, match=r"predicts \[negative,positive\] but the dataset has labels"):
+        distill.run(distill.DistillArgs(student=str(tiny_model), dataset="tweeteval",
+                                        teacher="models:/kd-sentiment-teacher-imdb@champion",
+                                        max_train_samples=60, max_eval_samples=30, train=tiny_train_config()))

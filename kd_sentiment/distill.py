@@ -119,7 +119,8 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
             mlflow.log_metrics(metrics)
             publish(result.model, tokenizer, splits, name, args.alias,
                     {"step": "distill", "teacher": f"{version.name}/{version.version}", "student": student,
-                     "alpha": str(args.train.alpha), "temperature": str(args.train.temperature)})
+                     "alpha": str(args.train.alpha), "temperature": str(args.train.temperature)},
+                    args.train.max_length)
         ctx.accelerator.wait_for_everyone()
     return metrics
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import mlflow
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from kd_sentiment import tracking
 from kd_sentiment.data import Splits, load_splits
@@ -70,6 +71,7 @@ def set_up(step: str, args: StepArgs, model_name: str, catalog: dict) -> StepCon
     splits = load_splits(args.dataset, args.data_dir, args.validation_size, args.max_train_samples,
                          args.max_eval_samples, args.train.seed)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.train.mixed_precision)
+    set_seed(args.train.seed)  # before any model is built: a new classifier head is randomly initialised
     if accelerator.is_main_process:
         tracking.use_experiment(splits.name)
     output_dir, run_id = checkpoint_location(step, args, splits.name, model_name)
@@ -117,10 +119,10 @@ def fit_and_evaluate(ctx: StepContext, args: StepArgs, model, tokenizer, teacher
     return result, metrics, test_logits
 
 
-def publish(model, tokenizer, splits: Splits, registered_name: str, alias: str, tags: dict) -> None:
+def publish(model, tokenizer, splits: Splits, registered_name: str, alias: str, tags: dict, max_length: int) -> None:
     """Log the model as an MLflow transformers pipeline and register it under `alias` (main process)."""
     example = splits.test["text"].iloc[:2].tolist()
-    model_uri = tracking.log_classifier(model, tokenizer, example)
+    model_uri = tracking.log_classifier(model, tokenizer, example, max_length)
     tags = {**tags, "dataset": splits.name, "label_names": ",".join(splits.label_names),
             "run_id": mlflow.active_run().info.run_id}
     version = tracking.register(model_uri, registered_name, alias or None, tags)

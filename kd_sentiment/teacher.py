@@ -34,7 +34,7 @@ def run(args: TeacherArgs) -> dict:
         result, metrics, _ = fit_and_evaluate(ctx, args, model, tokenizer)
         if ctx.is_main:
             publish(result.model, tokenizer, ctx.splits, registered_name(ctx.splits.name), args.alias,
-                    {"step": "teacher", "model_source": source})
+                    {"step": "teacher", "model_source": source}, args.train.max_length)
         ctx.accelerator.wait_for_everyone()
     return metrics
 

@@ -188,15 +188,20 @@ def resolve_version(model_uri: str, needed_by: str = "") -> ModelVersion:
                         f"({err.message.splitlines()[0]}).{hint}") from None
 
 
-def log_classifier(model, tokenizer, input_example: list[str]) -> str:
+def log_classifier(model, tokenizer, input_example: list[str], max_length: int) -> str:
     """Log a fine-tuned classifier as an `mlflow.transformers` text-classification pipeline
-    (signature inferred from a real prediction on `input_example`); returns the model URI."""
+    (signature inferred from a real prediction on `input_example`); returns the model URI.
+
+    The pipeline truncates to `max_length` tokens, the length the model was trained at, so long
+    inputs (a whole review) are answered instead of overflowing the position embeddings.
+    """
     from transformers import pipeline
 
+    inference = {"truncation": True, "max_length": max_length}
     classifier = pipeline("text-classification", model=model, tokenizer=tokenizer, device=-1)
-    signature = mlflow.models.infer_signature(input_example, classifier(input_example))
+    signature = mlflow.models.infer_signature(input_example, classifier(input_example, **inference))
     info = mlflow.transformers.log_model(classifier, name="model", task="text-classification",
-                                         signature=signature, input_example=input_example,
+                                         signature=signature, input_example=input_example, model_config=inference,
                                          pip_requirements=MODEL_PIP_REQUIREMENTS)
     return info.model_uri
 

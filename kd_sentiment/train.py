@@ -172,6 +172,14 @@ def read_checkpoint_state(output_dir: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def check_identical_across_processes(model, accelerator: Accelerator) -> None:
+    """DDP keeps replicas in sync by construction; verify it (one float64 checksum per process)."""
+    checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+    everyone = accelerator.gather(checksum.to(accelerator.device)).cpu()
+    if not torch.all(everyone == everyone[0]):
+        raise RuntimeError(f"model weights differ across processes: checksums {everyone.tolist()}")
+
+
 # ----------------------------------------------------------------------------- the loop
 
 def train(model, tokenizer, train_texts, train_labels: np.ndarray, val_texts, val_labels: np.ndarray,
@@ -272,6 +280,8 @@ def train(model, tokenizer, train_texts, train_labels: np.ndarray, val_texts, va
     progress.close()
 
     model = accelerator.unwrap_model(model)
+    if world > 1:
+        check_identical_across_processes(model, accelerator)
     if best_dir.exists():
         from safetensors.torch import load_file
         model.load_state_dict(load_file(best_dir / "model.safetensors"))

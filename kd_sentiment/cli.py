@@ -136,6 +136,28 @@ def cmd_distill(ns: argparse.Namespace) -> None:
     distill.run(step_args(distill.DistillArgs, ns))
 
 
+def cmd_quantize(ns: argparse.Namespace) -> None:
+    from kd_sentiment import quantize
+
+    quantize.run(quantize.QuantizeArgs(**{k: v for k, v in vars(ns).items() if k not in ("func", "command")}))
+
+
+def cmd_promote(ns: argparse.Namespace) -> None:
+    from kd_sentiment import promote
+
+    promote.run(promote.PromoteArgs(**{k: v for k, v in vars(ns).items() if k not in ("func", "command")}))
+
+
+def cmd_benchmark(ns: argparse.Namespace) -> None:
+    from kd_sentiment import benchmark
+
+    benchmark.run(benchmark.BenchmarkArgs(**{k: v for k, v in vars(ns).items() if k not in ("func", "command")}))
+
+
+def optional_boolean(text: str) -> bool | None:
+    return None if str(text).strip().lower() in ("", "auto") else boolean(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kd-sentiment", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -162,6 +184,60 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_flags(p)
     add_training_flags(p, alpha=0.5, temperature=2.0)
     p.set_defaults(func=cmd_distill)
+
+    p = commands.add_parser("quantize", help="export a registered model to ONNX and INT8, check, register",
+                            description="Export a registered fp32 model to ONNX, fuse the graph, quantize it to "
+                                        "INT8 with ONNX Runtime, compare it with the fp32 parent on the evaluation "
+                                        "data and register it as NAME-int8 (alias 'candidate').")
+    p.add_argument("--model", required=True, help="registry URI of the fp32 model (models:/NAME@ALIAS or /VERSION)")
+    p.add_argument("--dataset", default="tweeteval", help="imdb, tweeteval or a data folder (evaluation data)")
+    p.add_argument("--data_dir", type=optional_text, default=None, help="local data (default: $KD_SENTIMENT_DATA_DIR)")
+    p.add_argument("--max_eval_samples", type=optional_count, default=2000,
+                   help="stratified test subset for the fp32 vs INT8 check ('all' for everything)")
+    p.add_argument("--mode", choices=("dynamic", "static"), default="dynamic",
+                   help="dynamic: activations quantized on the fly (default); static: ranges calibrated on train")
+    p.add_argument("--per_channel", type=boolean, default=True, help="one weight scale per output channel")
+    p.add_argument("--reduce_range", type=optional_boolean, default=None,
+                   help="7-bit weights; 'auto' (default) turns it on for x86 CPUs without VNNI, where full-range "
+                        "INT8 products can saturate")
+    p.add_argument("--optimize_level", type=whole_number, default=2,
+                   help="ORTOptimizer graph fusion level before dynamic INT8 (0: none)")
+    p.add_argument("--calibration_samples", type=whole_number, default=300,
+                   help="static mode: seeded sample of train texts used for calibration")
+    p.add_argument("--seed", type=whole_number, default=42, help="seed for the evaluation and calibration samples")
+    p.add_argument("--name", type=optional_text, default="", help="registered name (default: PARENT-int8)")
+    p.add_argument("--alias", default="candidate", help="alias for the new version ('' skips); promote moves champion")
+    p.set_defaults(func=cmd_quantize)
+
+    p = commands.add_parser("promote", help="move an alias to a version that passes its accuracy gate",
+                            description="Point ALIAS of NAME at VERSION if its accuracy (and macro-recall) is at most "
+                                        "MARGIN points below its parent's on the same evaluation data.")
+    p.add_argument("name", help="registered model name, e.g. kd-sentiment-minilm-tweeteval-int8")
+    p.add_argument("--version", required=True, help="version number to promote")
+    p.add_argument("--alias", default="champion", help="alias to move (default: champion)")
+    p.add_argument("--margin", type=float, default=1.0, help="largest allowed drop vs the parent, in points")
+    p.add_argument("--force", type=boolean, nargs="?", const=True, default=False,
+                   help="promote even if the gate fails (recorded in a tag)")
+    p.set_defaults(func=cmd_promote)
+
+    p = commands.add_parser("benchmark", help="latency, throughput, memory, accuracy and ECE of every model",
+                            description="Measure every aliased model of the dataset (or --models) in each backend it "
+                                        "has, one fresh process per model, and write results/benchmarks/*.csv.")
+    p.add_argument("--dataset", default="tweeteval", help="imdb, tweeteval or a data folder")
+    p.add_argument("--data_dir", type=optional_text, default=None, help="local data (default: $KD_SENTIMENT_DATA_DIR)")
+    p.add_argument("--models", default="", help="comma-separated models:/ URIs (default: every aliased version "
+                                                "whose dataset tag matches)")
+    p.add_argument("--batch_sizes", default="1,8,32", help="comma-separated batch sizes")
+    p.add_argument("--fixed_length", type=whole_number, default=128, help="tokens per text in the fixed-length setting")
+    p.add_argument("--threads", type=whole_number, default=0, help="intra-op threads for every model (0: all cores)")
+    p.add_argument("--max_eval_samples", type=optional_count, default=1000,
+                   help="stratified test subset for accuracy and ECE ('all' for everything)")
+    p.add_argument("--time_budget", type=float, default=5.0, help="seconds of timed batches per setting, at most")
+    p.add_argument("--min_batches", type=whole_number, default=10, help="timed batches per setting, at least")
+    p.add_argument("--max_batches", type=whole_number, default=300, help="timed batches per setting, at most")
+    p.add_argument("--seed", type=whole_number, default=42, help="seed for the evaluation subset and text order")
+    p.add_argument("--output_dir", default="results/benchmarks", help="where the CSV and Markdown go")
+    p.set_defaults(func=cmd_benchmark)
     return parser
 
 

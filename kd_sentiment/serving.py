@@ -1,0 +1,111 @@
+"""The served model: an MLflow pyfunc around an ONNX classifier, logged as code ("models from code").
+
+A pyfunc that holds an ONNX Runtime session cannot be pickled, so MLflow stores this file instead
+and runs it when the model is loaded; the last line hands it the model object. It therefore
+imports only mlflow, numpy, pandas, onnxruntime and tokenizers (never kd_sentiment or
+transformers): loading stays light and fast, and the model's environment needs nothing else.
+`kd_sentiment.export.log_onnx_pyfunc` logs it.
+
+Artifacts read in `load_context`:
+  onnx       the model.onnx to run (fp32, fused or INT8: any graph taking input_ids/attention_mask)
+  tokenizer  the tokenizer.json of the model's fast tokenizer
+  config     a JSON file: {"label_names": [...], "max_length": N, "pad_token": "[PAD]", "pad_id": 0}
+
+Input: a list of strings, a Series, or a DataFrame (or dict of columns) holding the texts in a
+`text` column or in its only column. Through MLflow (`pyfunc.load_model`, `mlflow models serve`)
+the signature is one unnamed column, so MLflow passes on the first column of a DataFrame and drops
+any others. Output: a DataFrame, one row per text in input order, with `label` (the predicted
+name), `score` (its probability) and `prob_<label>` for every label.
+
+Items that are not strings (numbers, booleans, null, objects) are rejected with the position of
+the first one: an MlflowException with INVALID_PARAMETER_VALUE, which the scoring server answers
+with HTTP 400. An empty or blank text is not an error; it is predicted like any other text (the
+model sees only its special tokens). Texts longer than max_length tokens are truncated. With a
+dynamically quantized graph, activation scales are chosen per batch, so a text's probabilities
+can move slightly with the other texts of its request.
+"""
+from __future__ import annotations
+
+import json
+import math
+
+import mlflow
+import numpy as np
+import onnxruntime as ort
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from tokenizers import Tokenizer
+
+BATCH_SIZE = 32
+
+
+def _texts(model_input) -> list:
+    """The items of `model_input`, in order, whatever shape MLflow or a caller hands over."""
+    if isinstance(model_input, str):
+        return [model_input]
+    if isinstance(model_input, (dict, np.ndarray)):
+        model_input = pd.DataFrame(model_input)
+    if isinstance(model_input, pd.DataFrame):
+        if "text" in model_input.columns:
+            return model_input["text"].tolist()
+        if len(model_input.columns) == 1:
+            return model_input.iloc[:, 0].tolist()
+        raise MlflowException(f"expected a `text` column or a single column; got columns {list(model_input.columns)}.",
+                              error_code=INVALID_PARAMETER_VALUE)
+    if isinstance(model_input, (pd.Series, list, tuple)):
+        return list(model_input)
+    raise MlflowException(f"expected a list of strings or a DataFrame with a `text` column; got "
+                          f"{type(model_input).__name__}.", error_code=INVALID_PARAMETER_VALUE)
+
+
+class OnnxSentimentModel(mlflow.pyfunc.PythonModel):
+    """Tokenize, run the ONNX graph in batches, softmax; see the module docstring for the contract."""
+
+    def load_context(self, context):
+        with open(context.artifacts["config"]) as file:
+            config = json.load(file)
+        self.label_names = list(config["label_names"])
+        self.session = ort.InferenceSession(context.artifacts["onnx"], providers=["CPUExecutionProvider"])
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.tokenizer = Tokenizer.from_file(context.artifacts["tokenizer"])
+        self.tokenizer.enable_truncation(max_length=int(config["max_length"]))
+        self.tokenizer.enable_padding(pad_id=int(config["pad_id"]), pad_token=config["pad_token"])
+
+    def _logits(self, texts: list[str]) -> np.ndarray:
+        # Shortest first, so each batch pads to similar lengths; rows go back in input order.
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        logits = np.empty((len(texts), len(self.label_names)), dtype=np.float32)
+        for start in range(0, len(texts), BATCH_SIZE):
+            rows = order[start:start + BATCH_SIZE]
+            encodings = self.tokenizer.encode_batch([texts[i] for i in rows])
+            feed = {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
+                    "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
+                    "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
+            logits[rows] = self.session.run(None, {k: v for k, v in feed.items() if k in self.input_names})[0]
+        return logits
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        texts = _texts(model_input)
+        for position, text in enumerate(texts):
+            if not isinstance(text, str):
+                # MLflow turns a JSON null into None or NaN, depending on the path it takes
+                missing = text is None or (isinstance(text, float) and math.isnan(text))
+                what = "missing (null)" if missing else f"{text!r} ({type(text).__name__})"
+                raise MlflowException(f"item {position} is {what}, not a string; send texts as JSON strings.",
+                                      error_code=INVALID_PARAMETER_VALUE)
+        columns = ["label", "score"] + [f"prob_{name}" for name in self.label_names]
+        if not texts:
+            return pd.DataFrame(columns=columns)
+        logits = self._logits(texts)
+        probs = np.exp(logits - logits.max(axis=1, keepdims=True))
+        probs /= probs.sum(axis=1, keepdims=True)
+        best = probs.argmax(axis=1)
+        frame = pd.DataFrame({"label": [self.label_names[i] for i in best],
+                              "score": probs[np.arange(len(texts)), best].astype(np.float64)})
+        for k, name in enumerate(self.label_names):
+            frame[f"prob_{name}"] = probs[:, k].astype(np.float64)
+        return frame
+
+
+mlflow.models.set_model(OnnxSentimentModel())

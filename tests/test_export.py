@@ -1,0 +1,177 @@
+"""ONNX export, fusion, INT8 quantization and the MLflow pyfunc, on the tiny BERT and real tweets."""
+import json
+import shutil
+
+import mlflow
+import numpy as np
+import onnx
+import pandas as pd
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+
+from kd_sentiment import export
+from kd_sentiment.errors import UserError
+from kd_sentiment.models import load_classifier
+
+from conftest import DATA_DIR
+
+LABELS = ["negative", "positive"]
+MAX_LENGTH = 128
+
+
+def tiny_classifier(tiny_model, folder):
+    """The tiny encoder with a 2-way head, saved like a trained student.
+
+    The head gets weights of a trained head's scale (std 1 instead of the 0.02 init), so that
+    quantization errors are measured against logits of a realistic size, not against near-zeros.
+    """
+    model, tokenizer = load_classifier(str(tiny_model), LABELS)
+    torch.manual_seed(0)
+    torch.nn.init.normal_(model.classifier.weight, std=1.0)
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return model.eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def texts():
+    """Real tweets of all lengths, one text longer than MAX_LENGTH tokens, an empty and a blank one."""
+    tweets = pd.read_csv(DATA_DIR / "tweeteval_sentiment" / "test.csv", keep_default_na=False)["text"].iloc[:60]
+    tweets = list(tweets)
+    return tweets + [" ".join(tweets[:20]), "", "   "]
+
+
+@pytest.fixture(scope="module")
+def exported(tiny_model, tmp_path_factory, texts):
+    """fp32 export, fused graph and dynamic INT8 of the tiny classifier, plus its PyTorch logits."""
+    root = tmp_path_factory.mktemp("export")
+    model, tokenizer = tiny_classifier(tiny_model, root / "hf")
+    with torch.no_grad():
+        encoded = tokenizer(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="pt")
+        reference = model(**encoded).logits.numpy()
+    fp32 = export.export_onnx(root / "hf", root / "fp32")
+    fused = export.optimize_onnx(root / "fp32", root / "fused")
+    int8, described = export.quantize_onnx(root / "fused", root / "int8", mode="dynamic")
+    return {"root": root, "reference": reference, "fp32": fp32, "fused": fused, "int8": int8, "described": described}
+
+
+def test_cpu_features_reads_flags_and_survives_without_cpuinfo(monkeypatch):
+    features = export.cpu_features()
+    assert set(features) == {"model_name", "arch", "avx2", "avx512", "vnni", "arm64"}
+    assert all(isinstance(features[k], bool) for k in ("avx2", "avx512", "vnni", "arm64"))
+
+    def no_cpuinfo(self, *args, **kwargs):
+        raise FileNotFoundError(self)
+
+    monkeypatch.setattr(export.Path, "read_text", no_cpuinfo)
+    assert export.cpu_features()["vnni"] is False
+
+
+def test_fp32_onnx_matches_pytorch(exported, texts):
+    graph = onnx.load(str(exported["fp32"])).graph
+    shapes = {i.name: [d.dim_param or d.dim_value for d in i.type.tensor_type.shape.dim] for i in graph.input}
+    assert all(isinstance(d, str) for dims in shapes.values() for d in dims), shapes  # batch and sequence dynamic
+    assert {"tokenizer.json", "config.json"} <= {p.name for p in exported["fp32"].parent.iterdir()}
+    # batch_size 7: batches of mixed lengths, sorted and put back in order by predict_logits
+    logits = export.OnnxClassifier(exported["fp32"]).predict_logits(texts, MAX_LENGTH, batch_size=7)
+    np.testing.assert_allclose(logits, exported["reference"], atol=1e-4)
+
+
+def test_fused_graph_is_fused_and_equivalent(exported, texts):
+    ops = {node.op_type for node in onnx.load(str(exported["fused"])).graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops
+    logits = export.OnnxClassifier(exported["fused"], intra_op_num_threads=1).predict_logits(texts, MAX_LENGTH)
+    np.testing.assert_allclose(logits, exported["reference"], atol=1e-4)
+
+
+def test_dynamic_int8_agrees_with_fp32(exported, texts):
+    described = exported["described"]
+    assert described["mode"] == "dynamic" and described["cpu_target"] in ("avx512_vnni", "avx512", "avx2", "arm64")
+    assert described["quantized_ops"].get("MatMulInteger", 0) > 0 and described["quantized_ops"].get("QAttention")
+    json.dumps(described)  # loggable as is
+    assert export.file_size_mb(exported["int8"]) < 0.5 * export.file_size_mb(exported["fused"])
+    logits = export.OnnxClassifier(exported["int8"]).predict_logits(texts, MAX_LENGTH)
+    assert_close_to_fp32(logits, exported["reference"], mean=0.06, worst=0.2)  # measured 0.023 and 0.066
+
+
+def assert_close_to_fp32(logits, reference, mean: float, worst: float):
+    """INT8 logits within `mean` (on average) and `worst` (any logit) of the fp32 logits' mean size,
+    with the same predicted label for nearly every text.
+
+    The random tiny encoder gives every text nearly the same logits, so these relative errors, not
+    label flips, are what shows a broken quantization (saturation, wrong scales, a skipped layer).
+    """
+    scale = np.abs(reference).mean()
+    assert np.abs(logits - reference).mean() < mean * scale
+    assert np.abs(logits - reference).max() < worst * scale
+    assert (logits.argmax(axis=1) == reference.argmax(axis=1)).mean() >= 0.9
+
+
+def test_static_int8_calibrates_loads_and_runs(exported, texts):
+    root = exported["root"]
+    calibration = list(pd.read_csv(DATA_DIR / "tweeteval_sentiment" / "validation.csv",
+                                   keep_default_na=False)["text"].iloc[:64])
+    for method in ("minmax", "percentile"):
+        path, described = export.quantize_onnx(root / "fp32", root / f"static-{method}", mode="static",
+                                               calibration_texts=calibration, max_length=64,
+                                               calibration_method=method)
+        assert described["format"] == "QDQ" and described["calibration_samples"] == 64
+        assert described["quantized_ops"].get("QuantizeLinear", 0) > 0
+        logits = export.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH)
+        assert logits.shape == exported["reference"].shape
+        assert_close_to_fp32(logits, exported["reference"], mean=0.1, worst=0.3)  # measured 0.028 and 0.079
+
+
+def test_quantization_refuses_what_it_cannot_do(exported):
+    root = exported["root"]
+    with pytest.raises(UserError, match="fused graph"):
+        export.quantize_onnx(root / "fused", root / "bad", mode="static", calibration_texts=["a"])
+    with pytest.raises(UserError, match="calibration_texts"):
+        export.quantize_onnx(root / "fp32", root / "bad", mode="static")
+    with pytest.raises(UserError, match="mode 'int4'"):
+        export.quantize_onnx(root / "fp32", root / "bad", mode="int4")
+    with pytest.raises(UserError, match="no model.onnx"):
+        export.quantize_onnx(root / "hf", root / "bad")
+
+
+def test_optimizer_falls_back_for_unsupported_model_type(exported, tmp_path):
+    shutil.copytree(exported["fp32"].parent, tmp_path / "other")
+    config = json.loads((tmp_path / "other" / "config.json").read_text())
+    (tmp_path / "other" / "config.json").write_text(json.dumps({**config, "model_type": "mobilebert"}))
+    with pytest.warns(UserWarning, match="no fusions for model type 'mobilebert'"):
+        path = export.optimize_onnx(tmp_path / "other", tmp_path / "fused")
+    assert path == tmp_path / "other" / "model.onnx"
+
+
+def test_export_rejects_folder_without_config(tmp_path):
+    with pytest.raises(UserError, match="no config.json"):
+        export.export_onnx(tmp_path, tmp_path / "out")
+
+
+def test_pyfunc_logs_loads_and_predicts(exported, texts):
+    int8 = exported["int8"]
+    with mlflow.start_run():
+        uri = export.log_onnx_pyfunc(int8, int8.parent, LABELS, MAX_LENGTH, ["great movie", "awful"],
+                                     pip_requirements=export.SERVING_PIP_REQUIREMENTS)
+    model = mlflow.pyfunc.load_model(uri)
+
+    out = model.predict(texts)
+    assert list(out.columns) == ["label", "score", "prob_negative", "prob_positive"] and len(out) == len(texts)
+    probs = out[["prob_negative", "prob_positive"]].to_numpy()
+    np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-6)
+    np.testing.assert_allclose(out["score"], probs.max(axis=1))
+    assert list(out["label"]) == [LABELS[i] for i in probs.argmax(axis=1)]
+    # serving.py tokenizes with `tokenizers` alone; it must see exactly what OnnxClassifier sees
+    logits = export.OnnxClassifier(int8).predict_logits(texts, MAX_LENGTH)
+    np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(logits), dim=1).numpy(), atol=1e-5)
+
+    # Same texts in the same batch, so the same answer. (Not the rows of `out`: dynamic INT8 picks
+    # activation scales per batch, so a text's probabilities move slightly with its batch-mates.)
+    listed = model.predict(texts[:3])
+    pd.testing.assert_frame_equal(model.predict(pd.DataFrame({"text": texts[:3]})), listed)
+    pd.testing.assert_frame_equal(model.predict(pd.Series(texts[:3])), listed)
+    with pytest.raises(MlflowException, match="item 1 is 5"):
+        model.predict(["fine", 5])
+    with pytest.raises(MlflowException, match="item 0 is missing"):
+        model.predict(pd.DataFrame({"text": [None]}))

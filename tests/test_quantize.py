@@ -1,0 +1,76 @@
+"""quantize + promote on a registered (tiny) teacher: INT8 checked against fp32 in one run,
+registered with gate tags; promotion accepted within the margin, refused (nothing moved) beyond it."""
+import mlflow
+import pytest
+from mlflow.tracking import MlflowClient
+
+from kd_sentiment import promote, quantize
+from kd_sentiment.errors import UserError
+
+PARENT = "kd-sentiment-teacher-imdb"
+INT8 = f"{PARENT}-int8"
+
+
+@pytest.fixture(scope="module")
+def quantized(teacher_home):
+    import os
+    home, _ = teacher_home
+    old = os.getcwd()
+    os.chdir(home)
+    try:
+        metrics = quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb",
+                                                     max_eval_samples=200))
+    finally:
+        os.chdir(old)
+    return home, metrics
+
+
+@pytest.fixture
+def registry(quantized, monkeypatch):
+    home, metrics = quantized
+    monkeypatch.chdir(home)
+    mlflow.set_tracking_uri(f"sqlite:///{home}/mlflow.db")
+    return MlflowClient(), metrics
+
+
+def test_int8_checked_against_fp32_and_registered(registry):
+    client, metrics = registry
+    for backend in ("torch_fp32", "onnx_fp32", "onnx_int8"):
+        for metric in ("accuracy", "macro_recall", "ece"):
+            assert 0 <= metrics[f"{backend}_test_{metric}"] <= 1
+    assert metrics["onnx_fp32_max_abs_logit_diff"] < 1e-3       # same model, other runtime
+    assert metrics["int8_agreement_with_fp32"] >= 0.9
+    assert metrics["size_mb_onnx_int8"] < metrics["size_mb_onnx_fp32"]
+    version = client.get_model_version_by_alias(INT8, "candidate")
+    assert version.tags["parent"] == f"{PARENT}/1" and version.tags["gate.eval_data"] == "imdb:test:200"
+    run = mlflow.get_run(version.tags["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["cpu.arch"]
+    model = mlflow.pyfunc.load_model(f"models:/{INT8}@candidate")
+    out = model.predict(["a wonderful film", "boring and bad"])
+    assert set(out["label"]) <= {"negative", "positive"} and out["score"].between(0, 1).all()
+
+
+def test_promotion_gate_accepts_then_refuses(registry):
+    client, metrics = registry
+    version = client.get_model_version_by_alias(INT8, "candidate").version
+    assert promote.run(promote.PromoteArgs(name=INT8, version=version, alias="champion", margin=1.0))
+    assert client.get_model_version_by_alias(INT8, "champion").version == version
+    assert client.get_model_version(INT8, version).tags["promotion.decision"] == "accepted"
+
+    # A version 3 points worse than its parent: refused, and the alias stays where it was.
+    worse = client.create_model_version(INT8, client.get_model_version(INT8, version).source, tags={
+        "gate.accuracy": "0.50", "gate.parent_accuracy": "0.53"})
+    with pytest.raises(UserError, match="failed its gate.*accuracy_drop_points=3.0"):
+        promote.run(promote.PromoteArgs(name=INT8, version=worse.version, alias="champion", margin=1.0))
+    assert client.get_model_version_by_alias(INT8, "champion").version == version
+    assert client.get_model_version(INT8, worse.version).tags["promotion.decision"] == "refused"
+    # --force overrides, and says so.
+    promote.run(promote.PromoteArgs(name=INT8, version=worse.version, alias="champion", force=True))
+    assert client.get_model_version_by_alias(INT8, "champion").version == worse.version
+    assert client.get_model_version(INT8, worse.version).tags["promotion.decision"] == "forced"
+    client.set_registered_model_alias(INT8, "champion", version)  # leave the good one served
+
+
+def test_quantize_unknown_model_is_clear(registry):
+    with pytest.raises(UserError, match="not in the model registry"):
+        quantize.run(quantize.QuantizeArgs(model="models:/nope@champion", dataset="imdb", max_eval_samples=50))

@@ -1,0 +1,116 @@
+"""`mlflow models serve` on the logged ONNX pyfunc, over real HTTP on a loopback port."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from kd_sentiment import export
+
+from test_export import LABELS, tiny_classifier
+
+MAX_LENGTH = 64
+PROB_COLUMNS = [f"prob_{name}" for name in LABELS]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def post(port: int, body, content_type: str = "application/json") -> tuple[int, str]:
+    """POST `body` (a JSON-able object, or raw bytes sent as is) to /invocations; (status, response text)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=data,
+                                     headers={"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def predictions(status: int, text: str, n: int) -> list[dict]:
+    assert status == 200, text
+    rows = json.loads(text)["predictions"]
+    assert len(rows) == n
+    for row in rows:
+        assert row["label"] in LABELS
+        assert abs(sum(row[c] for c in PROB_COLUMNS) - 1) < 1e-5
+        assert row["score"] == max(row[c] for c in PROB_COLUMNS)
+    return rows
+
+
+def wait_until_up(port: int, server: subprocess.Popen, log: Path, seconds: float = 120) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"server not up after {seconds} s:\n{log.read_text()[-3000:]}")
+
+
+def test_served_model_answers_good_requests_and_rejects_bad_ones(tiny_model, tmp_path):
+    tiny_classifier(tiny_model, tmp_path / "hf")
+    export.export_onnx(tmp_path / "hf", tmp_path / "fp32")
+    export.optimize_onnx(tmp_path / "fp32", tmp_path / "fused")
+    int8, _ = export.quantize_onnx(tmp_path / "fused", tmp_path / "int8")
+    with mlflow.start_run():
+        uri = export.log_onnx_pyfunc(int8, int8.parent, LABELS, MAX_LENGTH, ["great movie", "awful"])
+
+    port, log = free_port(), tmp_path / "server.log"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with open(log, "w") as out:
+        # Own session, so the whole server (it may fork workers) can be stopped by its group id.
+        server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri,
+                                   "--env-manager", "local", "-p", str(port), "--host", "127.0.0.1"],
+                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_until_up(port, server, log)
+
+        # the three request forms
+        rows = predictions(*post(port, {"inputs": ["great movie", "awful"]}), n=2)
+        split = predictions(*post(port, {"dataframe_split": {"columns": ["text"], "data": [["great movie"]]}}), n=1)
+        records = predictions(*post(port, {"dataframe_records": [{"text": "great movie"}]}), n=1)
+        assert split == records  # (not rows[:1]: dynamic INT8 scales depend on the batch, see test_export)
+
+        # malformed requests: 4xx with a message, or a defined answer
+        status, text = post(port, b'{"inputs": ["great movie"')
+        assert status == 400, text
+        status, text = post(port, {"inputs": [1, 2]})
+        assert status == 400 and "item 0 is 1" in text, text
+        status, text = post(port, {"inputs": ["fine", None]})
+        assert status == 400 and "item 1 is missing" in text, text
+        status, text = post(port, {"dataframe_records": [{"text": 5}]})
+        assert status == 400 and "item 0 is 5" in text, text
+        predictions(*post(port, {"inputs": ["", "   "]}), n=2)  # blank texts: predicted from special tokens alone
+        predictions(*post(port, {"inputs": ["great movie " * 1700]}), n=1)  # 20,400 characters: truncated
+        status, text = post(port, b"great movie", content_type="text/plain")
+        assert status == 415, text
+        status, text = post(port, {})
+        assert status == 400, text
+
+        assert predictions(*post(port, {"inputs": ["great movie", "awful"]}), n=2) == rows  # still serving
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -154,6 +154,12 @@ def cmd_benchmark(ns: argparse.Namespace) -> None:
     benchmark.run(benchmark.BenchmarkArgs(**{k: v for k, v in vars(ns).items() if k not in ("func", "command")}))
 
 
+def cmd_pipeline(ns: argparse.Namespace) -> None:
+    from kd_sentiment import pipeline
+
+    pipeline.run(pipeline.PipelineArgs(config=ns.config, dataset=ns.dataset, data_dir=ns.data_dir))
+
+
 def optional_boolean(text: str) -> bool | None:
     return None if str(text).strip().lower() in ("", "auto") else boolean(text)
 
@@ -181,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="registry URI of the teacher (default: models:/kd-sentiment-teacher-DATASET@champion)")
     p.add_argument("--name", type=optional_text, default="",
                    help="registered model name (default: kd-sentiment-STUDENT-DATASET)")
+    p.add_argument("--teacher_logit_scale", type=float, default=1.0,
+                   help="multiply the teacher's logits before softening (1/T_cal: the temperature-scaled teacher)")
     add_data_flags(p)
     add_training_flags(p, alpha=0.5, temperature=2.0)
     p.set_defaults(func=cmd_distill)
@@ -238,6 +246,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=whole_number, default=42, help="seed for the evaluation subset and text order")
     p.add_argument("--output_dir", default="results/benchmarks", help="where the CSV and Markdown go")
     p.set_defaults(func=cmd_benchmark)
+
+    p = commands.add_parser("pipeline", help="teacher -> distill -> quantize -> promote -> benchmark, from a config",
+                            description="Run every step for one dataset as child runs of one parent run; steps that "
+                                        "already finished with the same parameters and code are reused.")
+    p.add_argument("--config", default="experiments/smoke.yaml", help="experiments/smoke.yaml, cpu.yaml or paper.yaml")
+    p.add_argument("--dataset", default="tweeteval", help="imdb, tweeteval or a data folder")
+    p.add_argument("--data_dir", type=optional_text, default=None, help="local data (default: $KD_SENTIMENT_DATA_DIR)")
+    p.set_defaults(func=cmd_pipeline)
     return parser
 
 

@@ -34,6 +34,9 @@ class DistillArgs(StepArgs):
     student: str = "distilbert"  # catalog name, Hub id, folder, teacher-layers:..., or "all"
     teacher: str = ""            # registry URI; empty: models:/kd-sentiment-teacher-<dataset>@champion
     name: str = ""               # registered name; empty: kd-sentiment-<student>-<dataset>
+    # Multiplies the teacher's logits before they become soft targets: 1/T_cal distils from the
+    # temperature-scaled (calibrated) teacher, >1 from a sharper, over-confident one.
+    teacher_logit_scale: float = 1.0
 
 
 def teacher_uri(args: DistillArgs, dataset: str) -> str:
@@ -112,7 +115,8 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
                             teacher_run_id=version.run_id)
             mlflow.set_tags({"teacher": f"{version.name}/{version.version}", "soft_targets_run_id": cache_run})
             mlflow.log_metric("soft_targets_cache_hit", int(hit))
-        result, metrics, test_logits = fit_and_evaluate(ctx, args, model, tokenizer, logits.get("train"))
+        soft_targets_train = logits["train"] * args.teacher_logit_scale if "train" in logits else None
+        result, metrics, test_logits = fit_and_evaluate(ctx, args, model, tokenizer, soft_targets_train)
         metrics.update(comparison_metrics(test_logits, logits["test"], splits.test["label"].to_numpy(),
                                           splits.label_names, metrics))
         if ctx.is_main:
@@ -127,6 +131,8 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
 
 def run(args: DistillArgs) -> dict[str, dict]:
     """Distil one student, or every catalog student with student=all; returns metrics per student."""
+    if args.teacher_logit_scale <= 0:
+        raise UserError(f"teacher_logit_scale={args.teacher_logit_scale}: must be positive (1 = the teacher as is).")
     catalog = load_catalog(args.catalog)
     students = catalog["students"] if args.student == "all" else [args.student]
     if args.student == "all" and args.name:

@@ -66,18 +66,24 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+# Tags every step run started in this process gets, e.g. the pipeline's reuse key (see pipeline.py).
+STEP_RUN_TAGS: dict[str, str] = {}
+
+
 @contextmanager
 def step_run(step: str, run_name: str, run_id: str | None = None, nested: bool = False, active: bool = True):
     """Start (or, with run_id, continue) the step's run and end it with the right status.
 
+    A step started while another run is active (a pipeline's parent run) becomes its child.
     `active=False` (non-main processes of a multi-process job) yields None and logs nothing.
     """
     if not active:
         yield None
         return
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, nested=nested,
-                           tags={"kd_sentiment.step": step})
+    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
+                           nested=nested or mlflow.active_run() is not None,
+                           tags={"kd_sentiment.step": step, **STEP_RUN_TAGS})
     try:
         yield run
     except KeyboardInterrupt:

@@ -1,0 +1,355 @@
+"""The `benchmark` step: every model, in every backend it has, measured the same way on this machine.
+
+Models: by default every registered version behind an alias whose `dataset` tag is the dataset
+(teacher, students, INT8 models), or an explicit list of `models:/` URIs. Backends: PyTorch fp32
+for transformers models; ONNX Runtime INT8 for quantized models, plus ONNX fp32 from the fused fp32
+graph their quantize run kept. Each (model, backend) is measured in a fresh subprocess, one after
+another with the same thread count, so peak memory is the model's own and no heap is shared.
+
+Per setting (batch size x {real text lengths, fixed length}): warm-up batches are discarded, then
+batches are timed until the median is stable or the time budget is spent; tokenization and model
+time are timed separately. Accuracy, macro-recall and ECE come from the same process, on the same
+evaluation texts for every model. Results: a CSV under results/benchmarks/, an MLflow table,
+figures (accuracy vs latency, speedup, reliability diagrams) and a Markdown summary.
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.tracking import MlflowClient
+
+from kd_sentiment import calibration, tracking
+from kd_sentiment.data import load_splits
+from kd_sentiment.errors import UserError
+
+WARMUP_BATCHES = 3
+
+
+@dataclass
+class BenchmarkArgs:
+    dataset: str = "tweeteval"
+    data_dir: str | None = None
+    models: str = ""               # comma-separated models:/ URIs; empty: every aliased version of the dataset
+    batch_sizes: str = "1,8,32"
+    fixed_length: int = 128        # tokens, for the fixed-length setting (comparable across datasets)
+    threads: int = 0               # intra-op threads for torch and ONNX Runtime; 0: all cores
+    max_eval_samples: int | None = 1000
+    time_budget: float = 5.0       # seconds of timed batches per setting, at most
+    min_batches: int = 10
+    max_batches: int = 300
+    seed: int = 42
+    output_dir: str = "results/benchmarks"
+
+    def validate(self) -> list[int]:
+        try:
+            sizes = [int(b) for b in self.batch_sizes.split(",") if b.strip()]
+        except ValueError:
+            raise UserError(f"batch_sizes={self.batch_sizes!r}: use comma-separated integers, e.g. 1,8,32.") from None
+        if not sizes or min(sizes) < 1:
+            raise UserError(f"batch_sizes={self.batch_sizes!r}: every batch size must be at least 1.")
+        for name in ("fixed_length", "min_batches", "max_batches"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)}: must be at least 1.")
+        if self.time_budget <= 0 or self.threads < 0:
+            raise UserError("time_budget must be positive and threads not negative.")
+        return sizes
+
+
+# ----------------------------------------------------------------------------- what to measure
+
+@dataclass
+class Target:
+    """One model in one backend."""
+
+    name: str
+    version: str
+    role: str          # teacher | distill | quantize
+    backend: str       # torch_fp32 | onnx_fp32 | onnx_int8
+    uri: str           # what the worker loads: models:/NAME/VERSION, or runs:/ID/onnx_fp32 for ONNX fp32
+    max_length: int
+    tokenizer_uri: str = ""  # ONNX backends: the fp32 export folder, which holds the full tokenizer
+
+    @property
+    def label(self) -> str:
+        return f"{self.name.removeprefix('kd-sentiment-')} v{self.version} [{self.backend}]"
+
+
+def run_max_length(run_id: str | None) -> int:
+    params = mlflow.get_run(run_id).data.params if run_id else {}
+    return int(float(params.get("max_length", 128)))
+
+
+def targets_for(version) -> list[Target]:
+    role = version.tags.get("step", "distill")
+    uri = f"models:/{version.name}/{version.version}"
+    max_length = run_max_length(version.tags.get("run_id") or version.run_id)
+    if role != "quantize":
+        return [Target(version.name, version.version, role, "torch_fp32", uri, max_length)]
+    fp32 = f"runs:/{version.tags['run_id']}/onnx_fp32"
+    return [Target(version.name, version.version, role, "onnx_fp32", fp32, max_length, fp32),
+            Target(version.name, version.version, role, "onnx_int8", uri, max_length, fp32)]
+
+
+def discover(args: BenchmarkArgs, dataset: str) -> list[Target]:
+    """Explicit URIs, or every version behind an alias whose `dataset` tag matches, teacher first."""
+    if args.models:
+        versions = [tracking.resolve_version(uri.strip()) for uri in args.models.split(",") if uri.strip()]
+    else:
+        client, seen, versions = MlflowClient(), set(), []
+        for model in client.search_registered_models(filter_string="name LIKE 'kd-sentiment-%'"):
+            for alias, number in sorted(model.aliases.items()):
+                version = client.get_model_version(model.name, number)
+                if version.tags.get("dataset") == dataset and (model.name, number) not in seen:
+                    seen.add((model.name, number))
+                    versions.append(version)
+    if not versions:
+        raise UserError(f"No registered model with an alias for dataset '{dataset}'. Run the teacher/distill/"
+                        "quantize steps first, or pass models=models:/NAME@ALIAS,...")
+    order = {"teacher": 0, "distill": 1, "quantize": 2}
+    versions.sort(key=lambda v: (order.get(v.tags.get("step"), 1), v.name, int(v.version)))
+    return [t for v in versions for t in targets_for(v)]
+
+
+def machine_info(threads: int) -> dict:
+    import torch
+
+    from kd_sentiment.export import cpu_features
+
+    info = {f"cpu_{k}": v for k, v in cpu_features().items()}
+    info.update(cpu_count=os.cpu_count(), threads=threads, python=platform.python_version(),
+                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
+                **{f"version_{lib}": v for lib, v in
+                   (("torch", torch.__version__), ("onnxruntime", __import__("onnxruntime").__version__),
+                    ("transformers", __import__("transformers").__version__))})
+    return info
+
+
+# ----------------------------------------------------------------------------- the worker (own process)
+
+def load_backend(target: dict, threads: int, workdir: Path):
+    """(predict(encoded) -> logits ndarray, tokenizer, size_mb, parameters) for one target."""
+    if target["backend"] == "torch_fp32":
+        import torch
+
+        torch.set_num_threads(threads)
+        components = mlflow.transformers.load_model(target["uri"], return_type="components", device=-1)
+        model, tokenizer = components["model"].eval(), components["tokenizer"]
+        size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
+
+        def predict(encoded):
+            with torch.inference_mode():
+                return model(**{k: torch.from_numpy(v) for k, v in encoded.items()}).logits.numpy()
+        return predict, tokenizer, size, sum(p.numel() for p in model.parameters())
+
+    import onnx
+    import onnxruntime as ort
+    from transformers import AutoTokenizer
+
+    local = Path(mlflow.artifacts.download_artifacts(target["uri"], dst_path=str(workdir / "model")))
+    onnx_path = next(local.rglob("model.onnx"))
+    tokenizer_dir = mlflow.artifacts.download_artifacts(target["tokenizer_uri"], dst_path=str(workdir / "tokenizer"))
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    names = [i.name for i in session.get_inputs()]
+    graph = onnx.load(str(onnx_path)).graph
+    parameters = int(sum(np.prod(t.dims) for t in graph.initializer))
+
+    def predict(encoded):
+        return session.run(None, {n: encoded[n].astype(np.int64) for n in names})[0]
+    return predict, tokenizer, onnx_path.stat().st_size / 2**20, parameters
+
+
+def time_setting(predict, tokenizer, texts: list[str], batch_size: int, padding, max_length: int,
+                 budget: float, min_batches: int, max_batches: int) -> dict:
+    """Latency of batches of consecutive real texts; tokenization and model timed separately."""
+    def batch(i):
+        start = (i * batch_size) % len(texts)
+        return (texts + texts)[start:start + batch_size]
+
+    tok_ms, model_ms = [], []
+    deadline = None
+    for i in range(WARMUP_BATCHES + max_batches):
+        t0 = time.perf_counter()
+        encoded = dict(tokenizer(batch(i), padding=padding, truncation=True, max_length=max_length, return_tensors="np"))
+        t1 = time.perf_counter()
+        predict(encoded)
+        t2 = time.perf_counter()
+        if i < WARMUP_BATCHES:
+            continue
+        deadline = deadline or t0 + budget
+        tok_ms.append(1000 * (t1 - t0))
+        model_ms.append(1000 * (t2 - t1))
+        n = len(model_ms)
+        if n >= min_batches:
+            # Stable: the median of all batches is within 2% of the median of the first half.
+            stable = abs(np.median(model_ms) - np.median(model_ms[: n // 2])) <= 0.02 * np.median(model_ms)
+            if stable or t2 > deadline:
+                break
+    total = np.array(tok_ms) + np.array(model_ms)
+    return {"batches": len(model_ms), "model_p50_ms": float(np.percentile(model_ms, 50)),
+            "model_p95_ms": float(np.percentile(model_ms, 95)), "model_p99_ms": float(np.percentile(model_ms, 99)),
+            "tokenize_p50_ms": float(np.percentile(tok_ms, 50)), "total_p50_ms": float(np.percentile(total, 50)),
+            "total_p99_ms": float(np.percentile(total, 99)),
+            "throughput_per_s": float(batch_size * len(total) / (total.sum() / 1000))}
+
+
+def worker(spec_path: str) -> None:
+    """Entry point of the measuring subprocess: reads a JSON spec, writes a JSON result beside it."""
+    import resource
+
+    spec = json.loads(Path(spec_path).read_text())
+    rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    with tempfile.TemporaryDirectory() as tmp:
+        predict, tokenizer, size_mb, parameters = load_backend(spec["target"], spec["threads"], Path(tmp))
+        max_length = spec["target"]["max_length"]
+        eval_logits = []
+        for start in range(0, len(spec["eval_texts"]), 64):
+            chunk = spec["eval_texts"][start:start + 64]
+            eval_logits.append(predict(dict(tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
+                                                      return_tensors="np"))))
+        settings = []
+        for batch_size in spec["batch_sizes"]:
+            for setting, padding, length in (("real", True, max_length),
+                                             (f"fixed{spec['fixed_length']}", "max_length", spec["fixed_length"])):
+                timing = time_setting(predict, tokenizer, spec["bench_texts"], batch_size, padding, length,
+                                      spec["time_budget"], spec["min_batches"], spec["max_batches"])
+                settings.append({"setting": setting, "batch_size": batch_size, **timing})
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    Path(spec["result_path"]).write_text(json.dumps({
+        "eval_logits": np.concatenate(eval_logits).tolist(), "settings": settings, "size_mb": size_mb,
+        "parameters": parameters, "peak_rss_mb": peak, "rss_before_load_mb": rss_before}))
+
+
+def measure(target: Target, args: BenchmarkArgs, batch_sizes, threads, eval_texts, bench_texts, tmp: Path) -> dict:
+    spec_path, result_path = tmp / "spec.json", tmp / "result.json"
+    spec_path.write_text(json.dumps({
+        "target": asdict(target), "threads": threads, "batch_sizes": batch_sizes, "fixed_length": args.fixed_length,
+        "eval_texts": eval_texts, "bench_texts": bench_texts, "time_budget": args.time_budget,
+        "min_batches": args.min_batches, "max_batches": args.max_batches, "result_path": str(result_path)}))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
+    code = "import sys; from kd_sentiment.benchmark import worker; worker(sys.argv[1])"
+    out = subprocess.run([sys.executable, "-c", code, str(spec_path)], env=env, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"benchmark worker for {target.label} failed:\n{out.stderr[-3000:]}")
+    return json.loads(result_path.read_text())
+
+
+# ----------------------------------------------------------------------------- report
+
+def summary_table(frame: pd.DataFrame, dataset: str) -> str:
+    """Markdown: one row per model and backend, smallest and largest batch at the fixed length."""
+    metric = "macro_recall" if dataset == "tweeteval" else "accuracy"
+    small, large = frame["batch_size"].min(), frame["batch_size"].max()
+    rows = [f"| model | backend | params (M) | size (MB) | {metric} | ECE | p50 ms (b={small}) | "
+            f"speedup b={small} | speedup b={large} |", "|---|---|---|---|---|---|---|---|---|"]
+    fixed = frame[frame["setting"].str.startswith("fixed")]
+    for (model, backend), group in fixed.groupby(["model", "backend"], sort=False):
+        b1 = group[group["batch_size"] == small]
+        b32 = group[group["batch_size"] == large]
+        first = group.iloc[0]
+        rows.append(f"| {model} | {backend} | {first['parameters'] / 1e6:.1f} | {first['size_mb']:.0f} | "
+                    f"{first[metric]:.4f} | {first['ece']:.4f} | {b1['model_p50_ms'].iloc[0]:.1f} | "
+                    f"{b1['speedup_vs_teacher'].iloc[0]:.1f}x | {b32['speedup_vs_teacher'].iloc[0]:.1f}x |")
+    return "\n".join(rows)
+
+
+def figures(frame: pd.DataFrame, probs: dict, labels: np.ndarray, dataset: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "macro_recall" if dataset == "tweeteval" else "accuracy"
+    b1 = frame[(frame["batch_size"] == 1) & frame["setting"].str.startswith("fixed")]
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for _, row in b1.iterrows():
+        ax.scatter(row["model_p50_ms"], row[metric])
+        ax.annotate(row["label"], (row["model_p50_ms"], row[metric]), fontsize=7)
+    ax.set(xscale="log", xlabel="p50 latency, batch 1, fixed length (ms, log)", ylabel=metric,
+           title=f"{dataset}: accuracy vs latency")
+    tracking.log_figure(fig, "figures/pareto_accuracy_vs_latency.png")
+
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for offset, size in ((-0.2, frame["batch_size"].min()), (0.2, frame["batch_size"].max())):
+        rows = frame[(frame["batch_size"] == size) & frame["setting"].str.startswith("fixed")]
+        ax.bar(np.arange(len(rows)) + offset, rows["speedup_vs_teacher"], width=0.4, label=f"batch {size}")
+        ax.set_xticks(np.arange(len(rows)), rows["label"], rotation=30, ha="right", fontsize=7)
+    ax.set(ylabel="speedup vs fp32 teacher", title=f"{dataset}: speedup (fixed length)")
+    ax.legend()
+    fig.tight_layout()
+    tracking.log_figure(fig, "figures/speedup.png")
+    tracking.log_figure(calibration.reliability_figure({k: (p, labels) for k, p in probs.items()}, dataset),
+                        "figures/reliability_diagrams.png")
+
+
+def run(args: BenchmarkArgs) -> pd.DataFrame:
+    """Measure every target, write results/benchmarks/<dataset>-<time>.csv and log everything."""
+    batch_sizes = args.validate()
+    threads = args.threads or os.cpu_count()
+    tracking.configure()
+    splits = load_splits(args.dataset, args.data_dir, max_eval_samples=args.max_eval_samples, seed=args.seed)
+    tracking.use_experiment(splits.name)
+    targets = discover(args, splits.name)
+    eval_texts, labels = splits.test["text"].tolist(), splits.test["label"].to_numpy()
+    bench_texts = splits.test["text"].sample(frac=1.0, random_state=args.seed).tolist()[:512]
+
+    with tracking.step_run("benchmark", f"benchmark-{splits.name}"), tempfile.TemporaryDirectory() as tmp:
+        info = machine_info(threads)
+        tracking.log_params({**asdict(args), "n_eval": len(eval_texts), "models_measured": len(targets)})
+        mlflow.set_tags({f"machine.{k}": str(v) for k, v in info.items()})
+        rows, probs = [], {}
+        for target in targets:
+            print(f"measuring {target.label} ...", flush=True)
+            result = measure(target, args, batch_sizes, threads, eval_texts, bench_texts, Path(tmp))
+            logits = np.asarray(result["eval_logits"])
+            quality = calibration.classification_metrics(logits, labels, splits.label_names)
+            probs[target.label] = calibration.probabilities(logits)
+            for setting in result["settings"]:
+                rows.append({"model": target.name, "version": target.version, "role": target.role,
+                             "backend": target.backend, "label": target.label, **setting,
+                             "accuracy": quality["accuracy"], "macro_recall": quality["macro_recall"],
+                             "ece": quality["ece"], "size_mb": result["size_mb"], "parameters": result["parameters"],
+                             "peak_rss_mb": result["peak_rss_mb"],
+                             "model_rss_mb": result["peak_rss_mb"] - result["rss_before_load_mb"],
+                             "threads": threads, "cpu": info["cpu_model_name"]})
+        frame = pd.DataFrame(rows)
+        teacher = frame[(frame["role"] == "teacher") & (frame["backend"] == "torch_fp32")]
+        if len(teacher):
+            base = teacher.drop_duplicates(["setting", "batch_size"]).set_index(["setting", "batch_size"])["model_p50_ms"]
+            frame["speedup_vs_teacher"] = [base.get((s, b), np.nan) / p for s, b, p in
+                                           zip(frame["setting"], frame["batch_size"], frame["model_p50_ms"])]
+        else:
+            frame["speedup_vs_teacher"] = np.nan
+
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+        csv_path = out_dir / f"{splits.name}-{stamp}.csv"
+        frame.to_csv(csv_path, index=False)
+        markdown = summary_table(frame, splits.name)
+        (out_dir / f"{splits.name}-{stamp}.md").write_text(
+            f"Machine: {info['cpu_model_name']}, {info['cpu_count']} cores, {threads} threads; "
+            f"{len(eval_texts)} test texts.\n\n{markdown}\n")
+        mlflow.log_artifact(str(csv_path), "benchmark")
+        mlflow.log_text(markdown, "benchmark/summary.md")
+        mlflow.log_table(frame, "benchmark/results.json")
+        figures(frame, probs, labels, splits.name)
+        for _, row in frame[frame["setting"].str.startswith("fixed")].iterrows():
+            key = f"{row['model'].removeprefix('kd-sentiment-')}.{row['backend']}.b{row['batch_size']}"
+            mlflow.log_metrics({f"{key}.p50_ms": row["model_p50_ms"], f"{key}.speedup": row["speedup_vs_teacher"]})
+        print(markdown)
+        print(f"wrote {csv_path}")
+    return frame

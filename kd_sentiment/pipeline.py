@@ -1,0 +1,158 @@
+"""The whole pipeline for one dataset, from a configuration file: teacher -> distill (each student,
+with KD and the alpha=0 baseline) -> quantize (each KD student) -> promote -> benchmark.
+
+Every step is a child run of one parent run. A step whose run already FINISHED with the same
+parameters, upstream models and code is reused instead of re-run (its key, a hash of those, is the
+tag `kd_sentiment.step_key`), so re-running an interrupted pipeline continues where it stopped; the
+parent lists reused steps in the tag `reused_steps`. Training steps also resume from their last
+checkpoint (in `outputs/pipeline/<key>`), in their original run.
+
+Configuration (experiments/*.yaml), every section optional:
+  catalog: experiments/catalog-offline.yaml
+  data:      {<dataset>: {max_train_samples, max_eval_samples, validation_size}}
+  teacher:   {model, epochs, lr, batch_size, max_length, ...}      (TrainConfig fields + model)
+  distill:   {students: [...], baseline: true, epochs, lr, alpha, temperature, ...}
+  quantize:  {mode, per_channel, optimize_level, calibration_samples}
+  promote:   {margin}
+  benchmark: {batch_sizes, fixed_length, threads, time_budget, max_eval_samples}
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import mlflow
+import yaml
+
+from kd_sentiment import benchmark, distill, promote, quantize, teacher, tracking
+from kd_sentiment.errors import UserError
+from kd_sentiment.models import load_catalog
+from kd_sentiment.train import TrainConfig
+
+SECTIONS = ("catalog", "data", "teacher", "distill", "quantize", "promote", "benchmark")
+
+
+@dataclass
+class PipelineArgs:
+    config: str = "experiments/smoke.yaml"
+    dataset: str = "tweeteval"
+    data_dir: str | None = None
+
+
+def code_version() -> str:
+    """Hash of the package's source: a changed step implementation invalidates reuse."""
+    h = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        h.update(path.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def load_config(path: str) -> dict:
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config {path}: file not found; see experiments/ for smoke.yaml, cpu.yaml, paper.yaml.")
+    try:
+        config = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"config {path}: not valid YAML ({err}).") from None
+    unknown = set(config) - set(SECTIONS)
+    if unknown:
+        raise UserError(f"config {path}: unknown section(s) {sorted(unknown)}; allowed: {list(SECTIONS)}.")
+    catalog = config.get("catalog")
+    if catalog and not Path(catalog).exists():  # written relative to the project root (experiments/..)
+        config["catalog"] = str(file.resolve().parent.parent / catalog)
+    return config
+
+
+def train_config(section: dict, **overrides) -> TrainConfig:
+    names = {f.name for f in fields(TrainConfig)}
+    return TrainConfig(**{k: v for k, v in section.items() if k in names}, **overrides)
+
+
+class Pipeline:
+    """Runs steps as child runs of the active parent run, reusing finished ones."""
+
+    def __init__(self, config: dict, args: PipelineArgs):
+        self.config, self.args = config, args
+        self.code = code_version()
+        self.reused: list[str] = []
+        data = (config.get("data") or {}).get(args.dataset, {})
+        self.common = {"dataset": args.dataset, "data_dir": args.data_dir, "catalog": config.get("catalog"),
+                       "max_train_samples": data.get("max_train_samples"),
+                       "max_eval_samples": data.get("max_eval_samples"),
+                       "validation_size": data.get("validation_size", 0.1)}
+
+    def step(self, label: str, step_fn, step_args, upstream: str = ""):
+        """Run `step_fn(step_args)` as a child run unless an identical finished run exists; return that run."""
+        identity = json.dumps([label, asdict(step_args), upstream, self.code], sort_keys=True, default=str)
+        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        search = f"tags.`kd_sentiment.step_key` = '{key}' and attributes.status = 'FINISHED'"
+        found = mlflow.search_runs(search_all_experiments=True, filter_string=search, output_format="list", max_results=1)
+        if found:
+            print(f"[pipeline] {label}: reusing finished run {found[0].info.run_id}")
+            self.reused.append(label)
+            return found[0]
+        if hasattr(step_args, "resume"):  # an interrupted training step continues from its checkpoint
+            step_args.resume, step_args.output_dir = True, f"outputs/pipeline/{key}"
+        print(f"[pipeline] {label}: running")
+        tracking.STEP_RUN_TAGS["kd_sentiment.step_key"] = key
+        try:
+            step_fn(step_args)
+        finally:
+            tracking.STEP_RUN_TAGS.pop("kd_sentiment.step_key", None)
+        return mlflow.search_runs(search_all_experiments=True, filter_string=search, output_format="list")[0]
+
+    def run(self) -> dict:
+        cfg, dataset = self.config, self.args.dataset
+        t_section = dict(cfg.get("teacher") or {})
+        teacher_run = self.step("teacher", teacher.run, teacher.TeacherArgs(
+            model=t_section.pop("model", ""), train=train_config(t_section), **self.common))
+        teacher_uri = f"models:/{teacher_run.data.tags['registered_model']}/{teacher_run.data.tags['registered_version']}"
+
+        d_section = dict(cfg.get("distill") or {})
+        students = d_section.pop("students", None) or load_catalog(cfg.get("catalog"))["students"]
+        baseline = d_section.pop("baseline", True)
+        student_runs, models = {}, [teacher_uri]
+        for student in students:
+            kd = self.step(f"distill-{student}", distill.run, distill.DistillArgs(
+                student=student, teacher=teacher_uri, train=train_config(d_section), **self.common), teacher_uri)
+            student_runs[student] = kd
+            models.append(f"models:/{kd.data.tags['registered_model']}/{kd.data.tags['registered_version']}")
+            if baseline:  # same student, data and budget, no teacher; registered without an alias
+                self.step(f"distill-{student}-nokd", distill.run, distill.DistillArgs(
+                    student=student, teacher=teacher_uri, name=f"kd-sentiment-{distill.student_name(student)}-{dataset}-nokd",
+                    alias="", train=train_config({**d_section, "alpha": 0.0}), **self.common), teacher_uri)
+
+        q_section, margin = cfg.get("quantize") or {}, (cfg.get("promote") or {}).get("margin", 1.0)
+        for student, kd in student_runs.items():
+            parent = f"models:/{kd.data.tags['registered_model']}/{kd.data.tags['registered_version']}"
+            q = self.step(f"quantize-{student}", quantize.run, quantize.QuantizeArgs(
+                model=parent, dataset=dataset, data_dir=self.args.data_dir,
+                max_eval_samples=self.common["max_eval_samples"], **q_section), parent)
+            name, version = q.data.tags["registered_model"], q.data.tags["registered_version"]
+            models.append(f"models:/{name}/{version}")
+            try:
+                promote.run(promote.PromoteArgs(name=name, version=version, alias="champion", margin=margin))
+            except UserError as refusal:  # a refused gate is an outcome to record, not a pipeline failure
+                print(f"[pipeline] promote {name} v{version}: {refusal}")
+                mlflow.set_tag(f"promotion.{student}", "refused")
+
+        b_section = cfg.get("benchmark") or {}
+        self.step("benchmark", benchmark.run, benchmark.BenchmarkArgs(
+            dataset=dataset, data_dir=self.args.data_dir, models=",".join(models), **b_section), ",".join(models))
+        mlflow.set_tag("reused_steps", ",".join(self.reused) or "none")
+        return {"models": models, "reused": self.reused}
+
+
+def run(args: PipelineArgs) -> dict:
+    """Run the configured pipeline for one dataset under a parent run `pipeline-<config>-<dataset>`."""
+    config = load_config(args.config)
+    tracking.configure()
+    tracking.use_experiment(args.dataset)
+    name = f"pipeline-{Path(args.config).stem}-{args.dataset}"
+    with tracking.step_run("pipeline", name):
+        tracking.log_params({"config": args.config, "dataset": args.dataset, "code_version": code_version()})
+        mlflow.log_dict(config, "pipeline_config.yaml")
+        return Pipeline(config, args).run()

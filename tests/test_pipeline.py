@@ -1,0 +1,78 @@
+"""The main pipeline on a tiny model: every step as a child run, benchmark results on disk and in
+MLflow, and an interrupted pipeline that continues, reusing the steps that had finished."""
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+from kd_sentiment import pipeline, quantize
+from kd_sentiment.data import load_splits
+from kd_sentiment.train import predict_logits
+
+STEPS = ["teacher", "distill-teacher-layers:0", "distill-teacher-layers:0-nokd", "quantize-teacher-layers:0",
+         "benchmark"]
+
+
+@pytest.fixture
+def config(tiny_model, tmp_path):
+    (tmp_path / "catalog.yaml").write_text(yaml.safe_dump({"teacher": "tiny", "students": ["teacher-layers:0"],
+                                                            "models": {"tiny": str(tiny_model)}}))
+    cfg = {"catalog": str(tmp_path / "catalog.yaml"),
+           "data": {"imdb": {"max_train_samples": 300, "max_eval_samples": 100, "validation_size": 100}},
+           "teacher": {"epochs": 1, "lr": 2e-3, "max_length": 64, "checkpoint_every": 0},
+           "distill": {"baseline": True, "epochs": 1, "lr": 2e-3, "max_length": 64, "checkpoint_every": 0},
+           "quantize": {"mode": "dynamic"},
+           "benchmark": {"batch_sizes": "1,4", "time_budget": 0.2, "min_batches": 3, "max_batches": 5,
+                         "max_eval_samples": 100, "threads": 1, "output_dir": str(tmp_path / "bench")}}
+    path = tmp_path / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_path, monkeypatch):
+    args = pipeline.PipelineArgs(config=config, dataset="imdb")
+    real_quantize = quantize.run
+
+    def interrupted(_):
+        raise KeyboardInterrupt("simulated Ctrl-C during quantize")
+    monkeypatch.setattr(quantize, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.run(args)
+    first = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list")
+    assert {r.data.tags["kd_sentiment.step"] for r in first if r.info.status == "FINISHED"} >= {"teacher", "distill"}
+    assert [r.info.status for r in first if r.data.tags["kd_sentiment.step"] == "pipeline"] == ["KILLED"]
+
+    monkeypatch.setattr(quantize, "run", real_quantize)
+    result = pipeline.run(args)
+    assert result["reused"] == STEPS[:3]               # finished steps were not run again
+    again = pipeline.run(args)
+    assert again["reused"] == STEPS                    # nothing left to do
+
+    runs = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list")
+    parents = {r.info.run_id for r in runs if r.data.tags["kd_sentiment.step"] == "pipeline"}
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in parents]
+    # Each step ran exactly once over the three attempts, always as a child of a pipeline run.
+    assert len(children) == 5 and all(r.info.status == "FINISHED" for r in children)
+    assert len({r.data.tags["kd_sentiment.step_key"] for r in children}) == 5
+
+    csv = sorted((tmp_path / "bench").glob("imdb-*.csv"))
+    assert len(csv) == 1
+    frame = pd.read_csv(csv[0])
+    assert set(frame["backend"]) == {"torch_fp32", "onnx_fp32", "onnx_int8"}
+    assert set(frame["setting"]) == {"real", "fixed128"} and set(frame["batch_size"]) == {1, 4}
+    teacher = frame[frame["role"] == "teacher"]
+    assert np.allclose(teacher["speedup_vs_teacher"], 1.0)
+    assert (frame["model_p99_ms"] >= frame["model_p50_ms"]).all() and (frame["peak_rss_mb"] > 0).all()
+
+    # Accuracy recomputed independently for the teacher: same texts, same number.
+    splits = load_splits("imdb", validation_size=100, max_train_samples=300, max_eval_samples=100, seed=42)
+    components = mlflow.transformers.load_model(result["models"][0], return_type="components")
+    logits = predict_logits(components["model"], components["tokenizer"], splits.test["text"], 64)
+    accuracy = float((logits.argmax(1) == splits.test["label"].to_numpy()).mean())
+    assert teacher["accuracy"].iloc[0] == pytest.approx(accuracy, abs=1e-12)
+
+    bench_run = [r for r in children if r.data.tags["kd_sentiment.step"] == "benchmark"][0]
+    artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(bench_run.info.run_id, "figures")}
+    assert {"figures/pareto_accuracy_vs_latency.png", "figures/speedup.png", "figures/reliability_diagrams.png"} <= artifacts
+    assert bench_run.data.tags["machine.threads"] == "1"

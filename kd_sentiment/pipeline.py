@@ -78,6 +78,7 @@ class Pipeline:
         self.config, self.args = config, args
         self.code = code_version()
         self.reused: list[str] = []
+        self.step_runs: dict[str, str] = {}  # label -> run id, run now or reused (for reports)
         data = (config.get("data") or {}).get(args.dataset, {})
         self.common = {"dataset": args.dataset, "data_dir": args.data_dir, "catalog": config.get("catalog"),
                        "max_train_samples": data.get("max_train_samples"),
@@ -93,6 +94,7 @@ class Pipeline:
         if found:
             print(f"[pipeline] {label}: reusing finished run {found[0].info.run_id}")
             self.reused.append(label)
+            self.step_runs[label] = found[0].info.run_id
             return found[0]
         if hasattr(step_args, "resume"):  # an interrupted training step continues from its checkpoint
             step_args.resume, step_args.output_dir = True, f"outputs/pipeline/{key}"
@@ -102,7 +104,9 @@ class Pipeline:
             step_fn(step_args)
         finally:
             tracking.STEP_RUN_TAGS.pop("kd_sentiment.step_key", None)
-        return mlflow.search_runs(search_all_experiments=True, filter_string=search, output_format="list")[0]
+        finished = mlflow.search_runs(search_all_experiments=True, filter_string=search, output_format="list")[0]
+        self.step_runs[label] = finished.info.run_id
+        return finished
 
     def run(self) -> dict:
         cfg, dataset = self.config, self.args.dataset
@@ -143,6 +147,7 @@ class Pipeline:
         self.step("benchmark", benchmark.run, benchmark.BenchmarkArgs(
             dataset=dataset, data_dir=self.args.data_dir, models=",".join(models), **b_section), ",".join(models))
         mlflow.set_tag("reused_steps", ",".join(self.reused) or "none")
+        mlflow.log_dict(self.step_runs, "pipeline_steps.json")
         return {"models": models, "reused": self.reused}
 
 

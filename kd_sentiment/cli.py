@@ -160,6 +160,12 @@ def cmd_pipeline(ns: argparse.Namespace) -> None:
     pipeline.run(pipeline.PipelineArgs(config=ns.config, dataset=ns.dataset, data_dir=ns.data_dir))
 
 
+def cmd_report(ns: argparse.Namespace) -> None:
+    from kd_sentiment import report
+
+    report.run(report.ReportArgs(config=ns.config, datasets=ns.datasets, out=ns.out))
+
+
 def optional_boolean(text: str) -> bool | None:
     return None if str(text).strip().lower() in ("", "auto") else boolean(text)
 
@@ -254,6 +260,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="tweeteval", help="imdb, tweeteval or a data folder")
     p.add_argument("--data_dir", type=optional_text, default=None, help="local data (default: $KD_SENTIMENT_DATA_DIR)")
     p.set_defaults(func=cmd_pipeline)
+
+    p = commands.add_parser("report", help="write results/RESULTS.md from the MLflow runs",
+                            description="Generate the results page from the latest finished pipeline run of a "
+                                        "configuration for each dataset, plus the calibration study's runs.")
+    p.add_argument("--config", default="cpu", help="configuration name whose pipeline runs to report (default: cpu)")
+    p.add_argument("--datasets", default="imdb,tweeteval", help="comma-separated datasets")
+    p.add_argument("--out", default="results/RESULTS.md", help="where to write the Markdown")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

@@ -49,15 +49,19 @@ def student_name(student: str) -> str:
 
 
 def comparison_metrics(student_test: np.ndarray, teacher_test: np.ndarray, labels: np.ndarray,
-                       label_names: list[str], metrics: dict) -> dict:
-    """Student vs teacher on the same test texts: agreement, KL(teacher || student), retention."""
+                       label_names: list[str], metrics: dict, teacher_logit_scale: float = 1.0) -> dict:
+    """Student vs teacher on the same test texts: agreement, KL(teacher || student), retention, and
+    the teacher's ECE as used for training (its logits times teacher_logit_scale)."""
     teacher = classification_metrics(teacher_test, labels, label_names)
+    as_trained = classification_metrics(teacher_test * teacher_logit_scale, labels, label_names)
     log_p_t, log_p_s = log_softmax(teacher_test.astype(np.float64), 1), log_softmax(student_test.astype(np.float64), 1)
     return {
         "test_agreement_with_teacher": float((student_test.argmax(1) == teacher_test.argmax(1)).mean()),
         "test_kl_teacher_student": float((np.exp(log_p_t) * (log_p_t - log_p_s)).sum(1).mean()),
         "teacher_test_accuracy": teacher["accuracy"],
         "teacher_test_macro_recall": teacher["macro_recall"],
+        "teacher_test_ece": teacher["ece"],
+        "teacher_scaled_test_ece": as_trained["ece"],
         "retention_accuracy": metrics["test_accuracy"] / teacher["accuracy"],
         "retention_macro_recall": metrics["test_macro_recall"] / teacher["macro_recall"],
     }
@@ -118,7 +122,7 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
         soft_targets_train = logits["train"] * args.teacher_logit_scale if "train" in logits else None
         result, metrics, test_logits = fit_and_evaluate(ctx, args, model, tokenizer, soft_targets_train)
         metrics.update(comparison_metrics(test_logits, logits["test"], splits.test["label"].to_numpy(),
-                                          splits.label_names, metrics))
+                                          splits.label_names, metrics, args.teacher_logit_scale))
         if ctx.is_main:
             mlflow.log_metrics(metrics)
             publish(result.model, tokenizer, splits, name, args.alias,

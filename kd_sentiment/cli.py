@@ -117,6 +117,11 @@ def train_config(ns: argparse.Namespace) -> TrainConfig:
     return TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)})
 
 
+def plain_args(cls, ns: argparse.Namespace):
+    """A step's argument dataclass from the parsed flags of the same names."""
+    return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
+
+
 def step_args(cls, ns: argparse.Namespace, **extra):
     names = {f.name for f in fields(cls)} - {"train"}
     return cls(**{k: getattr(ns, k) for k in names if hasattr(ns, k)}, train=train_config(ns), **extra)
@@ -139,31 +144,31 @@ def cmd_distill(ns: argparse.Namespace) -> None:
 def cmd_quantize(ns: argparse.Namespace) -> None:
     from kd_sentiment import quantize
 
-    quantize.run(quantize.QuantizeArgs(**{k: v for k, v in vars(ns).items() if k not in ("func", "command")}))
+    quantize.run(plain_args(quantize.QuantizeArgs, ns))
 
 
 def cmd_promote(ns: argparse.Namespace) -> None:
     from kd_sentiment import promote
 
-    promote.run(promote.PromoteArgs(**{k: v for k, v in vars(ns).items() if k not in ("func", "command")}))
+    promote.run(plain_args(promote.PromoteArgs, ns))
 
 
 def cmd_benchmark(ns: argparse.Namespace) -> None:
     from kd_sentiment import benchmark
 
-    benchmark.run(benchmark.BenchmarkArgs(**{k: v for k, v in vars(ns).items() if k not in ("func", "command")}))
+    benchmark.run(plain_args(benchmark.BenchmarkArgs, ns))
 
 
 def cmd_pipeline(ns: argparse.Namespace) -> None:
     from kd_sentiment import pipeline
 
-    pipeline.run(pipeline.PipelineArgs(config=ns.config, dataset=ns.dataset, data_dir=ns.data_dir))
+    pipeline.run(plain_args(pipeline.PipelineArgs, ns))
 
 
 def cmd_report(ns: argparse.Namespace) -> None:
     from kd_sentiment import report
 
-    report.run(report.ReportArgs(config=ns.config, datasets=ns.datasets, out=ns.out))
+    report.run(plain_args(report.ReportArgs, ns))
 
 
 def optional_boolean(text: str) -> bool | None:

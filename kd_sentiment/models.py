@@ -34,6 +34,22 @@ DEFAULT_CATALOG = {
 }
 
 
+def read_yaml(file: Path, what: str, allowed) -> dict:
+    """A YAML mapping whose top-level keys must be in `allowed`, with errors that name the file."""
+    if not file.is_file():
+        raise UserError(f"{what} {file}: file not found.")
+    try:
+        content = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{what} {file}: not valid YAML ({err}).") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{what} {file}: expected a mapping of keys {sorted(allowed)}.")
+    unknown = set(content) - set(allowed)
+    if unknown:
+        raise UserError(f"{what} {file}: unknown key(s) {sorted(unknown)}; allowed: {sorted(allowed)}.")
+    return content
+
+
 def load_catalog(path: str | None = None) -> dict:
     """The catalog in force: built-in, overridden key by key by the YAML at `path` or $KD_SENTIMENT_CATALOG."""
     path = path or os.environ.get(CATALOG_ENV)
@@ -41,15 +57,7 @@ def load_catalog(path: str | None = None) -> dict:
     if not path:
         return catalog
     file = Path(path).expanduser()
-    if not file.is_file():
-        raise UserError(f"catalog {file}: file not found.")
-    try:
-        override = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"catalog {file}: not valid YAML ({err}).") from None
-    unknown = set(override) - set(DEFAULT_CATALOG)
-    if unknown:
-        raise UserError(f"catalog {file}: unknown key(s) {sorted(unknown)}; allowed: {sorted(DEFAULT_CATALOG)}.")
+    override = read_yaml(file, "catalog", DEFAULT_CATALOG)
     catalog["models"].update({k: os.path.expandvars(str(v)) for k, v in (override.get("models") or {}).items()})
     for key in ("teacher", "students"):
         if key in override:

@@ -24,11 +24,10 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import mlflow
-import yaml
 
 from kd_sentiment import benchmark, distill, promote, quantize, teacher, tracking
 from kd_sentiment.errors import UserError
-from kd_sentiment.models import load_catalog
+from kd_sentiment.models import load_catalog, read_yaml
 from kd_sentiment.train import TrainConfig
 
 SECTIONS = ("catalog", "data", "teacher", "distill", "quantize", "promote", "benchmark")
@@ -51,15 +50,7 @@ def code_version() -> str:
 
 def load_config(path: str) -> dict:
     file = Path(path)
-    if not file.is_file():
-        raise UserError(f"config {path}: file not found; see experiments/ for smoke.yaml, cpu.yaml, paper.yaml.")
-    try:
-        config = yaml.safe_load(file.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise UserError(f"config {path}: not valid YAML ({err}).") from None
-    unknown = set(config) - set(SECTIONS)
-    if unknown:
-        raise UserError(f"config {path}: unknown section(s) {sorted(unknown)}; allowed: {list(SECTIONS)}.")
+    config = read_yaml(file, "config (see experiments/smoke.yaml, cpu.yaml, paper.yaml)", SECTIONS)
     catalog = config.get("catalog")
     if catalog and not Path(catalog).exists():  # written relative to the project root (experiments/..)
         config["catalog"] = str(file.resolve().parent.parent / catalog)

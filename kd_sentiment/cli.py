@@ -165,6 +165,12 @@ def cmd_pipeline(ns: argparse.Namespace) -> None:
     pipeline.run(plain_args(pipeline.PipelineArgs, ns))
 
 
+def cmd_loadtest(ns: argparse.Namespace) -> None:
+    from kd_sentiment import loadtest
+
+    loadtest.run(plain_args(loadtest.LoadTestArgs, ns))
+
+
 def cmd_report(ns: argparse.Namespace) -> None:
     from kd_sentiment import report
 
@@ -265,6 +271,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default="tweeteval", help="imdb, tweeteval or a data folder")
     p.add_argument("--data_dir", type=optional_text, default=None, help="local data (default: $KD_SENTIMENT_DATA_DIR)")
     p.set_defaults(func=cmd_pipeline)
+
+    p = commands.add_parser("loadtest", help="serve a model and load it with concurrent clients (loopback only)",
+                            description="Start `mlflow models serve` for MODEL on a free 127.0.0.1 port, send a fixed "
+                                        "number of single-text requests from concurrent clients (some malformed), "
+                                        "and log p50/p95/p99 latency, throughput and errors.")
+    p.add_argument("--model", required=True, help="registry URI, e.g. models:/kd-sentiment-minilm-tweeteval-int8@champion")
+    p.add_argument("--dataset", default="tweeteval", help="where the request texts come from (its test split)")
+    p.add_argument("--data_dir", type=optional_text, default=None, help="local data (default: $KD_SENTIMENT_DATA_DIR)")
+    p.add_argument("--clients", type=whole_number, default=4, help="concurrent clients")
+    p.add_argument("--requests_per_client", type=whole_number, default=50, help="requests each client sends")
+    p.add_argument("--malformed_every", type=whole_number, default=10, help="every Nth request is malformed (0: none)")
+    p.add_argument("--timeout_s", type=float, default=120.0, help="hard stop for the whole test")
+    p.add_argument("--output_dir", default="results/benchmarks", help="where the serving CSV goes")
+    p.set_defaults(func=cmd_loadtest)
 
     p = commands.add_parser("report", help="write results/RESULTS.md from the MLflow runs",
                             description="Generate the results page from the latest finished pipeline run of a "

@@ -174,16 +174,24 @@ def read_folder(folder: Path, num_labels: int | None, name: str) -> tuple[dict[s
     if num_labels is None:
         label_file = folder / "labels.txt"
         if label_file.exists():
-            label_names = [l.strip() for l in label_file.read_text().splitlines() if l.strip()]
+            try:
+                label_names = [l.strip() for l in label_file.read_text(encoding="utf-8").splitlines() if l.strip()]
+            except UnicodeDecodeError as err:
+                raise _encoding_error(label_file, err) from None
         else:
             label_names = [f"label_{i}" for i in range(int(frames["train"]["label"].max()) + 1)]
         seen = set(frames["train"]["label"])
         for split, frame in frames.items():
             extra = sorted(set(frame["label"]) - seen) if split != "train" else []
-            if extra or frame["label"].max() >= len(label_names):
-                raise UserError(f"{paths[split]}: labels {extra or [int(frame['label'].max())]} "
-                                f"do not occur in train ({paths['train']}); every split must share "
-                                "one label set.")
+            if extra:
+                raise UserError(f"{paths[split]}: labels {extra} do not occur in train ({paths['train']}); "
+                                "every split must share one label set.")
+            unnamed = frame["label"] >= len(label_names)
+            if unnamed.any():  # only with labels.txt: otherwise the names cover train's labels
+                row = frame[unnamed].iloc[0]
+                raise UserError(f"{paths[split]}: row {int(row['row'])}: label {int(row['label'])} has no name in "
+                                f"{label_file} ({len(label_names)} names, one per line, for labels "
+                                f"0..{len(label_names) - 1}).")
         return frames, label_names
     return frames, []
 
@@ -287,6 +295,9 @@ def load_splits(dataset: str, data_dir: str | None = None, validation_size: floa
         validation = frames["validation"]
     else:
         validation, train = stratified_take(train, validation_size, seed, "validation_size")
+        if train.empty:
+            raise UserError(f"validation_size={validation_size} takes all {len(validation)} training examples "
+                            "for validation, leaving none to train on; use a smaller fraction or count.")
         # A text both in the carved validation and in train would leak; keep it in validation only.
         leaked = train["text"].isin(set(validation["text"]))
         train = train[~leaked]

@@ -92,8 +92,8 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
     """One student: its own MLflow run (nested under a parent for student=all)."""
     splits = ctx.splits
     uri = teacher_uri(args, splits.name)
-    hint = (f"Create it with `kd-sentiment teacher --dataset {splits.name}` "
-            f"(or `mlflow run . -e teacher -P dataset={splits.name}`), or pass teacher=models:/NAME@ALIAS.")
+    hint = (f"Create it with `kd-sentiment teacher --dataset {args.dataset}` "
+            f"(or `mlflow run . -e teacher -P dataset={args.dataset}`), or pass teacher=models:/NAME@ALIAS.")
     version = tracking.resolve_version(uri, needed_by=hint)
     check_labels(version, splits.label_names)
     name = args.name or f"kd-sentiment-{student_name(student)}-{splits.name}"

@@ -84,6 +84,8 @@ def checkpoint_location(step: str, args: StepArgs, dataset: str, model_name: str
     if args.train.alpha:
         default += f"-a{args.train.alpha:g}-T{args.train.temperature:g}"
     output_dir = Path(args.output_dir or f"{default}-s{args.train.seed}")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise UserError(f"output_dir={output_dir}: exists and is not a folder; checkpoints need a folder.")
     state = read_checkpoint_state(output_dir) if args.resume else None
     return output_dir, (state.get("mlflow_run_id") if state else None)
 

@@ -59,6 +59,9 @@ def use_experiment(dataset: str) -> str:
     else:
         experiment_id = experiment.experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
+    # set_experiment exports MLFLOW_EXPERIMENT_ID, which would pin every later step of this process
+    # (and its subprocesses) to this experiment, as if inside `mlflow run`; MLflow keeps it in memory.
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     return experiment_id
 
 
@@ -152,26 +155,29 @@ def register(model_uri: str, name: str, alias: str | None, tags: dict | None = N
     """Register `model_uri` as a new version of `name`, tag it, point `alias` at it.
 
     All or nothing: if tagging or aliasing fails the version is deleted again (and the registered
-    model too, if this call created it).
+    model too, if no other version is left in it).
     """
     client = MlflowClient()
-    created = False
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
+    try:  # create-then-tolerate, not get-then-create: two steps may register the same new name at once
         client.create_registered_model(name)
-        created = True
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
     model_version = None
     try:
         run_id = mlflow.active_run().info.run_id if mlflow.active_run() else None
-        model_version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags or {})
+        # A logged model's URI (models:/m-...) must also be passed as model_id: a tracking server
+        # rejects it as a plain source.
+        model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+        model_version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags or {},
+                                                    model_id=model_id)
         if alias:
             client.set_registered_model_alias(name, alias, model_version.version)
         return model_version
     except BaseException:
         if model_version is not None:
             client.delete_model_version(name, model_version.version)
-        if created:
+        if not client.search_model_versions(f"name='{name}'"):  # nobody else's versions: remove the empty name
             client.delete_registered_model(name)
         raise
 

@@ -78,6 +78,10 @@ class TrainResult:
 
 def tokenize(tokenizer, texts, max_length: int):
     """Token ids per text, truncated to max_length, not padded (padding happens per batch)."""
+    limit = tokenizer.model_max_length  # a huge sentinel (1e30) when the checkpoint does not say
+    if limit and limit < 1_000_000 and max_length > limit:
+        raise UserError(f"max_length={max_length}: {tokenizer.name_or_path or 'the model'} takes at most "
+                        f"{limit} tokens per text; use max_length {limit} or less.")
     # Tokenizing once and padding per batch is deliberate; silence the "call __call__ instead" advice.
     tokenizer.deprecation_warnings["Asking-to-pad-a-fast-tokenizer"] = True
     return tokenizer(list(texts), truncation=True, max_length=max_length)

@@ -12,7 +12,7 @@ import sys
 from dataclasses import fields
 
 from kd_sentiment.errors import UserError
-from kd_sentiment.train import TrainConfig
+from kd_sentiment.train_config import TrainConfig
 
 TRAIN_HELP = {
     "epochs": "passes over the training data",
@@ -114,7 +114,10 @@ def add_training_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...]
 
 
 def train_config(ns: argparse.Namespace) -> TrainConfig:
-    return TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)})
+    """The step's TrainConfig, checked here, before any heavy import or data loading."""
+    config = TrainConfig(**{f.name: getattr(ns, f.name) for f in fields(TrainConfig) if hasattr(ns, f.name)})
+    config.validate()
+    return config
 
 
 def plain_args(cls, ns: argparse.Namespace):
@@ -122,23 +125,25 @@ def plain_args(cls, ns: argparse.Namespace):
     return cls(**{f.name: getattr(ns, f.name) for f in fields(cls)})
 
 
-def step_args(cls, ns: argparse.Namespace, **extra):
+def step_args(cls, ns: argparse.Namespace, train: TrainConfig):
     names = {f.name for f in fields(cls)} - {"train"}
-    return cls(**{k: getattr(ns, k) for k in names if hasattr(ns, k)}, train=train_config(ns), **extra)
+    return cls(**{k: getattr(ns, k) for k in names if hasattr(ns, k)}, train=train)
 
 
 # ----------------------------------------------------------------------------- commands
 
 def cmd_teacher(ns: argparse.Namespace) -> None:
+    train = train_config(ns)  # reject bad values before importing torch
     from kd_sentiment import teacher
 
-    teacher.run(step_args(teacher.TeacherArgs, ns))
+    teacher.run(step_args(teacher.TeacherArgs, ns, train))
 
 
 def cmd_distill(ns: argparse.Namespace) -> None:
+    train = train_config(ns)  # reject bad values before importing torch
     from kd_sentiment import distill
 
-    distill.run(step_args(distill.DistillArgs, ns))
+    distill.run(step_args(distill.DistillArgs, ns, train))
 
 
 def cmd_quantize(ns: argparse.Namespace) -> None:
@@ -292,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="cpu", help="configuration name whose pipeline runs to report (default: cpu)")
     p.add_argument("--datasets", default="imdb,tweeteval", help="comma-separated datasets")
     p.add_argument("--out", default="results/RESULTS.md", help="where to write the Markdown")
+    p.add_argument("--readme", default="README.md", help="README whose results block (between markers) is refreshed")
     p.set_defaults(func=cmd_report)
     return parser
 

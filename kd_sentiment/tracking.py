@@ -27,7 +27,6 @@ from mlflow.tracking import MlflowClient
 
 from kd_sentiment.errors import UserError
 
-DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
 LIBRARIES = ("torch", "transformers", "accelerate", "mlflow", "datasets", "onnxruntime", "optimum", "optimum-onnx")
 # Explicit requirements for logged models: inference alone would also pull in torchvision.
@@ -35,9 +34,15 @@ MODEL_PIP_REQUIREMENTS = [f"{lib}=={version(lib)}" for lib in ("mlflow", "torch"
     [f"{lib}=={version(lib)}" for lib in ("numpy", "pandas")]
 
 
+def embedded_uri() -> str:
+    """`sqlite:///mlflow.db` of the working directory, as an absolute path: MLflow caches stores by
+    URI string, so a relative URI would keep pointing at the first directory it was opened in."""
+    return f"sqlite:///{(Path.cwd() / 'mlflow.db').resolve()}"
+
+
 def configure() -> str:
     """Point MLflow at $MLFLOW_TRACKING_URI, else at the embedded sqlite store. Returns the URI."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri()
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -53,7 +58,7 @@ def use_experiment(dataset: str) -> str:
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
         artifacts = None
-        if mlflow.get_tracking_uri() == DEFAULT_TRACKING_URI:  # embedded store: artifacts beside it
+        if mlflow.get_tracking_uri() in (embedded_uri(), "sqlite:///mlflow.db"):  # embedded: artifacts beside it
             artifacts = (Path.cwd() / DEFAULT_ARTIFACT_DIR / name.replace("/", "-")).resolve().as_uri()
         experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
     else:

@@ -37,6 +37,9 @@ def _fresh_mlflow(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_tracking_uri exports it; steps must choose themselves
+    # An experiment selected by an earlier test lives on in MLflow's memory and names an id of
+    # another store; forget it so this test starts in the new store's default experiment.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     yield
     while mlflow.active_run():
         mlflow.end_run()

@@ -2,7 +2,6 @@ import subprocess
 import sys
 
 import mlflow
-import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import run_cli

@@ -7,6 +7,7 @@ status 2; the step's MLflow run, if it had started, is marked FAILED.
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 from dataclasses import fields
@@ -146,40 +147,13 @@ def cmd_distill(ns: argparse.Namespace) -> None:
     distill.run(step_args(distill.DistillArgs, ns, train))
 
 
-def cmd_quantize(ns: argparse.Namespace) -> None:
-    from kd_sentiment import quantize
-
-    quantize.run(plain_args(quantize.QuantizeArgs, ns))
-
-
-def cmd_promote(ns: argparse.Namespace) -> None:
-    from kd_sentiment import promote
-
-    promote.run(plain_args(promote.PromoteArgs, ns))
-
-
-def cmd_benchmark(ns: argparse.Namespace) -> None:
-    from kd_sentiment import benchmark
-
-    benchmark.run(plain_args(benchmark.BenchmarkArgs, ns))
-
-
-def cmd_pipeline(ns: argparse.Namespace) -> None:
-    from kd_sentiment import pipeline
-
-    pipeline.run(plain_args(pipeline.PipelineArgs, ns))
-
-
-def cmd_loadtest(ns: argparse.Namespace) -> None:
-    from kd_sentiment import loadtest
-
-    loadtest.run(plain_args(loadtest.LoadTestArgs, ns))
-
-
-def cmd_report(ns: argparse.Namespace) -> None:
-    from kd_sentiment import report
-
-    report.run(plain_args(report.ReportArgs, ns))
+def plain_step(module: str, args_class: str):
+    """The command of a step whose flags map one to one onto its arguments dataclass; the step's
+    module (and with it torch, MLflow...) is imported only when the command runs."""
+    def command(ns: argparse.Namespace) -> None:
+        step = importlib.import_module(f"kd_sentiment.{module}")
+        step.run(plain_args(getattr(step, args_class), ns))
+    return command
 
 
 def optional_boolean(text: str) -> bool | None:
@@ -237,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=whole_number, default=42, help="seed for the evaluation and calibration samples")
     p.add_argument("--name", type=optional_text, default="", help="registered name (default: PARENT-int8)")
     p.add_argument("--alias", default="candidate", help="alias for the new version ('' skips); promote moves champion")
-    p.set_defaults(func=cmd_quantize)
+    p.set_defaults(func=plain_step("quantize", "QuantizeArgs"))
 
     p = commands.add_parser("promote", help="move an alias to a version that passes its accuracy gate",
                             description="Point ALIAS of NAME at VERSION if its accuracy (and macro-recall) is at most "
@@ -248,7 +222,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=1.0, help="largest allowed drop vs the parent, in points")
     p.add_argument("--force", type=boolean, nargs="?", const=True, default=False,
                    help="promote even if the gate fails (recorded in a tag)")
-    p.set_defaults(func=cmd_promote)
+    p.set_defaults(func=plain_step("promote", "PromoteArgs"))
 
     p = commands.add_parser("benchmark", help="latency, throughput, memory, accuracy and ECE of every model",
                             description="Measure every aliased model of the dataset (or --models) in each backend it "
@@ -267,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_batches", type=whole_number, default=300, help="timed batches per setting, at most")
     p.add_argument("--seed", type=whole_number, default=42, help="seed for the evaluation subset and text order")
     p.add_argument("--output_dir", default="results/benchmarks", help="where the CSV and Markdown go")
-    p.set_defaults(func=cmd_benchmark)
+    p.set_defaults(func=plain_step("benchmark", "BenchmarkArgs"))
 
     p = commands.add_parser("pipeline", help="teacher -> distill -> quantize -> promote -> benchmark, from a config",
                             description="Run every step for one dataset as child runs of one parent run; steps that "
@@ -275,7 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="experiments/smoke.yaml", help="experiments/smoke.yaml, cpu.yaml or paper.yaml")
     p.add_argument("--dataset", default="tweeteval", help="imdb, tweeteval or a data folder")
     p.add_argument("--data_dir", type=optional_text, default=None, help="local data (default: $KD_SENTIMENT_DATA_DIR)")
-    p.set_defaults(func=cmd_pipeline)
+    p.set_defaults(func=plain_step("pipeline", "PipelineArgs"))
 
     p = commands.add_parser("loadtest", help="serve a model and load it with concurrent clients (loopback only)",
                             description="Start `mlflow models serve` for MODEL on a free 127.0.0.1 port, send a fixed "
@@ -289,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--malformed_every", type=whole_number, default=10, help="every Nth request is malformed (0: none)")
     p.add_argument("--timeout_s", type=float, default=120.0, help="hard stop for the whole test")
     p.add_argument("--output_dir", default="results/benchmarks", help="where the serving CSV goes")
-    p.set_defaults(func=cmd_loadtest)
+    p.set_defaults(func=plain_step("loadtest", "LoadTestArgs"))
 
     p = commands.add_parser("report", help="write results/RESULTS.md from the MLflow runs",
                             description="Generate the results page from the latest finished pipeline run of a "
@@ -298,7 +272,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default="imdb,tweeteval", help="comma-separated datasets")
     p.add_argument("--out", default="results/RESULTS.md", help="where to write the Markdown")
     p.add_argument("--readme", default="README.md", help="README whose results block (between markers) is refreshed")
-    p.set_defaults(func=cmd_report)
+    p.set_defaults(func=plain_step("report", "ReportArgs"))
     return parser
 
 

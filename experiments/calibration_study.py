@@ -5,7 +5,8 @@ teacher, changing the dataset at the same time. Here the dataset, student, data 
 fixed and only the teacher's calibration changes, across a fixed grid of KD temperatures:
   raw         the registered teacher as is
   calibrated  its logits divided by T_cal, the temperature fitted on validation (teacher run's `temperature`)
-  sharpened   its logits multiplied by 2: the same ranking, over-confident
+  sharpened   its logits multiplied by 2: the same ranking, more confident (over-confident for a
+              calibrated teacher, closer to calibrated for an under-confident one)
 Note: scaling the teacher's logits by 1/T_cal and distilling at T_kd gives the same soft targets as
 distilling the raw teacher at T_cal * T_kd; only the student's side (its logits divided by T_kd,
 the T_kd^2 weight) differs. So "calibrating the teacher" is largely a change of KD temperature,

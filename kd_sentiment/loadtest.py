@@ -188,7 +188,9 @@ def served(model_uri: str, startup_s: float = 180):
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
                                "local", "-h", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
-                              env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()},
+                              # The server execs uvicorn by name: put this environment's bin first on PATH.
+                              env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+                                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
                               start_new_session=True)
     try:
         deadline = time.monotonic() + startup_s

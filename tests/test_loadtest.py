@@ -1,12 +1,7 @@
 """The bounded load test (kd_sentiment/loadtest.py) against a real `mlflow models serve`, and its bounds."""
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import mlflow
 import pandas as pd
@@ -14,11 +9,11 @@ import pytest
 
 from kd_sentiment import export
 from kd_sentiment.errors import UserError
-from kd_sentiment.loadtest import invocations_url, run_load_test
+from kd_sentiment.loadtest import invocations_url, run_load_test, served
 
 from conftest import DATA_DIR
 from test_export import LABELS, tiny_classifier
-from test_serving import MAX_LENGTH, free_port, wait_until_up
+from test_serving import MAX_LENGTH, free_port
 
 
 def test_served_model_under_concurrent_load_with_malformed_requests(tiny_model, tmp_path):
@@ -28,24 +23,8 @@ def test_served_model_under_concurrent_load_with_malformed_requests(tiny_model, 
         uri = export.log_onnx_pyfunc(fp32, fp32.parent, LABELS, MAX_LENGTH, ["great movie", "awful"])
     texts = pd.read_csv(DATA_DIR / "tweeteval_sentiment" / "test.csv", keep_default_na=False)["text"].iloc[:50].tolist()
 
-    port, log = free_port(), tmp_path / "server.log"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with open(log, "w") as out:
-        server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri,
-                                   "--env-manager", "local", "-p", str(port), "--host", "127.0.0.1"],
-                                  cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_until_up(port, server, log)
-        result = run_load_test(f"http://127.0.0.1:{port}", texts, clients=4, requests_per_client=25,
-                               malformed_every=5, timeout_s=120)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+    with served(uri) as url:  # the same server `kd-sentiment loadtest` starts
+        result = run_load_test(url, texts, clients=4, requests_per_client=25, malformed_every=5, timeout_s=120)
 
     assert result["errors"] == 0, result["error_samples"]
     assert result["stopped_at_timeout"] == 0

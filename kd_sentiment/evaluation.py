@@ -13,18 +13,18 @@ from kd_sentiment.train import predict_logits
 
 
 def evaluate(model, tokenizer, splits, max_length: int, batch_size: int, accelerator=None):
-    """(metrics, val_logits, test_logits) where metrics has `val_*`, `test_*`, `temperature`, `*_after_ts`."""
+    """(metrics, test_logits) where metrics has `val_*`, `test_*`, `temperature`, `*_after_ts`."""
     val_logits = predict_logits(model, tokenizer, splits.validation["text"], max_length, batch_size, accelerator)
     test_logits = predict_logits(model, tokenizer, splits.test["text"], max_length, batch_size, accelerator)
     metrics = calibration.evaluate_with_temperature(val_logits, splits.validation["label"].to_numpy(),
                                                     test_logits, splits.test["label"].to_numpy(),
                                                     splits.label_names)
-    return metrics, val_logits, test_logits
+    return metrics, test_logits
 
 
 def log_evaluation(metrics: dict, test_logits: np.ndarray, splits, title: str) -> None:
-    """Log metrics, the test reliability diagram (before and after temperature scaling), the
-    confusion matrix and the raw test logits (so any figure can be recomputed later)."""
+    """Log metrics, the test reliability diagram (before and after temperature scaling) and the
+    confusion matrix (figure and JSON)."""
     mlflow.log_metrics(metrics)
     labels = splits.test["label"].to_numpy()
     curves = {"test": (calibration.probabilities(test_logits), labels),

@@ -110,7 +110,7 @@ def fit_and_evaluate(ctx: StepContext, args: StepArgs, model, tokenizer, teacher
         splits.selection_metric, args.train, acc, ctx.output_dir, teacher_logits=teacher_logits,
         resume=args.resume, log_metrics=mlflow.log_metrics if ctx.is_main else (lambda m, s: None),
         extra_state={"mlflow_run_id": run_id})
-    metrics, _, test_logits = evaluate(result.model, tokenizer, splits, args.train.max_length,
+    metrics, test_logits = evaluate(result.model, tokenizer, splits, args.train.max_length,
                                        args.train.batch_size * 2, acc)
     metrics.update(best_epoch=result.best_epoch, parameters=count_parameters(result.model),
                    flops_per_example=flops_per_example(result.model.config, args.train.max_length))

@@ -28,6 +28,7 @@ TRAIN_HELP = {
     "checkpoint_every": "optimizer steps between checkpoints for resume (0: at epoch ends only)",
     "temperature": "distillation temperature T (softens both distributions)",
     "alpha": "weight of the soft-target loss; 0 = plain fine-tuning without a teacher",
+    "label_smoothing": "label smoothing of the hard-label cross-entropy (0: none; 0.1 trains a less confident model)",
 }
 
 
@@ -168,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Fine-tune a large model on the dataset, log it to MLflow and "
                                         "register it as kd-sentiment-teacher-DATASET.")
     p.add_argument("--model", default="", help="catalog name, Hub id or local folder (default: the catalog's teacher)")
+    p.add_argument("--name", type=optional_text, default="",
+                   help="registered model name (default: kd-sentiment-teacher-DATASET)")
     add_data_flags(p)
     add_training_flags(p, exclude=("temperature", "alpha"))
     p.set_defaults(func=cmd_teacher)

@@ -6,14 +6,17 @@ import torch.nn.functional as F
 
 
 def distillation_loss(student_logits: torch.Tensor, labels: torch.Tensor,
-                      teacher_logits: torch.Tensor | None, temperature: float, alpha: float) -> torch.Tensor:
+                      teacher_logits: torch.Tensor | None, temperature: float, alpha: float,
+                      label_smoothing: float = 0.0) -> torch.Tensor:
     """alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, labels).
 
     The T^2 factor keeps the soft-target gradients at the same scale as the hard-target ones when T
     changes (Hinton et al. 2015, section 2). alpha=0 is plain fine-tuning and needs no teacher;
-    alpha=1 is pure soft-target distillation.
+    alpha=1 is pure soft-target distillation. label_smoothing applies to the hard-label term only
+    (Szegedy et al. 2016): it trains a less confident model, e.g. a teacher of different calibration.
     """
-    ce = F.cross_entropy(student_logits, labels) if alpha < 1 else student_logits.new_zeros(())
+    ce = (F.cross_entropy(student_logits, labels, label_smoothing=label_smoothing) if alpha < 1
+          else student_logits.new_zeros(()))
     if alpha == 0:
         return ce
     kl = F.kl_div(F.log_softmax(student_logits / temperature, dim=-1),

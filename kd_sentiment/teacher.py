@@ -15,6 +15,7 @@ from kd_sentiment.steps import StepArgs, slug, fit_and_evaluate, log_step_params
 @dataclass
 class TeacherArgs(StepArgs):
     model: str = ""  # empty: the catalog's teacher
+    name: str = ""   # registered name; empty: kd-sentiment-teacher-<dataset>
 
 
 def registered_name(dataset: str) -> str:
@@ -33,7 +34,7 @@ def run(args: TeacherArgs) -> dict:
             log_step_params(ctx, args, model=model_name, model_source=source)
         result, metrics, _ = fit_and_evaluate(ctx, args, model, tokenizer)
         if ctx.is_main:
-            publish(result.model, tokenizer, ctx.splits, registered_name(ctx.splits.name), args.alias,
+            publish(result.model, tokenizer, ctx.splits, args.name or registered_name(ctx.splits.name), args.alias,
                     {"step": "teacher", "model_source": source}, args.train.max_length)
         ctx.accelerator.wait_for_everyone()
     return metrics

@@ -219,7 +219,7 @@ def train(model, tokenizer, train_texts, train_labels: np.ndarray, val_texts, va
                 teacher = batch.get("teacher_logits")
                 loss = distillation_loss(logits.float(), batch["labels"].to(accelerator.device),
                                          None if teacher is None else teacher.to(accelerator.device),
-                                         config.temperature, config.alpha)
+                                         config.temperature, config.alpha, config.label_smoothing)
                 accelerator.backward(loss / group_size)
             if not sync:
                 continue

@@ -23,6 +23,7 @@ class TrainConfig:
     checkpoint_every: int = 100  # optimizer steps between checkpoints; 0: only at epoch ends
     temperature: float = 2.0     # distillation temperature (unused when alpha == 0)
     alpha: float = 0.0           # weight of the soft-target loss; 0 = plain fine-tuning
+    label_smoothing: float = 0.0  # on the hard-label cross-entropy; > 0 makes a less confident model
 
     def validate(self) -> None:
         positive = ("epochs", "batch_size", "lr", "max_length", "gradient_accumulation_steps", "temperature")
@@ -31,6 +32,8 @@ class TrainConfig:
                 raise UserError(f"{name}={getattr(self, name)}: must be greater than 0.")
         if not 0 <= self.alpha <= 1:
             raise UserError(f"alpha={self.alpha}: must lie in [0, 1].")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"label_smoothing={self.label_smoothing}: must lie in [0, 1).")
         if not 0 <= self.warmup_ratio < 1:
             raise UserError(f"warmup_ratio={self.warmup_ratio}: must lie in [0, 1).")
         if self.weight_decay < 0 or self.checkpoint_every < 0:

@@ -21,3 +21,14 @@ def test_kd_loss_matches_formula():
     kl = (p_t * (p_t.log() - F.log_softmax(s / T, -1))).sum(-1).mean()
     expected = a * T * T * kl + (1 - a) * F.cross_entropy(s, y)
     assert torch.allclose(distillation_loss(s, y, t, T, a), expected, atol=1e-6)
+
+
+def test_label_smoothing_applies_to_the_hard_label_term_only():
+    s, t, y = torch.randn(8, 3), torch.randn(8, 3), torch.randint(0, 3, (8,))
+    eps, T, a = 0.1, 2.0, 0.5
+    log_p = F.log_softmax(s, -1)
+    smoothed_ce = -((1 - eps) * log_p.gather(1, y[:, None]).squeeze(1) + eps * log_p.mean(-1)).mean()
+    soft = distillation_loss(s, y, t, T, 1.0)  # alpha=1: no hard-label term, smoothing has nothing to act on
+    assert torch.allclose(distillation_loss(s, y, t, T, 1.0, label_smoothing=eps), soft)
+    expected = a * soft + (1 - a) * smoothed_ce
+    assert torch.allclose(distillation_loss(s, y, t, T, a, label_smoothing=eps), expected, atol=1e-6)

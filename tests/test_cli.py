@@ -1,0 +1,33 @@
+"""The MLproject entry points and the `kd-sentiment` CLI must agree: every entry point's command,
+with its default parameters filled in the way `mlflow run` fills them (shell-quoted), parses."""
+import shlex
+from pathlib import Path
+
+import pytest
+import yaml
+
+from kd_sentiment.cli import build_parser
+
+MLPROJECT = yaml.safe_load((Path(__file__).parents[1] / "MLproject").read_text())
+REQUIRED = {"model": "models:/kd-sentiment-minilm-tweeteval@champion", "name": "kd-sentiment-minilm-tweeteval-int8",
+            "version": "1"}  # parameters without a default: a value a user would pass
+
+
+@pytest.mark.parametrize("entry_point", sorted(MLPROJECT["entry_points"]))
+def test_entry_point_command_parses_with_its_defaults(entry_point):
+    spec = MLPROJECT["entry_points"][entry_point]
+    values = {name: p["default"] if "default" in p else REQUIRED[name] for name, p in spec["parameters"].items()}
+    argv = shlex.split(spec["command"].format(**{k: shlex.quote(str(v)) for k, v in values.items()}))
+    assert argv[0] == "kd-sentiment"
+    namespace = build_parser().parse_args(argv[1:])
+    for name, value in values.items():  # every parameter reaches a flag of the same name
+        assert hasattr(namespace, name), f"{entry_point}: parameter {name} has no --{name} flag"
+
+
+@pytest.mark.parametrize("entry_point", ["teacher", "distill", "quantize", "promote", "benchmark"])
+def test_every_step_flag_is_an_entry_point_parameter(entry_point):
+    """A flag (a new TrainConfig field, say) missing from MLproject would be unreachable from `mlflow run`."""
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    flags = {a.dest for a in subcommands[entry_point]._actions if a.dest != "help"}
+    missing = flags - set(MLPROJECT["entry_points"][entry_point]["parameters"])
+    assert not missing, f"{entry_point}: flags without an MLproject parameter: {sorted(missing)}"

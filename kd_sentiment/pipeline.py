@@ -62,22 +62,18 @@ def train_config(section: dict, **overrides) -> TrainConfig:
     return TrainConfig(**{k: v for k, v in section.items() if k in names}, **overrides)
 
 
-class Pipeline:
-    """Runs steps as child runs of the active parent run, reusing finished ones."""
+class StepRunner:
+    """Runs steps as child runs of the active run, reusing a finished identical one (also used by
+    experiments/calibration_study.py)."""
 
-    def __init__(self, config: dict, args: PipelineArgs):
-        self.config, self.args = config, args
+    def __init__(self):
         self.code = code_version()
         self.reused: list[str] = []
         self.step_runs: dict[str, str] = {}  # label -> run id, run now or reused (for reports)
-        data = (config.get("data") or {}).get(args.dataset, {})
-        self.common = {"dataset": args.dataset, "data_dir": args.data_dir, "catalog": config.get("catalog"),
-                       "max_train_samples": data.get("max_train_samples"),
-                       "max_eval_samples": data.get("max_eval_samples"),
-                       "validation_size": data.get("validation_size", 0.1)}
 
-    def step(self, label: str, step_fn, step_args, upstream: str = ""):
-        """Run `step_fn(step_args)` as a child run unless an identical finished run exists; return that run."""
+    def step(self, label: str, step_fn, step_args, upstream: str = "", tags: dict | None = None):
+        """Run `step_fn(step_args)` as a child run (with `tags`) unless an identical finished run
+        exists; return that run."""
         identity = json.dumps([label, asdict(step_args), upstream, self.code], sort_keys=True, default=str)
         key = hashlib.sha256(identity.encode()).hexdigest()[:16]
         search = f"tags.`kd_sentiment.step_key` = '{key}' and attributes.status = 'FINISHED'"
@@ -90,21 +86,41 @@ class Pipeline:
         if hasattr(step_args, "resume"):  # an interrupted training step continues from its checkpoint
             step_args.resume, step_args.output_dir = True, f"outputs/pipeline/{key}"
         print(f"[pipeline] {label}: running")
-        tracking.STEP_RUN_TAGS["kd_sentiment.step_key"] = key
+        step_tags = {**(tags or {}), "kd_sentiment.step_key": key}
+        tracking.STEP_RUN_TAGS.update(step_tags)
         try:
             step_fn(step_args)
         finally:
-            tracking.STEP_RUN_TAGS.pop("kd_sentiment.step_key", None)
+            for name in step_tags:
+                tracking.STEP_RUN_TAGS.pop(name, None)
         finished = mlflow.search_runs(search_all_experiments=True, filter_string=search, output_format="list")[0]
         self.step_runs[label] = finished.info.run_id
         return finished
+
+
+def registered_uri(run) -> str:
+    """`models:/NAME/VERSION` of the model a finished step run registered."""
+    return f"models:/{run.data.tags['registered_model']}/{run.data.tags['registered_version']}"
+
+
+class Pipeline(StepRunner):
+    """The configured steps for one dataset, in order."""
+
+    def __init__(self, config: dict, args: PipelineArgs):
+        super().__init__()
+        self.config, self.args = config, args
+        data = (config.get("data") or {}).get(args.dataset, {})
+        self.common = {"dataset": args.dataset, "data_dir": args.data_dir, "catalog": config.get("catalog"),
+                       "max_train_samples": data.get("max_train_samples"),
+                       "max_eval_samples": data.get("max_eval_samples"),
+                       "validation_size": data.get("validation_size", 0.1)}
 
     def run(self) -> dict:
         cfg, dataset = self.config, self.args.dataset
         t_section = dict(cfg.get("teacher") or {})
         teacher_run = self.step("teacher", teacher.run, teacher.TeacherArgs(
             model=t_section.pop("model", ""), train=train_config(t_section), **self.common))
-        teacher_uri = f"models:/{teacher_run.data.tags['registered_model']}/{teacher_run.data.tags['registered_version']}"
+        teacher_uri = registered_uri(teacher_run)
 
         d_section = dict(cfg.get("distill") or {})
         students = d_section.pop("students", None) or load_catalog(cfg.get("catalog"))["students"]
@@ -114,7 +130,7 @@ class Pipeline:
             kd = self.step(f"distill-{student}", distill.run, distill.DistillArgs(
                 student=student, teacher=teacher_uri, train=train_config(d_section), **self.common), teacher_uri)
             student_runs[student] = kd
-            models.append(f"models:/{kd.data.tags['registered_model']}/{kd.data.tags['registered_version']}")
+            models.append(registered_uri(kd))
             if baseline:  # same student, data and budget, no teacher; registered without an alias
                 self.step(f"distill-{student}-nokd", distill.run, distill.DistillArgs(
                     student=student, teacher=teacher_uri, name=f"kd-sentiment-{distill.student_name(student)}-{dataset}-nokd",
@@ -122,7 +138,7 @@ class Pipeline:
 
         q_section, margin = cfg.get("quantize") or {}, (cfg.get("promote") or {}).get("margin", 1.0)
         for student, kd in student_runs.items():
-            parent = f"models:/{kd.data.tags['registered_model']}/{kd.data.tags['registered_version']}"
+            parent = registered_uri(kd)
             q = self.step(f"quantize-{student}", quantize.run, quantize.QuantizeArgs(
                 model=parent, dataset=dataset, data_dir=self.args.data_dir,
                 max_eval_samples=self.common["max_eval_samples"], **q_section), parent)

@@ -2,7 +2,7 @@
 bad values) without importing torch."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 from kd_sentiment.errors import UserError
 
@@ -24,6 +24,12 @@ class TrainConfig:
     temperature: float = 2.0     # distillation temperature (unused when alpha == 0)
     alpha: float = 0.0           # weight of the soft-target loss; 0 = plain fine-tuning
     label_smoothing: float = 0.0  # on the hard-label cross-entropy; > 0 makes a less confident model
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "TrainConfig":
+        """The config a run was trained with, from its MLflow params (strings); fields the run
+        predates keep their defaults."""
+        return cls(**{f.name: type(f.default)(params[f.name]) for f in fields(cls) if f.name in params})
 
     def validate(self) -> None:
         positive = ("epochs", "batch_size", "lr", "max_length", "gradient_accumulation_steps", "temperature")

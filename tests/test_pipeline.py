@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from kd_sentiment import pipeline, quantize
+from kd_sentiment import pipeline, quantize, report
 from kd_sentiment.data import load_splits
 from kd_sentiment.train import predict_logits
 
@@ -76,3 +76,21 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(bench_run.info.run_id, "figures")}
     assert {"figures/pareto_accuracy_vs_latency.png", "figures/speedup.png", "figures/reliability_diagrams.png"} <= artifacts
     assert bench_run.data.tags["machine.threads"] == "1"
+
+    # The report is generated from these runs: its numbers are theirs, and regenerating it gives the same file.
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{report.README_START}\nstale\n{report.README_END}\noutro\n")
+    out = tmp_path / "results" / "RESULTS.md"
+    args = report.ReportArgs(config="tiny", datasets="imdb", out=str(out), readme=str(readme))
+    report.run(args)
+    text = out.read_text()
+    step = {r.data.tags["kd_sentiment.step"]: r for r in children}
+    teacher_row = next(line for line in text.splitlines() if line.startswith("| teacher ("))
+    assert f"| {100 * step['teacher'].data.metrics['test_accuracy']:.1f} |" in teacher_row
+    int8_row = next(line for line in text.splitlines() if "INT8 (ONNX)" in line)
+    assert f"{step['quantize'].data.metrics['int8_accuracy_delta_points']:+.2f}" in int8_row
+    assert bench_run.info.run_id in text
+    report.run(args)
+    assert out.read_text() == text
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("outro\n")
+    assert "stale" not in readme.read_text() and teacher_row in readme.read_text()

@@ -264,6 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clients", type=whole_number, default=4, help="concurrent clients")
     p.add_argument("--requests_per_client", type=whole_number, default=50, help="requests each client sends")
     p.add_argument("--malformed_every", type=whole_number, default=10, help="every Nth request is malformed (0: none)")
+    p.add_argument("--warmup_requests", type=whole_number, default=5,
+                   help="requests sent first, one at a time, and not timed (a fresh server's one-off costs)")
     p.add_argument("--timeout_s", type=float, default=120.0, help="hard stop for the whole test")
     p.add_argument("--output_dir", default="results/benchmarks", help="where the serving CSV goes")
     p.set_defaults(func=plain_step("loadtest", "LoadTestArgs"))

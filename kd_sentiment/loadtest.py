@@ -5,7 +5,10 @@ other, each a single text as `{"inputs": [text]}` (texts taken round-robin). Eve
 `malformed_every`-th request of a client is malformed instead, rotating through invalid JSON,
 `{"inputs": [123]}` (not a string) and `{}` (no input): a healthy server rejects each with a 4xx.
 Latency is measured per request, from sending to the last byte of the answer; one connection per
-request (urllib), so it includes connecting, as a fresh client would see it.
+request (urllib), so it includes connecting, as a fresh client would see it. `warmup_requests`
+good requests go first, one at a time, before the clock starts: a fresh server pays one-off costs
+on its first requests (ONNX Runtime's first runs, lazy imports) that are not its steady latency.
+They are not counted, except that one not answered 200 with one prediction is an error.
 
 Bounded on every side: a fixed number of requests, and a hard stop at `timeout_s` (no request is
 started after it; requests in flight are given only the time left, and one cut off that way is
@@ -98,15 +101,16 @@ def _one_prediction(text: str) -> bool:
 
 
 def run_load_test(url: str, texts: list[str], clients: int = 4, requests_per_client: int = 50,
-                  malformed_every: int = 10, timeout_s: float = 60) -> dict:
+                  malformed_every: int = 10, timeout_s: float = 60, warmup_requests: int = 0) -> dict:
     """Load `url`'s /invocations with `clients` concurrent clients; see the module docstring."""
     target = invocations_url(url)
     if not texts or not all(isinstance(t, str) for t in texts):
         raise UserError("texts: need at least one text, and every item must be a string.")
     if clients < 1 or requests_per_client < 1:
         raise UserError(f"clients={clients}, requests_per_client={requests_per_client}: both must be at least 1.")
-    if malformed_every < 0:
-        raise UserError(f"malformed_every={malformed_every}: must be 0 (none) or positive.")
+    if malformed_every < 0 or warmup_requests < 0:
+        raise UserError(f"malformed_every={malformed_every}, warmup_requests={warmup_requests}: "
+                        "must be 0 (none) or positive.")
     if not timeout_s > 0:
         raise UserError(f"timeout_s={timeout_s}: must be positive.")
 
@@ -114,6 +118,12 @@ def run_load_test(url: str, texts: list[str], clients: int = 4, requests_per_cli
     counts = dict.fromkeys(("requests", "good_sent", "ok", "errors", "malformed_sent", "malformed_rejected_4xx"), 0)
     latencies_ms: list[float] = []
     error_samples: list[str] = []
+    for k in range(warmup_requests):
+        status, answer = _post(target, json.dumps({"inputs": [texts[k % len(texts)]]}).encode(), timeout=timeout_s)
+        if not (status == 200 and _one_prediction(answer)):
+            counts["errors"] += 1
+            error_samples.append(f"warm-up request {k}: {status} {answer[:200]!r}"[:300])
+    del error_samples[ERROR_SAMPLES:]
     start = time.monotonic()
     deadline = start + timeout_s
     stopped = threading.Event()
@@ -220,6 +230,7 @@ class LoadTestArgs:
     clients: int = 4
     requests_per_client: int = 50
     malformed_every: int = 10
+    warmup_requests: int = 5
     timeout_s: float = 120.0
     output_dir: str = "results/benchmarks"
 
@@ -237,7 +248,7 @@ def run(args: LoadTestArgs) -> dict:
         tracking.log_params({**asdict(args), "model_version": version.version})
         tracking.log_environment()
         result = run_load_test(url, splits.test["text"].tolist(), args.clients, args.requests_per_client,
-                               args.malformed_every, args.timeout_s)
+                               args.malformed_every, args.timeout_s, args.warmup_requests)
         samples = result.pop("error_samples")
         mlflow.log_metrics({k: float(v) for k, v in result.items() if v is not None})
         mlflow.log_dict({"error_samples": samples}, "loadtest_errors.json")

@@ -276,22 +276,25 @@ def calibration_section(out_dir: Path) -> str:
 
 
 def serving_section() -> str:
-    """The latest load test of each served model (kd-sentiment loadtest), through real HTTP."""
+    """The latest load test of each served model at each number of clients (kd-sentiment loadtest),
+    through real HTTP."""
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
                               filter_string="tags.`kd_sentiment.step` = 'loadtest' and attributes.status = 'FINISHED'")
     if not runs:
         return ""
     latest = {}
     for run in runs:
-        latest.setdefault(run.data.params["model"], run)
+        latest.setdefault((run.data.params["model"], int(run.data.params["clients"])), run)
     lines = ["## Serving through `mlflow models serve`", "",
              "One tweet per request, real test texts, some requests malformed on purpose (they must get a 4xx); "
-             "latency per request from the client, loopback only.", "",
-             "| model | clients x requests | ok | errors | malformed rejected | p50 ms | p95 ms | p99 ms | req/s |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for model, run in latest.items():
+             "latency per request from the client (a new connection each; the warm-up requests before are not "
+             "timed), loopback only, on the machine above.", "",
+             "| model | clients x requests | warm-up | ok | errors | malformed rejected | p50 ms | p95 ms | p99 ms | req/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, _), run in sorted(latest.items()):
         m, p = run.data.metrics, run.data.params
-        lines.append(f"| {model} | {p['clients']} x {p['requests_per_client']} | {m['ok']:.0f} | {m['errors']:.0f} | "
+        lines.append(f"| {model} | {p['clients']} x {p['requests_per_client']} | {p.get('warmup_requests', '0')} | "
+                     f"{m['ok']:.0f} | {m['errors']:.0f} | "
                      f"{m['malformed_rejected_4xx']:.0f}/{m['malformed_sent']:.0f} | {m['p50_ms']:.1f} | "
                      f"{m['p95_ms']:.1f} | {m['p99_ms']:.1f} | {m['throughput_per_s']:.1f} |")
     return "\n".join(lines + [""])

@@ -1,4 +1,5 @@
 """The bounded load test (kd_sentiment/loadtest.py) against a real `mlflow models serve`, and its bounds."""
+import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,7 +53,7 @@ def test_loopback_urls_are_accepted_and_point_at_invocations():
 
 def test_bad_arguments_are_user_errors():
     for kwargs in ({"texts": []}, {"texts": [1]}, {"clients": 0}, {"requests_per_client": 0},
-                   {"malformed_every": -1}, {"timeout_s": 0}):
+                   {"malformed_every": -1}, {"warmup_requests": -1}, {"timeout_s": 0}):
         with pytest.raises(UserError):
             run_load_test("http://127.0.0.1:9", **{"texts": ["x"], **kwargs})
 
@@ -71,6 +72,7 @@ class _SlowHandler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+        self.bodies.append(body)
         time.sleep(self.delay)
         status, text = (500, b'{"error": "boom"}') if body == b"{}" else (200, b'{"predictions": [{"label": "x"}]}')
         self.send_response(status)
@@ -87,8 +89,8 @@ class _SlowHandler(BaseHTTPRequestHandler):
 def fake_server():
     servers = []
 
-    def start(delay: float) -> int:
-        handler = type("Handler", (_SlowHandler,), {"delay": delay})
+    def start(delay: float, bodies: list | None = None) -> int:
+        handler = type("Handler", (_SlowHandler,), {"delay": delay, "bodies": [] if bodies is None else bodies})
         server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
         server.daemon_threads = True
         threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -119,3 +121,12 @@ def test_hard_stop_at_timeout(fake_server):
     assert 2 <= result["requests"] < 2 * 1000
     assert result["errors"] == 0, result["error_samples"]  # slow is not broken: requests cut at the stop are not errors
     assert result["ok"] == result["requests"]
+
+
+def test_warmup_requests_are_sent_first_and_not_counted(fake_server):
+    bodies = []
+    port = fake_server(0.0, bodies)
+    result = run_load_test(f"http://127.0.0.1:{port}", ["first", "second"], clients=1, requests_per_client=4,
+                           malformed_every=0, timeout_s=20, warmup_requests=3)
+    assert len(bodies) == 3 + 4 and result["requests"] == result["ok"] == 4 and result["errors"] == 0
+    assert [json.loads(b)["inputs"] for b in bodies[:3]] == [["first"], ["second"], ["first"]]

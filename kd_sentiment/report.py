@@ -93,6 +93,26 @@ def speedup(frame: pd.DataFrame, model: str, backend: str, batch: int) -> str:
     return f"{rows['speedup_vs_teacher'].iloc[0]:.1f}x" if len(rows) else "n/a"
 
 
+def latency_table(bench: pd.DataFrame, big: int) -> list[str]:
+    """Real test texts (dynamic length), end to end: tokenizer + model, one text at a time, and the
+    memory each model takes in its own process."""
+    real = bench[bench["setting"] == "real"]
+    lines = [f"Real test texts, end to end (tokenize + model) in-process, batch 1; throughput at batch {big}; "
+             "memory of the model's own process:", "",
+             "| model | backend | p50 ms | p99 ms | of which tokenize (p50 ms) | texts/s at b=" + str(big)
+             + " | file MB | model RSS MB |", "|---|---|---|---|---|---|---|---|"]
+    for (label, backend), group in real.groupby(["label", "backend"], sort=False):
+        one, many = group[group["batch_size"] == 1], group[group["batch_size"] == big]
+        if one.empty:
+            continue
+        r = one.iloc[0]
+        lines.append(f"| {label.split(' [')[0]} | {backend} | {r['total_p50_ms']:.1f} | {r['total_p99_ms']:.1f} | "
+                     f"{r['tokenize_p50_ms']:.2f} | "
+                     + (f"{many['throughput_per_s'].iloc[0]:.0f}" if len(many) else "n/a")
+                     + f" | {r['size_mb']:.0f} | {r['model_rss_mb']:.0f} |")
+    return lines
+
+
 def dataset_section(dataset: str, parent) -> tuple[str, dict]:
     """Markdown for one dataset and the key numbers (for the comparison with the claims)."""
     steps = artifact_json(parent.info.run_id, "pipeline_steps.json")
@@ -139,6 +159,7 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
                          f"{m['int8_accuracy_delta_points']:+.2f} | {pct(m['int8_agreement_with_fp32'])}% |")
             entry.update(int8=m, int8_speedup_b1=speedup(bench, int8_name, "onnx_int8", 1))
         numbers["students"][student] = entry
+    lines += ["", *latency_table(bench, big)]
     bench_run = mlflow.get_run(steps["benchmark"])
     tags = bench_run.data.tags
     lines += ["", f"Speed: PyTorch fp32 vs ONNX Runtime, batch 1 and {big} at a fixed 128 tokens, model time only "

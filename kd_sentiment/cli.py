@@ -209,6 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "INT8 products can saturate")
     p.add_argument("--optimize_level", type=whole_number, default=2,
                    help="ORTOptimizer graph fusion level before dynamic INT8 (0: none)")
+    p.add_argument("--float_ffn_output", type=boolean, default=False,
+                   help="dynamic mode: keep the feed-forward output projections (after GELU) in float; their "
+                        "outlier activations cost INT8 the most accuracy (static mode always does)")
     p.add_argument("--calibration_samples", type=whole_number, default=300,
                    help="static mode: seeded sample of train texts used for calibration")
     p.add_argument("--seed", type=whole_number, default=42, help="seed for the evaluation and calibration samples")

@@ -34,6 +34,7 @@ class QuantizeArgs:
     per_channel: bool = True
     reduce_range: bool | None = None  # None: chosen for this CPU (7-bit weights on x86 without VNNI)
     optimize_level: int = 2          # ORTOptimizer fusion level before dynamic INT8; 0 = no fusion
+    float_ffn_output: bool = False   # dynamic: keep feed-forward output projections float (closer, slower)
     calibration_samples: int = 300   # static mode: seeded sample of train
     seed: int = 42
     name: str = ""                   # registered name; empty: <parent name>-int8
@@ -100,7 +101,8 @@ def run(args: QuantizeArgs) -> dict:
             calibration = splits.train["text"].sample(n=min(args.calibration_samples, len(splits.train)),
                                                       random_state=args.seed).tolist()
         int8_path, settings = export.quantize_onnx(int8_source.parent, work / "int8", args.mode, args.per_channel,
-                                                   args.reduce_range, calibration, max_length)
+                                                   args.reduce_range, calibration, max_length,
+                                                   float_ffn_output=args.float_ffn_output)
         mlflow.log_dict(settings, "quantization_config.json")
 
         onnx_logits = export.OnnxClassifier(fused).predict_logits(texts, max_length)

@@ -95,6 +95,21 @@ def test_dynamic_int8_agrees_with_fp32(exported, texts):
     assert_close_to_fp32(logits, exported["reference"], mean=0.06, worst=0.2)  # measured 0.023 and 0.066
 
 
+def test_dynamic_int8_can_keep_the_ffn_output_projections_float(exported, texts):
+    path, described = export.quantize_onnx(exported["root"] / "fused", exported["root"] / "int8-ffn-float",
+                                           mode="dynamic", float_ffn_output=True)
+    graph = onnx.load(str(path)).graph
+    float_nodes = set(described["float_ffn_output_nodes"])
+    assert len(float_nodes) == 2  # one per layer of the tiny encoder, each fed by the fused GELU
+    kept = [node for node in graph.node if node.name in float_nodes]
+    assert len(kept) == 2 and all(node.op_type == "MatMul" for node in kept)
+    full = exported["described"]["quantized_ops"]["MatMulInteger"]
+    assert described["quantized_ops"]["MatMulInteger"] == full - 2
+    assert exported["described"]["float_ffn_output_nodes"] == []
+    logits = export.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH)
+    assert_close_to_fp32(logits, exported["reference"], mean=0.06, worst=0.2)
+
+
 def assert_close_to_fp32(logits, reference, mean: float, worst: float):
     """INT8 logits within `mean` (on average) and `worst` (any logit) of the fp32 logits' mean size,
     with the same predicted label for nearly every text.

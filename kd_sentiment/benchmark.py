@@ -251,17 +251,17 @@ def measure(target: Target, args: BenchmarkArgs, batch_sizes, threads, eval_text
 # ----------------------------------------------------------------------------- report
 
 def summary_table(frame: pd.DataFrame, dataset: str) -> str:
-    """Markdown: one row per model and backend, smallest and largest batch at the fixed length."""
+    """Markdown: one row per model version and backend, smallest and largest batch at the fixed length."""
     metric = "macro_recall" if dataset == "tweeteval" else "accuracy"
     small, large = frame["batch_size"].min(), frame["batch_size"].max()
     rows = [f"| model | backend | params (M) | size (MB) | {metric} | ECE | p50 ms (b={small}) | "
             f"speedup b={small} | speedup b={large} |", "|---|---|---|---|---|---|---|---|---|"]
     fixed = frame[frame["setting"].str.startswith("fixed")]
-    for (model, backend), group in fixed.groupby(["model", "backend"], sort=False):
+    for (model, version, backend), group in fixed.groupby(["model", "version", "backend"], sort=False):
         b1 = group[group["batch_size"] == small]
         b32 = group[group["batch_size"] == large]
         first = group.iloc[0]
-        rows.append(f"| {model} | {backend} | {first['parameters'] / 1e6:.1f} | {first['size_mb']:.0f} | "
+        rows.append(f"| {model} v{version} | {backend} | {first['parameters'] / 1e6:.1f} | {first['size_mb']:.0f} | "
                     f"{first[metric]:.4f} | {first['ece']:.4f} | {b1['model_p50_ms'].iloc[0]:.1f} | "
                     f"{b1['speedup_vs_teacher'].iloc[0]:.1f}x | {b32['speedup_vs_teacher'].iloc[0]:.1f}x |")
     return "\n".join(rows)
@@ -348,7 +348,7 @@ def run(args: BenchmarkArgs) -> pd.DataFrame:
         mlflow.log_table(frame, "benchmark/results.json")
         figures(frame, probs, labels, splits.name)
         for _, row in frame[frame["setting"].str.startswith("fixed")].iterrows():
-            key = f"{row['model'].removeprefix('kd-sentiment-')}.{row['backend']}.b{row['batch_size']}"
+            key = f"{row['model'].removeprefix('kd-sentiment-')}.v{row['version']}.{row['backend']}.b{row['batch_size']}"
             mlflow.log_metrics({f"{key}.p50_ms": row["model_p50_ms"], f"{key}.speedup": row["speedup_vs_teacher"]})
         print(markdown)
         print(f"wrote {csv_path}")

@@ -88,6 +88,25 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
                           capture_output=True, text=True, timeout=timeout)
 
 
+def wait_until_ok(url: str, server, log: Path, seconds: float) -> None:
+    """Poll `url` until it answers 200; fail with the server's log if it exits or `seconds` pass."""
+    import time
+    import urllib.request
+
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    pytest.fail(f"{url} not answering after {seconds} s:\n{log.read_text()[-3000:]}")
+
+
 def tiny_train_config(**overrides):
     from kd_sentiment.train import TrainConfig
 

@@ -5,16 +5,15 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import mlflow
-import pytest
 
 from kd_sentiment import export
 
+from conftest import wait_until_ok
 from test_export import LABELS, tiny_classifier
 
 MAX_LENGTH = 64
@@ -50,21 +49,6 @@ def predictions(status: int, text: str, n: int) -> list[dict]:
     return rows
 
 
-def wait_until_up(port: int, server: subprocess.Popen, log: Path, seconds: float = 120) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    pytest.fail(f"server not up after {seconds} s:\n{log.read_text()[-3000:]}")
-
-
 def test_served_model_answers_good_requests_and_rejects_bad_ones(tiny_model, tmp_path):
     tiny_classifier(tiny_model, tmp_path / "hf")
     export.export_onnx(tmp_path / "hf", tmp_path / "fp32")
@@ -82,7 +66,7 @@ def test_served_model_answers_good_requests_and_rejects_bad_ones(tiny_model, tmp
                                    "--env-manager", "local", "-p", str(port), "--host", "127.0.0.1"],
                                   cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_until_up(port, server, log)
+        wait_until_ok(f"http://127.0.0.1:{port}/ping", server, log, seconds=120)
 
         # the three request forms
         rows = predictions(*post(port, {"inputs": ["great movie", "awful"]}), n=2)

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli, wait_until_ok
 
 pytestmark = pytest.mark.slow
 
@@ -145,22 +145,6 @@ def stop_process_group(process: subprocess.Popen) -> None:
         process.wait(timeout=30)
 
 
-def wait_for_health(base: str, server: subprocess.Popen, log: Path, seconds: float = 180) -> None:
-    """Poll /health until it answers OK; the first start also migrates the empty database."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"mlflow server exited with {server.returncode}:\n{log.read_text()[-3000:]}")
-        try:
-            with urllib.request.urlopen(f"{base}/health", timeout=5) as response:
-                if response.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    pytest.fail(f"mlflow server not healthy after {seconds} s:\n{log.read_text()[-3000:]}")
-
-
 def api(base: str, endpoint: str, params: dict | None = None, body: dict | None = None) -> dict:
     """GET (params) or POST (body) /api/2.0/mlflow/ENDPOINT; the decoded JSON answer."""
     url = f"{base}/api/2.0/mlflow/{endpoint}"
@@ -200,7 +184,7 @@ def test_team_server_on_postgres_takes_teacher_and_two_concurrent_distills(tiny_
         port = free_port()
         base = f"http://127.0.0.1:{port}"
         server = start_mlflow_server(backend, artifacts, port, log)
-        wait_for_health(base, server, log)
+        wait_until_ok(f"{base}/health", server, log, seconds=180)  # the first start migrates the database
         env = {"MLFLOW_TRACKING_URI": base}
 
         out = run_cli("teacher", "--model", str(tiny_model), *DATA, "--max_train_samples", "300", *TRAIN,

@@ -132,6 +132,7 @@ def test_static_int8_calibrates_loads_and_runs(exported, texts):
                                                calibration_texts=calibration, max_length=64,
                                                calibration_method=method)
         assert described["format"] == "QDQ" and described["calibration_samples"] == 64
+        assert len(described["float_ffn_output_nodes"]) == 2  # the unfused GELU (Erf...) found in each layer
         assert described["quantized_ops"].get("QuantizeLinear", 0) > 0
         logits = export.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH)
         assert logits.shape == exported["reference"].shape

@@ -269,6 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--malformed_every", type=whole_number, default=10, help="every Nth request is malformed (0: none)")
     p.add_argument("--warmup_requests", type=whole_number, default=5,
                    help="requests sent first, one at a time, and not timed (a fresh server's one-off costs)")
+    p.add_argument("--workers", type=whole_number, default=1,
+                   help="server worker processes (mlflow models serve --workers); concurrent clients need more than 1")
     p.add_argument("--timeout_s", type=float, default=120.0, help="hard stop for the whole test")
     p.add_argument("--output_dir", default="results/benchmarks", help="where the serving CSV goes")
     p.set_defaults(func=plain_step("loadtest", "LoadTestArgs"))

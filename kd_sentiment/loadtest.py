@@ -189,15 +189,15 @@ def run_load_test(url: str, texts: list[str], clients: int = 4, requests_per_cli
 # ----------------------------------------------------------------------------- the `loadtest` step
 
 @contextmanager
-def served(model_uri: str, startup_s: float = 180):
-    """`mlflow models serve -m model_uri` on a free loopback port for the duration of the block;
-    yields its base URL. The server is always stopped afterwards."""
+def served(model_uri: str, startup_s: float = 180, workers: int = 1):
+    """`mlflow models serve -m model_uri` with `workers` uvicorn processes on a free loopback port
+    for the duration of the block; yields its base URL. The server is always stopped afterwards."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-                               "local", "-h", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT,
+                               "local", "-h", "127.0.0.1", "-p", str(port), "--workers", str(workers)], stdout=log, stderr=subprocess.STDOUT,
                               # The server execs uvicorn by name: put this environment's bin first on PATH.
                               env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
                                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
@@ -231,6 +231,7 @@ class LoadTestArgs:
     requests_per_client: int = 50
     malformed_every: int = 10
     warmup_requests: int = 5
+    workers: int = 1  # server processes; one runs requests one at a time (the scoring server's Python holds the GIL)
     timeout_s: float = 120.0
     output_dir: str = "results/benchmarks"
 
@@ -244,7 +245,8 @@ def run(args: LoadTestArgs) -> dict:
     version = tracking.resolve_version(args.model, needed_by="Quantize and promote a model first.")
     splits = load_splits(args.dataset, args.data_dir, max_eval_samples=1000)
     tracking.use_experiment(splits.name)
-    with tracking.step_run("loadtest", f"loadtest-{version.name}-v{version.version}"), served(args.model) as url:
+    with tracking.step_run("loadtest", f"loadtest-{version.name}-v{version.version}"), \
+            served(args.model, workers=args.workers) as url:
         tracking.log_params({**asdict(args), "model_version": version.version})
         tracking.log_environment()
         result = run_load_test(url, splits.test["text"].tolist(), args.clients, args.requests_per_client,

@@ -305,16 +305,17 @@ def serving_section() -> str:
         return ""
     latest = {}
     for run in runs:
-        latest.setdefault((run.data.params["model"], int(run.data.params["clients"])), run)
+        params = run.data.params
+        latest.setdefault((params["model"], int(params["clients"]), int(params.get("workers", 1))), run)
     lines = ["## Serving through `mlflow models serve`", "",
              "One tweet per request, real test texts, some requests malformed on purpose (they must get a 4xx); "
              "latency per request from the client (a new connection each; the warm-up requests before are not "
              "timed), loopback only, on the machine above.", "",
-             "| model | clients x requests | warm-up | ok | errors | malformed rejected | p50 ms | p95 ms | p99 ms | req/s |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, _), run in sorted(latest.items()):
+             "| model | server workers | clients x requests | warm-up | ok | errors | malformed rejected | p50 ms | "
+             "p95 ms | p99 ms | req/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, _, workers), run in sorted(latest.items()):
         m, p = run.data.metrics, run.data.params
-        lines.append(f"| {model} | {p['clients']} x {p['requests_per_client']} | {p.get('warmup_requests', '0')} | "
+        lines.append(f"| {model} | {workers} | {p['clients']} x {p['requests_per_client']} | {p.get('warmup_requests', '0')} | "
                      f"{m['ok']:.0f} | {m['errors']:.0f} | "
                      f"{m['malformed_rejected_4xx']:.0f}/{m['malformed_sent']:.0f} | {m['p50_ms']:.1f} | "
                      f"{m['p95_ms']:.1f} | {m['p99_ms']:.1f} | {m['throughput_per_s']:.1f} |")

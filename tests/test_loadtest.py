@@ -24,7 +24,7 @@ def test_served_model_under_concurrent_load_with_malformed_requests(tiny_model, 
         uri = export.log_onnx_pyfunc(fp32, fp32.parent, LABELS, MAX_LENGTH, ["great movie", "awful"])
     texts = pd.read_csv(DATA_DIR / "tweeteval_sentiment" / "test.csv", keep_default_na=False)["text"].iloc[:50].tolist()
 
-    with served(uri) as url:  # the same server `kd-sentiment loadtest` starts
+    with served(uri, workers=2) as url:  # the same server `kd-sentiment loadtest` starts
         result = run_load_test(url, texts, clients=4, requests_per_client=25, malformed_every=5, timeout_s=120)
 
     assert result["errors"] == 0, result["error_samples"]

@@ -98,9 +98,10 @@ def latency_table(bench: pd.DataFrame, big: int) -> list[str]:
     memory each model takes in its own process."""
     real = bench[bench["setting"] == "real"]
     lines = [f"Real test texts, end to end (tokenize + model) in-process, batch 1; throughput at batch {big}; "
-             "memory of the model's own process:", "",
+             "memory: the peak resident memory each model's measuring process added by loading its runtime "
+             "(PyTorch or ONNX Runtime) and the model and running it:", "",
              "| model | backend | p50 ms | p99 ms | of which tokenize (p50 ms) | texts/s at b=" + str(big)
-             + " | file MB | model RSS MB |", "|---|---|---|---|---|---|---|---|"]
+             + " | file MB | peak RSS added (MB) |", "|---|---|---|---|---|---|---|---|"]
     for (label, backend), group in real.groupby(["label", "backend"], sort=False):
         one, many = group[group["batch_size"] == 1], group[group["batch_size"] == big]
         if one.empty:

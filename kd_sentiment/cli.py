@@ -81,13 +81,18 @@ def optional_text(text: str) -> str | None:
 
 # ----------------------------------------------------------------------------- shared flag groups
 
+def add_dataset_flags(parser, dataset_help: str = "imdb, tweeteval, or a folder with train/validation/test "
+                                                  "files (text,label)") -> None:
+    """--dataset and --data_dir, the same for every command that reads data (a parser or a group)."""
+    parser.add_argument("--dataset", default="tweeteval", help=dataset_help)
+    parser.add_argument("--data_dir", type=optional_text, default=None,
+                        help="local data in the layout of ../shared/data (default: $KD_SENTIMENT_DATA_DIR, "
+                             "else the Hugging Face Hub)")
+
+
 def add_data_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="tweeteval",
-                       help="imdb, tweeteval, or a folder with train/validation/test files (text,label)")
-    group.add_argument("--data_dir", type=optional_text, default=None,
-                       help="local data in the layout of ../shared/data (default: $KD_SENTIMENT_DATA_DIR, "
-                            "else the Hugging Face Hub)")
+    add_dataset_flags(group)
     group.add_argument("--validation_size", type=fraction_or_count, default=0.1,
                        help="fraction or count of train held out for validation when the dataset has none")
     group.add_argument("--max_train_samples", type=optional_count, default=None,
@@ -197,8 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "INT8 with ONNX Runtime, compare it with the fp32 parent on the evaluation "
                                         "data and register it as NAME-int8 (alias 'candidate').")
     p.add_argument("--model", required=True, help="registry URI of the fp32 model (models:/NAME@ALIAS or /VERSION)")
-    p.add_argument("--dataset", default="tweeteval", help="imdb, tweeteval or a data folder (evaluation data)")
-    p.add_argument("--data_dir", type=optional_text, default=None, help="local data (default: $KD_SENTIMENT_DATA_DIR)")
+    add_dataset_flags(p, "imdb, tweeteval or a data folder (evaluation data)")
     p.add_argument("--max_eval_samples", type=optional_count, default=2000,
                    help="stratified test subset for the fp32 vs INT8 check ('all' for everything)")
     p.add_argument("--mode", choices=("dynamic", "static"), default="dynamic",
@@ -233,8 +237,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = commands.add_parser("benchmark", help="latency, throughput, memory, accuracy and ECE of every model",
                             description="Measure every aliased model of the dataset (or --models) in each backend it "
                                         "has, one fresh process per model, and write results/benchmarks/*.csv.")
-    p.add_argument("--dataset", default="tweeteval", help="imdb, tweeteval or a data folder")
-    p.add_argument("--data_dir", type=optional_text, default=None, help="local data (default: $KD_SENTIMENT_DATA_DIR)")
+    add_dataset_flags(p)
     p.add_argument("--models", default="", help="comma-separated models:/ URIs (default: every aliased version "
                                                 "whose dataset tag matches)")
     p.add_argument("--batch_sizes", default="1,8,32", help="comma-separated batch sizes")
@@ -253,8 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                             description="Run every step for one dataset as child runs of one parent run; steps that "
                                         "already finished with the same parameters and code are reused.")
     p.add_argument("--config", default="experiments/smoke.yaml", help="experiments/smoke.yaml, cpu.yaml or paper.yaml")
-    p.add_argument("--dataset", default="tweeteval", help="imdb, tweeteval or a data folder")
-    p.add_argument("--data_dir", type=optional_text, default=None, help="local data (default: $KD_SENTIMENT_DATA_DIR)")
+    add_dataset_flags(p)
     p.set_defaults(func=plain_step("pipeline", "PipelineArgs"))
 
     p = commands.add_parser("loadtest", help="serve a model and load it with concurrent clients (loopback only)",
@@ -262,8 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                                         "number of single-text requests from concurrent clients (some malformed), "
                                         "and log p50/p95/p99 latency, throughput and errors.")
     p.add_argument("--model", required=True, help="registry URI, e.g. models:/kd-sentiment-minilm-tweeteval-int8@champion")
-    p.add_argument("--dataset", default="tweeteval", help="where the request texts come from (its test split)")
-    p.add_argument("--data_dir", type=optional_text, default=None, help="local data (default: $KD_SENTIMENT_DATA_DIR)")
+    add_dataset_flags(p, "where the request texts come from (its test split)")
     p.add_argument("--clients", type=whole_number, default=4, help="concurrent clients")
     p.add_argument("--requests_per_client", type=whole_number, default=50, help="requests each client sends")
     p.add_argument("--malformed_every", type=whole_number, default=10, help="every Nth request is malformed (0: none)")

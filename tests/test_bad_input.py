@@ -95,17 +95,14 @@ CASES = [
          ["models:/no-such-model/1' is not in the model registry"], teacher=True),
     Case("promote-without-gate", ["promote", TEACHER, "--version", "1"],
          ["no gate.* measurements", "--force"], teacher=True),
-    # ---------------------------------------------------------------- one flag error per validation layer
-    Case("max-train-samples-zero", ["teacher", "--max_train_samples", "0"],
-         ["--max_train_samples", "must be a positive number"]),
-    Case("epochs-zero", ["teacher", "--epochs", "0"], ["epochs=0", "greater than 0"]),
-    Case("benchmark-batch-size-zero", ["benchmark", "--batch_sizes", "0"], ["batch_sizes='0'", "at least 1"]),
+    # (one flag error per validation layer: taken from FLAG_CASES below)
 ]
 
 
 # (id, argv, texts the error line must hold); "{model}"/"{dir}" as in CASES; files from FLAG_FILES.
 FLAG_CASES = [
-    ("max-train-samples-zero", ["teacher", "--max_train_samples", "0"], ["--max_train_samples", "positive"]),
+    ("max-train-samples-zero", ["teacher", "--max_train_samples", "0"],
+     ["--max_train_samples", "must be a positive number"]),
     ("max-eval-samples-negative", ["distill", "--max_eval_samples", "-5"], ["--max_eval_samples", "positive"]),
     ("validation-size-zero", ["teacher", "--validation_size", "0"], ["--validation_size", "fraction"]),
     ("epochs-zero", ["teacher", "--epochs", "0"], ["epochs=0", "greater than 0"]),
@@ -138,6 +135,10 @@ FLAG_CASES = [
     ("output-dir-is-a-file", ["teacher", "--model", "{model}", "--dataset", "{dir}/d", "--validation_size", "2",
                               "--output_dir", "{dir}/f"], ["output_dir=", "not a folder"]),
 ]
+# One flag error of each validation layer (argparse, the training config, a step's own arguments)
+# also runs in a fresh process, as a user meets it.
+CASES += [Case(id, argv, expect) for id, argv, expect in FLAG_CASES
+          if id in ("max-train-samples-zero", "epochs-zero", "benchmark-batch-size-zero")]
 FLAG_FILES = {"d/train.csv": TRAIN, "d/test.csv": TEST, "f": b"a file",
               "named/train.csv": TRAIN + b"so-so,2\n", "named/test.csv": TEST, "named/labels.txt": b"negative\npositive\n"}
 

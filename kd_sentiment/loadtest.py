@@ -118,15 +118,6 @@ def run_load_test(url: str, texts: list[str], clients: int = 4, requests_per_cli
     counts = dict.fromkeys(("requests", "good_sent", "ok", "errors", "malformed_sent", "malformed_rejected_4xx"), 0)
     latencies_ms: list[float] = []
     error_samples: list[str] = []
-    for k in range(warmup_requests):
-        status, answer = _post(target, json.dumps({"inputs": [texts[k % len(texts)]]}).encode(), timeout=timeout_s)
-        if not (status == 200 and _one_prediction(answer)):
-            counts["errors"] += 1
-            error_samples.append(f"warm-up request {k}: {status} {answer[:200]!r}"[:300])
-    del error_samples[ERROR_SAMPLES:]
-    start = time.monotonic()
-    deadline = start + timeout_s
-    stopped = threading.Event()
 
     def record(error: str | None = None, **increments) -> None:
         with lock:
@@ -136,6 +127,14 @@ def run_load_test(url: str, texts: list[str], clients: int = 4, requests_per_cli
                 counts["errors"] += 1
                 if len(error_samples) < ERROR_SAMPLES:
                     error_samples.append(error)
+
+    for k in range(warmup_requests):
+        status, answer = _post(target, json.dumps({"inputs": [texts[k % len(texts)]]}).encode(), timeout=timeout_s)
+        if not (status == 200 and _one_prediction(answer)):
+            record(f"warm-up request {k}: {status} {answer[:200]!r}")
+    start = time.monotonic()
+    deadline = start + timeout_s
+    stopped = threading.Event()
 
     def client(index: int) -> None:
         for j in range(requests_per_client):

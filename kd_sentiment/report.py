@@ -95,7 +95,7 @@ def speedup(frame: pd.DataFrame, model: str, backend: str, batch: int) -> str:
 
 def latency_table(bench: pd.DataFrame, big: int) -> list[str]:
     """Real test texts (dynamic length), end to end: tokenizer + model, one text at a time, and the
-    memory each model takes in its own process."""
+    peak resident memory each model's measuring process added (runtime included)."""
     real = bench[bench["setting"] == "real"]
     lines = [f"Real test texts, end to end (tokenize + model) in-process, batch 1; throughput at batch {big}; "
              "memory: the peak resident memory each model's measuring process added by loading its runtime "
@@ -224,7 +224,6 @@ def calibration_runs() -> pd.DataFrame:
                                             "and attributes.status = 'FINISHED'")
     rows = pd.DataFrame([{"variant": r.data.tags["teacher_variant"], "T_kd": float(r.data.params["temperature"]),
                           "scale": float(r.data.params.get("teacher_logit_scale", 1.0)),
-                          "teacher": r.data.tags["teacher"],
                           "teacher_macro_recall": r.data.metrics["teacher_test_macro_recall"],
                           "teacher_ece": r.data.metrics["teacher_scaled_test_ece"],
                           "accuracy": r.data.metrics["test_accuracy"], "macro_recall": r.data.metrics["test_macro_recall"],

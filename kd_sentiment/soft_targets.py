@@ -14,6 +14,7 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kd_sentiment.data import fingerprint
@@ -55,7 +56,13 @@ def store_entries(version, max_length: int, run_id: str | None, experiment_id: s
         run_id = run.info.run_id
         client.log_param(run_id, "max_length", max_length)
         client.set_terminated(run_id, "FINISHED")
-        client.set_model_version_tag(version.name, version.version, "soft_targets_run_id", run_id)
+        try:
+            client.set_model_version_tag(version.name, version.version, "soft_targets_run_id", run_id)
+        except MlflowException:
+            # Two students that start at once both miss the cache and both tag the teacher; a tracking
+            # server's select-then-insert can then fail the second insert of the same key (seen on
+            # PostgreSQL). The retry updates the row the other wrote; either cache run is valid.
+            client.set_model_version_tag(version.name, version.version, "soft_targets_run_id", run_id)
     with tempfile.TemporaryDirectory() as tmp:
         for name, array in arrays.items():
             np.save(Path(tmp) / name, array)

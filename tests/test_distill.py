@@ -77,3 +77,42 @@ def test_teacher_with_other_labels_is_rejected(in_teacher_home, tiny_model):
         distill.run(distill.DistillArgs(student=str(tiny_model), dataset="tweeteval",
                                         teacher="models:/kd-sentiment-teacher-imdb@champion",
                                         max_train_samples=60, max_eval_samples=30, train=tiny_train_config()))
+
+
+def test_soft_target_cache_survives_a_concurrent_tag_write(monkeypatch):
+    """Two students starting at once both tag the teacher version; a server may fail the second
+    insert of the same key. store_entries writes the tag again instead of failing the student."""
+    from types import SimpleNamespace
+
+    import numpy as np
+    from mlflow.exceptions import MlflowException
+
+    from kd_sentiment import soft_targets
+
+    class RacingClient:
+        tags, artifacts = [], []
+
+        def create_run(self, experiment_id, run_name, tags):
+            return SimpleNamespace(info=SimpleNamespace(run_id="cache-run"))
+
+        def log_param(self, *args):
+            pass
+
+        def set_terminated(self, *args):
+            pass
+
+        def set_model_version_tag(self, name, version, key, value):
+            if not self.tags:
+                self.tags.append(None)
+                raise MlflowException("duplicate key value violates unique constraint")
+            self.tags.append((name, version, key, value))
+
+        def log_artifact(self, run_id, path, folder):
+            self.artifacts.append((run_id, folder))
+
+    monkeypatch.setattr(soft_targets, "MlflowClient", RacingClient)
+    version = SimpleNamespace(name="kd-sentiment-teacher-imdb", version="1", source="s", run_id="r")
+    run_id = soft_targets.store_entries(version, 64, None, "0", {"train-x.npy": np.zeros((2, 2))})
+    assert run_id == "cache-run"
+    assert RacingClient.tags[-1] == ("kd-sentiment-teacher-imdb", "1", "soft_targets_run_id", "cache-run")
+    assert RacingClient.artifacts == [("cache-run", "soft_targets")]

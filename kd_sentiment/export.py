@@ -14,7 +14,6 @@ onnxruntime fuses the static (QDQ) graph itself when it loads it.
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import tempfile
 from collections import Counter
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from kd_sentiment.errors import UserError
+from kd_sentiment.machine import cpu_features
 
 ONNX_NAME = "model.onnx"
 SERVING_CODE = Path(__file__).with_name("serving.py")
@@ -36,31 +36,6 @@ SERVING_PIP_REQUIREMENTS = [f"{lib}=={version(lib)}"
 
 def file_size_mb(path: Path) -> float:
     return Path(path).stat().st_size / 2**20
-
-
-def cpu_features() -> dict:
-    """This CPU's model name, architecture and the instruction sets that decide INT8 kernels.
-
-    Flags come from /proc/cpuinfo (Linux); elsewhere they are reported False, which only makes
-    quantization choose its most conservative x86 settings.
-    """
-    arch = platform.machine().lower()
-    name, flags = platform.processor() or arch, set()
-    try:
-        cpuinfo = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        cpuinfo = ""
-    for line in cpuinfo.splitlines():
-        key, _, value = (part.strip() for part in line.partition(":"))
-        if key == "model name" and name in (arch, ""):
-            name = value
-        elif key in ("flags", "Features") and not flags:  # x86 lists "flags", ARM "Features"
-            flags = set(value.split())
-    return {"model_name": name, "arch": arch,
-            "avx2": "avx2" in flags,
-            "avx512": {"avx512f", "avx512bw"} <= flags,
-            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
-            "arm64": arch in ("arm64", "aarch64")}
 
 
 # ----------------------------------------------------------------------------- export and fusion

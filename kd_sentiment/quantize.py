@@ -81,11 +81,13 @@ def run(args: QuantizeArgs) -> dict:
         work = Path(tmp)
         tracking.log_params({**vars(args), "max_length": max_length, "n_eval": len(texts),
                              "parent_name": parent.name, "parent_version": parent.version})
-        tracking.log_environment()
-        cpu = export.cpu_features()
-        mlflow.set_tags({f"cpu.{k}": str(v) for k, v in cpu.items()})
+        # INT8 here is a CPU deployment target: export, quantization and the fp32 reference it is
+        # compared with all run on the CPU, also on a machine with a GPU.
+        tracking.log_environment(device="cpu")
+        print("quantize: ONNX export, INT8 quantization and the PyTorch fp32 reference run on the CPU "
+              "(INT8 is a CPU deployment target)", flush=True)
 
-        model, tokenizer = tracking.load_registered_classifier(args.model)
+        model, tokenizer = tracking.load_registered_classifier(args.model)  # on the CPU
         torch_logits = predict_logits(model, tokenizer, texts, max_length)
         model.save_pretrained(work / "fp32")
         tokenizer.save_pretrained(work / "fp32")

@@ -12,7 +12,6 @@ so a failed run never leaves a half-made version behind.
 from __future__ import annotations
 
 import os
-import platform
 import signal
 import subprocess
 import warnings
@@ -26,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kd_sentiment.errors import UserError
+from kd_sentiment.machine import machine_tags
 
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
 LIBRARIES = ("torch", "transformers", "accelerate", "mlflow", "datasets", "onnxruntime", "optimum", "optimum-onnx")
@@ -121,13 +121,13 @@ def git_commit() -> str:
         return "unknown"
 
 
-def log_environment(threads: int | None = None) -> None:
-    """Tags for reproducing the run: code version, library versions, machine."""
-    tags = {"git_commit": git_commit(), "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_count": str(os.cpu_count())}
+def log_environment(threads: int | None = None, device: str | None = None) -> None:
+    """Tags for reproducing the run: code version, library versions, the machine (`machine.*`: CPU
+    features, threads, GPU) and the device the step's models run on."""
+    tags = {"git_commit": git_commit(), **machine_tags(threads)}
     tags.update({f"version.{lib}": version(lib) for lib in LIBRARIES})
-    if threads is not None:
-        tags["torch_threads"] = str(threads)
+    if device is not None:
+        tags["device"] = device
     mlflow.set_tags(tags)
 
 
@@ -226,6 +226,6 @@ def log_classifier(model, tokenizer, input_example: list[str], max_length: int) 
 def load_registered_classifier(model_uri: str):
     """(model, tokenizer) of a registered `mlflow.transformers` classifier, in eval mode on CPU."""
     components = mlflow.transformers.load_model(model_uri, return_type="components", device=-1)
-    model = components["model"]
+    model = components["model"].to("cpu")  # device=-1 is advice MLflow may drop for this pipeline type
     model.eval()
     return model, components["tokenizer"]

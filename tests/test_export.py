@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-from kd_sentiment import export
+from kd_sentiment import export, machine
 from kd_sentiment.errors import UserError
 from kd_sentiment.models import load_classifier
 
@@ -57,15 +57,15 @@ def exported(tiny_model, tmp_path_factory, texts):
 
 
 def test_cpu_features_reads_flags_and_survives_without_cpuinfo(monkeypatch):
-    features = export.cpu_features()
+    features = machine.cpu_features()
     assert set(features) == {"model_name", "arch", "avx2", "avx512", "vnni", "arm64"}
     assert all(isinstance(features[k], bool) for k in ("avx2", "avx512", "vnni", "arm64"))
 
     def no_cpuinfo(self, *args, **kwargs):
         raise FileNotFoundError(self)
 
-    monkeypatch.setattr(export.Path, "read_text", no_cpuinfo)
-    assert export.cpu_features()["vnni"] is False
+    monkeypatch.setattr(machine.Path, "read_text", no_cpuinfo)
+    assert machine.cpu_features()["vnni"] is False
 
 
 def test_fp32_onnx_matches_pytorch(exported, texts):

@@ -1,0 +1,89 @@
+"""The machine a step runs on: CPU features, the GPU if any, and the device a model runs on.
+
+One home for these facts so every run records them the same way, as `machine.*` tags: timings and
+INT8 results depend on the CPU's instruction sets (AVX2, AVX-512, VNNI), GPU timings on the GPU,
+driver and CUDA version. torch is imported only by the functions that ask about the GPU, so the
+quantization code can read CPU features without it.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+
+def cpu_features() -> dict:
+    """This CPU's model name, architecture and the instruction sets that decide INT8 kernels.
+
+    Flags come from /proc/cpuinfo (Linux); elsewhere they are reported False, which only makes
+    quantization choose its most conservative x86 settings.
+    """
+    arch = platform.machine().lower()
+    name, flags = platform.processor() or arch, set()
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        cpuinfo = ""
+    for line in cpuinfo.splitlines():
+        key, _, value = (part.strip() for part in line.partition(":"))
+        if key == "model name" and name in (arch, ""):
+            name = value
+        elif key in ("flags", "Features") and not flags:  # x86 lists "flags", ARM "Features"
+            flags = set(value.split())
+    return {"model_name": name, "arch": arch,
+            "avx2": "avx2" in flags,
+            "avx512": {"avx512f", "avx512bw"} <= flags,
+            "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
+            "arm64": arch in ("arm64", "aarch64")}
+
+
+def gpu_driver() -> str:
+    """The NVIDIA driver version from nvidia-smi, or 'unknown' where it cannot be asked."""
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                             capture_output=True, text=True, check=True, timeout=20)
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return "unknown"
+
+
+def gpu_facts() -> dict:
+    """Name, count, driver and CUDA version of the CUDA GPUs PyTorch sees; {} on a machine without."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"gpu_name": torch.cuda.get_device_name(0), "gpu_count": torch.cuda.device_count(),
+            "gpu_driver": gpu_driver(), "cuda_version": torch.version.cuda or "unknown"}
+
+
+def machine_tags(threads: int | None = None, gpu: bool = True) -> dict[str, str]:
+    """`machine.*` tags: CPU model and features, core count, threads used, and the GPU where there is one
+    (`gpu=False` skips importing torch)."""
+    facts = {f"cpu_{k}": v for k, v in cpu_features().items()}
+    facts.update(cpu_count=os.cpu_count(), python=platform.python_version())
+    if threads is not None:
+        facts["threads"] = threads
+    if gpu:
+        facts.update(gpu_facts() or {"gpu_name": "none"})
+    return {f"machine.{k}": str(v) for k, v in facts.items()}
+
+
+def peak_gpu_memory_mb(device) -> float | None:
+    """Peak memory PyTorch allocated on `device` since the last reset, in MiB; None off CUDA."""
+    import torch
+
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
+
+
+def reset_peak_gpu_memory(device) -> None:
+    """Start a fresh peak for `device` (a no-op off CUDA), so each step reports its own."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)

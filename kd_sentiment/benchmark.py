@@ -2,8 +2,10 @@
 
 Models: by default every registered version behind an alias whose `dataset` tag is the dataset
 (teacher, students, INT8 models), or an explicit list of `models:/` URIs. Backends: PyTorch fp32
-for transformers models; ONNX Runtime INT8 for quantized models, plus ONNX fp32 from the fused fp32
-graph their quantize run kept. Each (model, backend) is measured in a fresh subprocess, one after
+on the CPU for transformers models, and on a machine with a CUDA GPU also PyTorch fp32 and bf16 on
+the GPU (same texts; the copy of the logits to the host waits for the GPU, so timings are
+synchronised); ONNX Runtime INT8 for quantized models, plus ONNX fp32 from the fused fp32 graph
+their quantize run kept. Each (model, backend) is measured in a fresh subprocess, one after
 another with the same thread count, so peak memory is the model's own and no heap is shared.
 
 Per setting (batch size x {real text lengths, fixed length}): warm-up batches are discarded, then
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -33,8 +34,12 @@ from mlflow.tracking import MlflowClient
 from kd_sentiment import calibration, tracking
 from kd_sentiment.data import load_splits
 from kd_sentiment.errors import UserError
+from kd_sentiment.machine import cpu_features, peak_gpu_memory_mb
 
 WARMUP_BATCHES = 3
+# PyTorch backends: name -> (device, dtype). The GPU ones are measured only where CUDA is available.
+TORCH_BACKENDS = {"torch_fp32": ("cpu", "float32"), "torch_cuda_fp32": ("cuda", "float32"),
+                  "torch_cuda_bf16": ("cuda", "bfloat16")}
 
 
 @dataclass
@@ -76,7 +81,7 @@ class Target:
     name: str
     version: str
     role: str          # teacher | distill | quantize
-    backend: str       # torch_fp32 | onnx_fp32 | onnx_int8
+    backend: str       # a TORCH_BACKENDS name | onnx_fp32 | onnx_int8
     uri: str           # what the worker loads: models:/NAME/VERSION, or runs:/ID/onnx_fp32 for ONNX fp32
     max_length: int
     tokenizer_uri: str = ""  # ONNX backends: the fp32 export folder, which holds the full tokenizer
@@ -91,12 +96,20 @@ def run_max_length(run_id: str | None) -> int:
     return int(float(params.get("max_length", 128)))
 
 
-def targets_for(version) -> list[Target]:
+def torch_backends() -> list[str]:
+    """The PyTorch backends this machine measures: the CPU always, fp32 and bf16 on a CUDA GPU."""
+    import torch
+
+    return [name for name, (device, _) in TORCH_BACKENDS.items() if device == "cpu" or torch.cuda.is_available()]
+
+
+def targets_for(version, backends: list[str]) -> list[Target]:
+    """The targets of one registered version: each PyTorch backend of `backends`, or the ONNX ones."""
     role = version.tags.get("step", "distill")
     uri = f"models:/{version.name}/{version.version}"
     max_length = run_max_length(version.tags.get("run_id") or version.run_id)
     if role != "quantize":
-        return [Target(version.name, version.version, role, "torch_fp32", uri, max_length)]
+        return [Target(version.name, version.version, role, backend, uri, max_length) for backend in backends]
     fp32 = f"runs:/{version.tags['run_id']}/onnx_fp32"
     return [Target(version.name, version.version, role, "onnx_fp32", fp32, max_length, fp32),
             Target(version.name, version.version, role, "onnx_int8", uri, max_length, fp32)]
@@ -119,38 +132,27 @@ def discover(args: BenchmarkArgs, dataset: str) -> list[Target]:
                         "quantize steps first, or pass models=models:/NAME@ALIAS,...")
     order = {"teacher": 0, "distill": 1, "quantize": 2}
     versions.sort(key=lambda v: (order.get(v.tags.get("step"), 1), v.name, int(v.version)))
-    return [t for v in versions for t in targets_for(v)]
-
-
-def machine_info(threads: int) -> dict:
-    import torch
-
-    from kd_sentiment.export import cpu_features
-
-    info = {f"cpu_{k}": v for k, v in cpu_features().items()}
-    info.update(cpu_count=os.cpu_count(), threads=threads, python=platform.python_version(),
-                gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none",
-                **{f"version_{lib}": v for lib, v in
-                   (("torch", torch.__version__), ("onnxruntime", __import__("onnxruntime").__version__),
-                    ("transformers", __import__("transformers").__version__))})
-    return info
+    backends = torch_backends()
+    return [t for v in versions for t in targets_for(v, backends)]
 
 
 # ----------------------------------------------------------------------------- the worker (own process)
 
 def load_backend(target: dict, threads: int, workdir: Path):
     """(predict(encoded) -> logits ndarray, tokenizer, size_mb, parameters) for one target."""
-    if target["backend"] == "torch_fp32":
+    if target["backend"] in TORCH_BACKENDS:
         import torch
 
+        device, dtype = TORCH_BACKENDS[target["backend"]]
         torch.set_num_threads(threads)
-        components = mlflow.transformers.load_model(target["uri"], return_type="components", device=-1)
-        model, tokenizer = components["model"].eval(), components["tokenizer"]
+        model, tokenizer = tracking.load_registered_classifier(target["uri"])
+        model.to(device=device, dtype=getattr(torch, dtype))
         size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
 
         def predict(encoded):
             with torch.inference_mode():
-                return model(**{k: torch.from_numpy(v) for k, v in encoded.items()}).logits.numpy()
+                logits = model(**{k: torch.from_numpy(v).to(device) for k, v in encoded.items()}).logits
+                return logits.float().cpu().numpy()  # the copy to the host waits for the GPU's kernels
         return predict, tokenizer, size, sum(p.numel() for p in model.parameters())
 
     import onnx
@@ -245,9 +247,11 @@ def worker(spec_path: str) -> None:
                                       spec["time_budget"], spec["min_batches"], spec["max_batches"])
                 settings.append({"setting": setting, "batch_size": batch_size, **timing})
     peak = peak_rss_mb()
+    device = TORCH_BACKENDS.get(spec["target"]["backend"], ("cpu", None))[0]
     Path(spec["result_path"]).write_text(json.dumps({
         "eval_logits": np.concatenate(eval_logits).tolist(), "settings": settings, "size_mb": size_mb,
-        "parameters": parameters, "peak_rss_mb": peak, "rss_before_load_mb": rss_before}))
+        "parameters": parameters, "peak_rss_mb": peak, "rss_before_load_mb": rss_before,
+        "peak_gpu_mb": peak_gpu_memory_mb(device) if device == "cuda" else None}))
 
 
 def measure(target: Target, args: BenchmarkArgs, batch_sizes, threads, eval_texts, bench_texts, tmp: Path) -> dict:
@@ -323,9 +327,9 @@ def run(args: BenchmarkArgs) -> pd.DataFrame:
     bench_texts = splits.test["text"].sample(frac=1.0, random_state=args.seed).tolist()[:512]
 
     with tracking.step_run("benchmark", f"benchmark-{splits.name}"), tempfile.TemporaryDirectory() as tmp:
-        info = machine_info(threads)
+        cpu_name = cpu_features()["model_name"]
         tracking.log_params({**asdict(args), "n_eval": len(eval_texts), "models_measured": len(targets)})
-        mlflow.set_tags({f"machine.{k}": str(v) for k, v in info.items()})
+        tracking.log_environment(threads)
         rows, probs = [], {}
         for target in targets:
             print(f"measuring {target.label} ...", flush=True)
@@ -340,7 +344,7 @@ def run(args: BenchmarkArgs) -> pd.DataFrame:
                              "ece": quality["ece"], "size_mb": result["size_mb"], "parameters": result["parameters"],
                              "peak_rss_mb": result["peak_rss_mb"],
                              "model_rss_mb": result["peak_rss_mb"] - result["rss_before_load_mb"],
-                             "threads": threads, "cpu": info["cpu_model_name"]})
+                             "peak_gpu_mb": result["peak_gpu_mb"], "threads": threads, "cpu": cpu_name})
         frame = pd.DataFrame(rows)
         teacher = frame[(frame["role"] == "teacher") & (frame["backend"] == "torch_fp32")]
         if len(teacher):
@@ -357,7 +361,7 @@ def run(args: BenchmarkArgs) -> pd.DataFrame:
         frame.to_csv(csv_path, index=False)
         markdown = summary_table(frame, splits.name)
         (out_dir / f"{splits.name}-{stamp}.md").write_text(
-            f"Machine: {info['cpu_model_name']}, {info['cpu_count']} cores, {threads} threads; "
+            f"Machine: {cpu_name}, {os.cpu_count()} cores, {threads} threads; "
             f"{len(eval_texts)} test texts.\n\n{markdown}\n")
         mlflow.log_artifact(str(csv_path), "benchmark")
         mlflow.log_text(markdown, "benchmark/summary.md")

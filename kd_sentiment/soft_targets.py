@@ -8,7 +8,6 @@ model version gets a tag `soft_targets_run_id` pointing at it.
 """
 from __future__ import annotations
 
-import gc
 import tempfile
 from pathlib import Path
 
@@ -74,10 +73,13 @@ def teacher_logits(version, model_uri: str, texts_by_split: dict, max_length: in
                    accelerator, experiment_id: str) -> tuple[dict[str, np.ndarray], bool, str]:
     """Logits of the registered teacher for each split's texts: (arrays, cache_hit, cache_run_id).
 
-    Only on a miss is the teacher loaded; it is released before returning, so the student trains
-    without the teacher in memory. Every process gets the same arrays; the main one talks to MLflow.
+    Only on a miss is the teacher loaded; it runs on the accelerator's device under its mixed
+    precision (the logits are stored as float32) and is released, with the device's cached memory,
+    before returning, so the student trains without the teacher in memory. Every process gets the
+    same arrays; the main one talks to MLflow.
     """
     from accelerate.utils import broadcast_object_list
+    from accelerate.utils.memory import clear_device_cache
 
     from kd_sentiment.tracking import load_registered_classifier
 
@@ -92,11 +94,11 @@ def teacher_logits(version, model_uri: str, texts_by_split: dict, max_length: in
 
     arrays = {}
     if missing:
-        model, tokenizer = load_registered_classifier(model_uri)
+        model, tokenizer = load_registered_classifier(model_uri)  # on the CPU; predict_logits moves it
         for split in missing:
             arrays[split] = predict_logits(model, tokenizer, texts_by_split[split], max_length, batch_size, accelerator)
         del model
-        gc.collect()
+        clear_device_cache(garbage_collection=True)  # the student trains without the teacher's memory
         if accelerator.is_main_process:
             run_id = store_entries(version, max_length, run_id, experiment_id,
                                    {names[s]: arrays[s] for s in missing})

@@ -19,6 +19,7 @@ from kd_sentiment import tracking
 from kd_sentiment.data import Splits, load_splits
 from kd_sentiment.errors import UserError
 from kd_sentiment.evaluation import evaluate, log_evaluation
+from kd_sentiment.machine import peak_gpu_memory_mb, reset_peak_gpu_memory
 from kd_sentiment.models import count_parameters, flops_per_example
 from kd_sentiment.train import TrainConfig, TrainResult, read_checkpoint_state, train
 
@@ -71,6 +72,7 @@ def set_up(step: str, args: StepArgs, model_name: str, catalog: dict) -> StepCon
     splits = load_splits(args.dataset, args.data_dir, args.validation_size, args.max_train_samples,
                          args.max_eval_samples, args.train.seed)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.train.mixed_precision)
+    reset_peak_gpu_memory(accelerator.device)  # this step's peak, not an earlier step's of the same process
     set_seed(args.train.seed)  # before any model is built: a new classifier head is randomly initialised
     if accelerator.is_main_process:
         tracking.use_experiment(splits.name)
@@ -93,7 +95,7 @@ def checkpoint_location(step: str, args: StepArgs, dataset: str, model_name: str
 def log_step_params(ctx: StepContext, args: StepArgs, **params) -> None:
     tracking.log_params({**{k: v for k, v in asdict(args).items() if k != "train"}, **asdict(args.train),
                          "num_processes": ctx.accelerator.num_processes, **params})
-    tracking.log_environment(threads=torch.get_num_threads())
+    tracking.log_environment(threads=torch.get_num_threads(), device=str(ctx.accelerator.device))
     tracking.log_splits(ctx.splits)
 
 
@@ -114,7 +116,12 @@ def fit_and_evaluate(ctx: StepContext, args: StepArgs, model, tokenizer, teacher
                                        args.train.batch_size * 2, acc)
     metrics.update(best_epoch=result.best_epoch, parameters=count_parameters(result.model),
                    flops_per_example=flops_per_example(result.model.config, args.train.max_length))
+    peak = peak_gpu_memory_mb(acc.device)
+    if peak is not None:
+        metrics["peak_gpu_memory_mb"] = peak
     if ctx.is_main:
+        print(f"{mlflow.active_run().info.run_name}: ran on {acc.device}"
+              + (f", peak GPU memory {peak:.0f} MiB" if peak is not None else ""), flush=True)
         if result.resumed_from_step:
             mlflow.set_tag("resumed_from_step", str(result.resumed_from_step))
         log_evaluation(metrics, test_logits, splits, mlflow.active_run().info.run_name)
@@ -122,7 +129,11 @@ def fit_and_evaluate(ctx: StepContext, args: StepArgs, model, tokenizer, teacher
 
 
 def publish(model, tokenizer, splits: Splits, registered_name: str, alias: str, tags: dict, max_length: int) -> None:
-    """Log the model as an MLflow transformers pipeline and register it under `alias` (main process)."""
+    """Log the model as an MLflow transformers pipeline and register it under `alias` (main process).
+
+    The model is moved to the CPU first: the logged pipeline is device-independent and runs where it
+    is loaded."""
+    model.to("cpu")
     example = splits.test["text"].iloc[:2].tolist()
     model_uri = tracking.log_classifier(model, tokenizer, example, max_length)
     tags = {**tags, "dataset": splits.name, "label_names": ",".join(splits.label_names),

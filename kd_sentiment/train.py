@@ -99,18 +99,23 @@ def model_inputs(batch: dict, device) -> dict:
 @torch.no_grad()
 def predict_logits(model, tokenizer, texts, max_length: int, batch_size: int = 64,
                    accelerator: Accelerator | None = None) -> np.ndarray:
-    """Logits (N, K) for `texts`, in input order. Under several processes each computes a share
-    and all receive the full result, every example exactly once."""
+    """Float32 logits (N, K) for `texts`, in input order, on the CPU.
+
+    With an accelerator the model is moved to its device (a GPU, or the CPU under `--cpu true`) and
+    runs under its mixed precision; without one it runs where it is. Under several processes each
+    computes a share and all receive the full result, every example exactly once."""
     rank, world = (accelerator.process_index, accelerator.num_processes) if accelerator else (0, 1)
     device = accelerator.device if accelerator else next(model.parameters()).device
+    model.to(device)
     encodings = tokenize(tokenizer, texts, max_length)
     lengths = np.array([len(ids) for ids in encodings["input_ids"]])
     model.eval()
     indices, outputs = [], []
-    for batch_idx in shard(length_grouped_batches(lengths, batch_size, None), rank, world, pad=False):
-        batch = collate(encodings, batch_idx, tokenizer)
-        outputs.append(model(**model_inputs(batch, device)).logits.float().cpu())
-        indices.append(batch["index"])
+    with accelerator.autocast() if accelerator else nullcontext():
+        for batch_idx in shard(length_grouped_batches(lengths, batch_size, None), rank, world, pad=False):
+            batch = collate(encodings, batch_idx, tokenizer)
+            outputs.append(model(**model_inputs(batch, device)).logits.float().cpu())
+            indices.append(batch["index"])
     num_labels = model.config.num_labels
     index = torch.cat(indices) if indices else torch.empty(0, dtype=torch.long)
     logits = torch.cat(outputs) if outputs else torch.empty(0, num_labels)

@@ -28,10 +28,15 @@ def pytest_report_header(config):
 
 @pytest.fixture(autouse=True)
 def _fresh_mlflow(tmp_path, monkeypatch):
-    """Every test: its own working directory and embedded MLflow store, no leftover active run."""
-    import mlflow
-
+    """Every test: its own working directory and embedded MLflow store, no leftover active run.
+    Where MLflow is not installed (a GPU machine running only the `gpu` tests), just the directory."""
     monkeypatch.chdir(tmp_path)
+    try:
+        import mlflow
+    except ImportError:
+        yield
+        return
+
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)

@@ -75,11 +75,14 @@ from kd_sentiment import tracking
 
 tracking.configure()
 runs = mlflow.search_runs(search_all_experiments=True, order_by=["attributes.start_time ASC"])
-print(f"{'step':<11} {'run':<42} {'device':<8} peak GPU MiB")
+def shown(value, fmt="{}"):
+    return "-" if value is None or pd.isna(value) else fmt.format(value)
+
+
+print(f"{'step':<13} {'run':<56} {'device':<8} peak GPU MiB")
 for _, run in runs.iterrows():
-    peak = run.get("metrics.peak_gpu_memory_mb")
-    print(f"{run.get('tags.kd_sentiment.step') or '':<11} {run.get('tags.mlflow.runName') or '':<42} "
-          f"{run.get('tags.device') or '-':<8} {'-' if pd.isna(peak) else f'{peak:.0f}'}")
+    print(f"{shown(run.get('tags.kd_sentiment.step')):<13} {shown(run.get('tags.mlflow.runName')):<56} "
+          f"{shown(run.get('tags.device')):<8} {shown(run.get('metrics.peak_gpu_memory_mb'), '{:.0f}')}")
 for csv in sorted(Path("results/benchmarks").glob("*.csv")):
     frame = pd.read_csv(csv)
     rows = frame[frame["backend"].str.startswith("torch") & (frame["setting"] == "real")]

@@ -85,6 +85,16 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, label_names: 
     return metrics
 
 
+def majority_baseline(train_labels: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict[str, float]:
+    """Accuracy and macro-recall of always predicting the most frequent training label (the lowest
+    class id on a tie), on `labels`: the floor a model must beat to have learnt anything."""
+    majority = int(np.bincount(train_labels, minlength=len(label_names)).argmax())
+    preds = np.full(len(labels), majority)
+    return {"accuracy": float((preds == labels).mean()),
+            "macro_recall": float(recall_score(labels, preds, labels=list(range(len(label_names))),
+                                               average="macro", zero_division=0))}
+
+
 def confusion(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> np.ndarray:
     return confusion_matrix(labels, np.asarray(logits).argmax(axis=1), labels=list(range(num_labels)))
 

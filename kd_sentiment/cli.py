@@ -185,7 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "MLflow) and register it as kd-sentiment-STUDENT-DATASET.")
     p.add_argument("--student", default="distilbert",
                    help="catalog name (distilbert, minilm, tinybert), Hub id, folder, SOURCE#layers=0,2,4, "
-                        "teacher-layers:0,2,4,6,8,10 (cut from the teacher), or 'all' (every catalog student, "
+                        "teacher-layers:0,2,4 or teacher-layers:every-other (layers of the teacher's pre-trained "
+                        "source), finetuned-teacher-layers:... (of the fine-tuned teacher), or 'all' (every catalog student, "
                         "one nested run each)")
     p.add_argument("--teacher", type=optional_text, default="",
                    help="registry URI of the teacher (default: models:/kd-sentiment-teacher-DATASET@champion)")
@@ -204,7 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="registry URI of the fp32 model (models:/NAME@ALIAS or /VERSION)")
     add_dataset_flags(p, "imdb, tweeteval or a data folder (evaluation data)")
     p.add_argument("--max_eval_samples", type=optional_count, default=2000,
-                   help="stratified test subset for the fp32 vs INT8 check ('all' for everything)")
+                   help="stratified subsets of the parent's validation split (decides the gate) and of test "
+                        "(reported) for the fp32 vs INT8 check ('all' for everything)")
     p.add_argument("--mode", choices=("dynamic", "static"), default="dynamic",
                    help="dynamic: activations quantized on the fly (default); static: ranges calibrated on train")
     p.add_argument("--per_channel", type=boolean, default=True, help="one weight scale per output channel")
@@ -218,7 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "outlier activations cost INT8 the most accuracy (static mode always does)")
     p.add_argument("--calibration_samples", type=whole_number, default=300,
                    help="static mode: seeded sample of train texts used for calibration")
-    p.add_argument("--seed", type=whole_number, default=42, help="seed for the evaluation and calibration samples")
+    p.add_argument("--seed", type=whole_number, default=42,
+                   help="seed for the calibration sample (the evaluation subsets follow the parent run's seed)")
     p.add_argument("--name", type=optional_text, default="", help="registered name (default: PARENT-int8)")
     p.add_argument("--alias", default="candidate", help="alias for the new version ('' skips); promote moves champion")
     p.set_defaults(func=plain_step("quantize", "QuantizeArgs"))

@@ -7,7 +7,10 @@ default); its logits are cached in MLflow (soft_targets.py), so a second student
 temperature does not run the teacher again. Teacher and student may use different tokenizers: each
 tokenizes the raw text itself, and only output distributions are matched. `alpha=0` trains the same
 student on the same data and budget with labels only: the baseline every KD result is compared to
-(the teacher is then used only for the comparison metrics on test).
+(the teacher is then used only for the comparison metrics on test). A KD student and its baseline
+start from the identical initialisation (same source, same seeded head), logged as `student_init`;
+a student cut from the teacher starts from the teacher's pre-trained source, never from the
+fine-tuned teacher unless `finetuned-teacher-layers:` says so (and never for the baseline).
 """
 from __future__ import annotations
 
@@ -16,17 +19,17 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
+from accelerate.utils import set_seed
 from scipy.special import log_softmax
 
 from kd_sentiment import soft_targets, tracking
 from kd_sentiment.calibration import classification_metrics
 from kd_sentiment.errors import UserError
-from kd_sentiment.models import keep_layers, load_catalog, load_classifier, resolve
+from kd_sentiment.models import (EVERY_OTHER, FINETUNED_TEACHER, TEACHER_SOURCE, encoder_layers, keep_layers,
+                                 layer_indices, load_catalog, load_classifier, resolve, split_layers, with_layers)
 from kd_sentiment.steps import (StepArgs, StepContext, checkpoint_location, fit_and_evaluate, log_step_params,
                                 publish, set_up, slug)
 from kd_sentiment.teacher import registered_name as teacher_registered_name
-
-TEACHER_SOURCE = "teacher"  # a student source that means "the teacher itself", e.g. teacher#layers=0,2,4
 
 
 @dataclass
@@ -75,17 +78,34 @@ def check_labels(version, label_names: list[str]) -> None:
                         f"dataset has labels {label_names}; distil from a teacher trained on this dataset.")
 
 
-def build_student(student: str, ctx: StepContext, model_uri: str):
-    """(model, tokenizer, source) for a student spec; `teacher#layers=...` cuts the registered teacher."""
+def build_student(student: str, ctx: StepContext, version, model_uri: str):
+    """(model, tokenizer, init) for a student spec; `init` says exactly where its first weights come from.
+
+    `teacher-layers:...` cuts the teacher's pre-trained source (its version's `init_source` tag) and
+    adds a new, seeded head, as DistilBERT was cut from pre-trained BERT; `finetuned-teacher-layers:...`
+    cuts the registered, fine-tuned teacher, head included; anything else is loaded as it is.
+    """
     source, layers = resolve(student, ctx.catalog)
-    if source != TEACHER_SOURCE:
+    if source not in (TEACHER_SOURCE, FINETUNED_TEACHER):
         model, tokenizer = load_classifier(source, ctx.splits.label_names, layers)
-        return model, tokenizer, source
+        return model, tokenizer, with_layers(source, layers)
     if not layers:
         raise UserError(f"student={student!r}: a student cut from the teacher needs layers, "
-                        "e.g. teacher-layers:0,2,4,6,8,10.")
-    model, tokenizer = tracking.load_registered_classifier(model_uri)
-    return keep_layers(model, layers), tokenizer, f"{model_uri}#layers={','.join(map(str, layers))}"
+                        f"e.g. teacher-layers:0,2,4 or teacher-layers:{EVERY_OTHER}.")
+    if source == FINETUNED_TEACHER:
+        model, tokenizer = tracking.load_registered_classifier(model_uri)
+        origin = f"fine-tuned teacher {model_uri} (models:/{version.name}/{version.version})"
+    else:
+        pretrained = version.tags.get("init_source") or version.tags.get("model_source")
+        if not pretrained:
+            raise UserError(f"student={student!r}: teacher models:/{version.name}/{version.version} has no recorded "
+                            "pre-trained source (tag init_source); register the teacher with the teacher step, or "
+                            "cut the fine-tuned teacher explicitly with finetuned-teacher-layers:...")
+        base, base_layers = split_layers(pretrained)
+        model, tokenizer = load_classifier(base, ctx.splits.label_names, base_layers)
+        origin = f"pre-trained {pretrained} (the teacher's source before fine-tuning)"
+    kept = layer_indices(layers, len(encoder_layers(model)))
+    return keep_layers(model, kept), tokenizer, f"{origin}, layers {','.join(map(str, kept))}"
 
 
 def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool) -> dict:
@@ -96,6 +116,9 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
             f"(or `mlflow run . -e teacher -P dataset={args.dataset}`), or pass teacher=models:/NAME@ALIAS.")
     version = tracking.resolve_version(uri, needed_by=hint)
     check_labels(version, splits.label_names)
+    if args.train.alpha == 0 and resolve(student, ctx.catalog)[0] == FINETUNED_TEACHER:
+        raise UserError(f"student={student!r} with alpha=0: the alpha=0 baseline never sees the teacher, but this "
+                        "student starts from the fine-tuned teacher; use teacher-layers:... (its pre-trained source).")
     name = args.name or f"kd-sentiment-{student_name(student)}-{splits.name}"
     run_name = f"distill-{student_name(student)}-a{args.train.alpha:g}-T{args.train.temperature:g}"
     if nested:  # each student of student=all has its own checkpoints and resumable run
@@ -109,12 +132,13 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
             texts.pop("train")  # the baseline never sees the teacher
         logits, hit, cache_run = soft_targets.teacher_logits(version, uri, texts, args.train.max_length,
                                                              args.train.batch_size * 2, ctx.accelerator, experiment_id)
-        model, tokenizer, source = build_student(student, ctx, uri)
+        set_seed(args.train.seed)  # the KD student and its alpha=0 twin get the identical new head
+        model, tokenizer, init = build_student(student, ctx, version, uri)
         if model.config.num_labels != splits.num_labels:
             raise UserError(f"student {student} has {model.config.num_labels} outputs, the dataset "
                             f"{splits.num_labels} classes.")
         if ctx.is_main:
-            log_step_params(ctx, args, student=student, student_source=source, registered_name=name,
+            log_step_params(ctx, args, student=student, student_init=init, registered_name=name,
                             teacher_name=version.name, teacher_version=version.version,
                             teacher_run_id=version.run_id)
             mlflow.set_tags({"teacher": f"{version.name}/{version.version}", "soft_targets_run_id": cache_run})
@@ -128,7 +152,7 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
             publish(result.model, tokenizer, splits, name, args.alias,
                     {"step": "distill", "teacher": f"{version.name}/{version.version}", "student": student,
                      "alpha": str(args.train.alpha), "temperature": str(args.train.temperature)},
-                    args.train.max_length)
+                    args.train.max_length, metrics)
         ctx.accelerator.wait_for_everyone()
     return metrics
 

@@ -13,12 +13,17 @@ from kd_sentiment.train import predict_logits
 
 
 def evaluate(model, tokenizer, splits, max_length: int, batch_size: int, accelerator=None):
-    """(metrics, test_logits) where metrics has `val_*`, `test_*`, `temperature`, `*_after_ts`."""
+    """(metrics, test_logits) where metrics has `val_*`, `test_*`, `temperature`, `*_after_ts`, and
+    the majority-class baseline on the same texts (`val_majority_*`, `test_majority_*`)."""
     val_logits = predict_logits(model, tokenizer, splits.validation["text"], max_length, batch_size, accelerator)
     test_logits = predict_logits(model, tokenizer, splits.test["text"], max_length, batch_size, accelerator)
     metrics = calibration.evaluate_with_temperature(val_logits, splits.validation["label"].to_numpy(),
                                                     test_logits, splits.test["label"].to_numpy(),
                                                     splits.label_names)
+    train_labels = splits.train["label"].to_numpy()
+    for prefix, frame in (("val", splits.validation), ("test", splits.test)):
+        floor = calibration.majority_baseline(train_labels, frame["label"].to_numpy(), splits.label_names)
+        metrics.update({f"{prefix}_majority_{k}": v for k, v in floor.items()})
     return metrics, test_logits
 
 

@@ -3,9 +3,13 @@
 A *source* is any of:
   - a catalog name (`roberta-large`, `distilbert`, `minilm`, `tinybert`, ...),
   - a Hugging Face Hub id or a local model folder,
-  - either of those followed by `#layers=0,2,4`: the model with only those encoder layers kept
-    (DistilBERT's initialisation: a student cut from a bigger model, no download needed).
-`teacher-layers:0,2,4` (distill step only) is the same cut applied to the step's teacher.
+  - either of those followed by `#layers=0,2,4` or `#layers=every-other`: the model with only those
+    encoder layers kept (DistilBERT's initialisation: a student cut from a bigger model, no
+    download needed); `every-other` keeps layers 0, 2, 4, ... of whatever depth the model has.
+Two cuts name the distill step's teacher, so a catalog entry stays right whatever teacher is registered:
+  - `teacher-layers:0,2,4` / `teacher-layers:every-other`: the teacher's *pre-trained* source (the
+    model it was fine-tuned from), cut, as DistilBERT cut pre-trained BERT; a new classifier head;
+  - `finetuned-teacher-layers:...`: the registered, fine-tuned teacher itself, cut, head included.
 
 The built-in catalog points at the Hub (the paper setting). A YAML file (parameter `catalog`, or
 KD_SENTIMENT_CATALOG) overrides it, e.g. `experiments/catalog-offline.yaml` maps the same names
@@ -69,23 +73,41 @@ def load_catalog(path: str | None = None) -> dict:
     return catalog
 
 
-def split_layers(source: str) -> tuple[str, list[int] | None]:
-    """`path#layers=0,2,4` -> ('path', [0, 2, 4]); a plain source -> (source, None)."""
-    if source.startswith("teacher-layers:"):
-        source = "teacher#layers=" + source.split(":", 1)[1]
+EVERY_OTHER = "every-other"  # a layer spec: layers 0, 2, 4, ... of the model's depth (half of it)
+# Sources that name the distill step's teacher: its pre-trained source, or the fine-tuned teacher itself.
+TEACHER_SOURCE, FINETUNED_TEACHER = "teacher", "finetuned-teacher"
+TEACHER_CUTS = {"teacher-layers:": TEACHER_SOURCE, "finetuned-teacher-layers:": FINETUNED_TEACHER}
+
+
+def split_layers(source: str) -> tuple[str, list[int] | str | None]:
+    """`path#layers=0,2,4` -> ('path', [0, 2, 4]); `path#layers=every-other` -> ('path', 'every-other');
+    `teacher-layers:X` -> ('teacher', X) (likewise finetuned-teacher); a plain source -> (source, None)."""
+    for prefix, name in TEACHER_CUTS.items():
+        if source.startswith(prefix):
+            source = f"{name}#layers={source[len(prefix):]}"
     if "#layers=" not in source:
         return source, None
     base, spec = source.split("#layers=", 1)
+    if spec.strip() == EVERY_OTHER:
+        return base, EVERY_OTHER
     try:
         layers = [int(x) for x in spec.split(",") if x.strip()]
     except ValueError:
-        raise UserError(f"'{source}': layers must be comma-separated integers, e.g. #layers=0,2,4.") from None
+        raise UserError(f"'{source}': layers must be comma-separated integers, e.g. #layers=0,2,4, "
+                        f"or {EVERY_OTHER}.") from None
     if not layers or len(set(layers)) != len(layers) or min(layers) < 0:
         raise UserError(f"'{source}': layers must be distinct non-negative integers.")
     return base, sorted(layers)
 
 
-def resolve(name: str, catalog: dict) -> tuple[str, list[int] | None]:
+def with_layers(source: str, layers: list[int] | str | None) -> str:
+    """The source string of `source` cut to `layers`: the inverse of split_layers."""
+    if not layers:
+        return source
+    return f"{source}#layers={layers if isinstance(layers, str) else ','.join(map(str, layers))}"
+
+
+def resolve(name: str, catalog: dict) -> tuple[str, list[int] | str | None]:
     """Map a catalog name or source string to (hub id or folder, layers to keep or None)."""
     base, layers = split_layers(name)
     if base in catalog["models"]:
@@ -106,11 +128,18 @@ def encoder_layers(model):
     raise UserError(f"Cannot cut layers from a {type(model).__name__}: no encoder.layer or transformer.layer.")
 
 
-def keep_layers(model, layers: list[int]):
-    """Keep only `layers` of the encoder, in order, and record it in the config. Returns the model."""
+def layer_indices(layers: list[int] | str, depth: int) -> list[int]:
+    """The encoder layers a spec keeps of a model with `depth` layers (`every-other`: 0, 2, 4, ...)."""
+    return list(range(0, depth, 2)) if layers == EVERY_OTHER else list(layers)
+
+
+def keep_layers(model, layers: list[int] | str):
+    """Keep only `layers` of the encoder (indices, or `every-other`), in order, and record it in the
+    config. Returns the model."""
     import torch
 
     blocks = encoder_layers(model)
+    layers = layer_indices(layers, len(blocks))
     if max(layers) >= len(blocks):
         raise UserError(f"layers {layers}: the model has only {len(blocks)} layers (0..{len(blocks) - 1}).")
     kept = torch.nn.ModuleList([blocks[i] for i in layers])
@@ -140,7 +169,7 @@ def load_tokenizer(source: str):
         raise _load_error(source, err) from None
 
 
-def load_classifier(source: str, label_names: list[str], layers: list[int] | None = None):
+def load_classifier(source: str, label_names: list[str], layers: list[int] | str | None = None):
     """A sequence classifier with `len(label_names)` outputs and `id2label` set, plus its tokenizer.
 
     A checkpoint whose head has another size (or no head, like a sentence encoder) gets a new,

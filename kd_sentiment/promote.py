@@ -1,8 +1,9 @@
 """The `promote` step: move a registry alias to a version only if it passes its accuracy gate.
 
 The gate compares the version with its parent on the same evaluation data, from the `gate.*` tags
-its step wrote (quantize: INT8 vs the fp32 parent): accuracy, and macro-recall where present, may be
-at most `margin` points below the parent's. The decision and the numbers are written as version
+its step wrote (quantize: INT8 vs the fp32 parent, on the parent's validation split, `gate.split`):
+accuracy, and macro-recall where present, may be at most `margin` points below the parent's; the
+prediction agreement is recorded beside them. The decision and the numbers are written as version
 tags (`promotion.*`); a refusal moves nothing; `force` overrides and says so in a tag. The same
 alias can also be moved by hand in the MLflow UI (model page -> version -> Aliases).
 """
@@ -56,6 +57,8 @@ def run(args: PromoteArgs) -> bool:
     client = MlflowClient()
     tags = {"promotion.decision": decision, "promotion.alias": args.alias, "promotion.margin_points": str(args.margin),
             "promotion.eval_data": version.tags.get("gate.eval_data", ""),
+            "promotion.split": version.tags.get("gate.split", ""),
+            "promotion.agreement": version.tags.get("gate.agreement", ""),
             **{f"promotion.{k}": str(v) for k, v in numbers.items()}}
     for key, value in tags.items():
         client.set_model_version_tag(args.name, args.version, key, value)

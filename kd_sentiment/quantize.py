@@ -1,10 +1,12 @@
 """The `quantize` step: a registered fp32 model -> ONNX -> fused graph -> INT8, checked and registered.
 
-The INT8 model is checked against its fp32 parent in the same run, on the same evaluation texts:
+The INT8 model is checked against its fp32 parent in the same run, on the same texts of the
+parent's own validation split (carved with the parent run's validation_size and seed) and of test:
 accuracy, macro-recall and ECE for PyTorch fp32, ONNX fp32 and ONNX INT8, prediction agreement and
-the largest logit difference INT8 vs fp32, and each file's size. It is logged as a pyfunc that
-takes raw text (kd_sentiment/serving.py) and registered as `<parent>-int8` with alias `candidate`;
-`promote` moves `champion` to it once it passes its accuracy gate (promote.py).
+the largest logit difference INT8 vs fp32, and each file's size. The promotion gate's numbers
+(`gate.*` tags) come from validation only; test numbers are reported, never used to decide. It is
+logged as a pyfunc that takes raw text (kd_sentiment/serving.py) and registered as `<parent>-int8`
+with alias `candidate`; `promote` moves `champion` to it once it passes its gate (promote.py).
 """
 from __future__ import annotations
 
@@ -54,12 +56,42 @@ class QuantizeArgs:
 
 def backend_metrics(prefix: str, logits: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
     metrics = classification_metrics(logits, labels, label_names)
-    return {f"{prefix}_test_{k}": metrics[k] for k in REPORTED}
+    return {f"{prefix}_{k}": metrics[k] for k in REPORTED}
 
 
-def parent_max_length(version) -> int:
+def parent_params(version) -> dict:
+    """What the parent was trained with that quantize must match: max_length, and the validation
+    split (validation_size, seed), so the gate is decided on texts the parent never trained on."""
     params = mlflow.get_run(version.run_id).data.params if version.run_id else {}
-    return int(float(params.get("max_length", 128)))
+    size = float(params.get("validation_size", 0.1))
+    return {"max_length": int(float(params.get("max_length", 128))),
+            "validation_size": size if size < 1 else int(size), "seed": int(float(params.get("seed", 42)))}
+
+
+def comparison(split: str, logits: dict[str, np.ndarray], labels: np.ndarray, label_names: list[str]) -> dict:
+    """Each backend's metrics on one split (`<backend>_<split>_<metric>`), INT8 vs fp32 agreement,
+    the accuracy change in points and the largest logit differences (`int8_val_...` on validation;
+    unprefixed, as before, on test)."""
+    reference, at = logits["torch_fp32"], "" if split == "test" else f"{split}_"
+    metrics = {k: v for backend, backend_logits in logits.items()
+               for k, v in backend_metrics(f"{backend}_{split}", backend_logits, labels, label_names).items()}
+    metrics.update({
+        f"int8_{at}agreement_with_fp32": float((logits["onnx_int8"].argmax(1) == reference.argmax(1)).mean()),
+        f"int8_{at}accuracy_delta_points": 100 * (metrics[f"onnx_int8_{split}_accuracy"]
+                                                  - metrics[f"torch_fp32_{split}_accuracy"]),
+        f"int8_{at}max_abs_logit_diff": float(np.abs(logits["onnx_int8"] - reference).max()),
+        f"onnx_fp32_{at}max_abs_logit_diff": float(np.abs(logits["onnx_fp32"] - reference).max())})
+    return metrics
+
+
+def gate_tags(metrics: dict, dataset: str, n_texts: int) -> dict:
+    """The promotion gate's numbers, from validation only, and the split they come from."""
+    return {"gate.split": "validation", "gate.eval_data": f"{dataset}:validation:{n_texts}",
+            "gate.accuracy": f"{metrics['onnx_int8_val_accuracy']:.6f}",
+            "gate.parent_accuracy": f"{metrics['torch_fp32_val_accuracy']:.6f}",
+            "gate.macro_recall": f"{metrics['onnx_int8_val_macro_recall']:.6f}",
+            "gate.parent_macro_recall": f"{metrics['torch_fp32_val_macro_recall']:.6f}",
+            "gate.agreement": f"{metrics['int8_val_agreement_with_fp32']:.6f}"}
 
 
 def run(args: QuantizeArgs) -> dict:
@@ -67,19 +99,23 @@ def run(args: QuantizeArgs) -> dict:
     args.validate()
     tracking.configure()
     parent = tracking.resolve_version(args.model, needed_by="Register one with the distill or teacher step first.")
-    max_length = parent_max_length(parent)
-    splits = load_splits(args.dataset, args.data_dir, max_eval_samples=args.max_eval_samples, seed=args.seed)
+    trained = parent_params(parent)
+    max_length = trained["max_length"]
+    splits = load_splits(args.dataset, args.data_dir, validation_size=trained["validation_size"],
+                         max_eval_samples=args.max_eval_samples, seed=trained["seed"])
     parent_labels = parent.tags.get("label_names")
     if parent_labels and parent_labels != ",".join(splits.label_names):
         raise UserError(f"{args.model} predicts [{parent_labels}], dataset '{splits.name}' has {splits.label_names}.")
     name = args.name or f"{parent.name}-int8"
     tracking.use_experiment(splits.name)
-    texts, labels = splits.test["text"].tolist(), splits.test["label"].to_numpy()
+    evaluated = {"val": splits.validation, "test": splits.test}
+    texts = {split: frame["text"].tolist() for split, frame in evaluated.items()}
 
     with tracking.step_run("quantize", f"quantize-{parent.name}-v{parent.version}-{args.mode}"), \
             tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        tracking.log_params({**vars(args), "max_length": max_length, "n_eval": len(texts),
+        tracking.log_params({**vars(args), "max_length": max_length, "validation_size": trained["validation_size"],
+                             "split_seed": trained["seed"], "n_val": len(texts["val"]), "n_eval": len(texts["test"]),
                              "parent_name": parent.name, "parent_version": parent.version})
         # INT8 here is a CPU deployment target: export, quantization and the fp32 reference it is
         # compared with all run on the CPU, also on a machine with a GPU.
@@ -88,7 +124,7 @@ def run(args: QuantizeArgs) -> dict:
               "(INT8 is a CPU deployment target)", flush=True)
 
         model, tokenizer = tracking.load_registered_classifier(args.model)  # on the CPU
-        torch_logits = predict_logits(model, tokenizer, texts, max_length)
+        logits = {split: {"torch_fp32": predict_logits(model, tokenizer, texts[split], max_length)} for split in texts}
         model.save_pretrained(work / "fp32")
         tokenizer.save_pretrained(work / "fp32")
         del model
@@ -107,37 +143,26 @@ def run(args: QuantizeArgs) -> dict:
                                                    float_ffn_output=args.float_ffn_output)
         mlflow.log_dict(settings, "quantization_config.json")
 
-        onnx_logits = export.OnnxClassifier(fused).predict_logits(texts, max_length)
-        int8_logits = export.OnnxClassifier(int8_path).predict_logits(texts, max_length)
-        metrics = {
-            **backend_metrics("torch_fp32", torch_logits, labels, splits.label_names),
-            **backend_metrics("onnx_fp32", onnx_logits, labels, splits.label_names),
-            **backend_metrics("onnx_int8", int8_logits, labels, splits.label_names),
-            "int8_agreement_with_fp32": float((int8_logits.argmax(1) == torch_logits.argmax(1)).mean()),
-            "int8_max_abs_logit_diff": float(np.abs(int8_logits - torch_logits).max()),
-            "onnx_fp32_max_abs_logit_diff": float(np.abs(onnx_logits - torch_logits).max()),
-            "size_mb_torch_fp32": sum(export.file_size_mb(p) for p in (work / "fp32").glob("*.safetensors")),
-            "size_mb_onnx_fp32": export.file_size_mb(fused),
-            "size_mb_onnx_int8": export.file_size_mb(int8_path),
-        }
-        metrics["int8_accuracy_delta_points"] = 100 * (metrics["onnx_int8_test_accuracy"] - metrics["torch_fp32_test_accuracy"])
+        for backend, path in (("onnx_fp32", fused), ("onnx_int8", int8_path)):
+            runner = export.OnnxClassifier(path)
+            for split in texts:
+                logits[split][backend] = runner.predict_logits(texts[split], max_length)
+        metrics = {"size_mb_torch_fp32": sum(export.file_size_mb(p) for p in (work / "fp32").glob("*.safetensors")),
+                   "size_mb_onnx_fp32": export.file_size_mb(fused), "size_mb_onnx_int8": export.file_size_mb(int8_path)}
+        for split, frame in evaluated.items():
+            metrics.update(comparison(split, logits[split], frame["label"].to_numpy(), splits.label_names))
         mlflow.log_metrics(metrics)
         # The fused fp32 graph is kept too: the benchmark measures ONNX fp32 from it.
         mlflow.log_artifacts(str(fused.parent), "onnx_fp32")
 
         model_uri = export.log_onnx_pyfunc(int8_path, int8_path.parent, splits.label_names, max_length,
-                                           texts[:2])
-        gate = {"gate.eval_data": f"{splits.name}:test:{len(texts)}",
-                "gate.accuracy": f"{metrics['onnx_int8_test_accuracy']:.6f}",
-                "gate.parent_accuracy": f"{metrics['torch_fp32_test_accuracy']:.6f}",
-                "gate.macro_recall": f"{metrics['onnx_int8_test_macro_recall']:.6f}",
-                "gate.parent_macro_recall": f"{metrics['torch_fp32_test_macro_recall']:.6f}"}
+                                           texts["test"][:2])
         version = tracking.register(model_uri, name, args.alias or None, {
             "step": "quantize", "parent": f"{parent.name}/{parent.version}", "parent_run_id": parent.run_id or "",
             "dataset": splits.name, "label_names": ",".join(splits.label_names), "mode": args.mode,
-            "run_id": mlflow.active_run().info.run_id, **gate})
+            "run_id": mlflow.active_run().info.run_id, **gate_tags(metrics, splits.name, len(texts["val"]))})
         mlflow.set_tags({"registered_model": name, "registered_version": version.version})
-        print(f"Registered {name} version {version.version} (INT8 {args.mode}); accuracy "
-              f"{metrics['onnx_int8_test_accuracy']:.4f} vs fp32 {metrics['torch_fp32_test_accuracy']:.4f}, "
-              f"agreement {metrics['int8_agreement_with_fp32']:.4f}")
+        print(f"Registered {name} version {version.version} (INT8 {args.mode}); validation accuracy "
+              f"{metrics['onnx_int8_val_accuracy']:.4f} vs fp32 {metrics['torch_fp32_val_accuracy']:.4f}, "
+              f"agreement {metrics['int8_val_agreement_with_fp32']:.4f}")
     return metrics

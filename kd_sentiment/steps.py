@@ -20,7 +20,7 @@ from kd_sentiment.data import Splits, load_splits
 from kd_sentiment.errors import UserError
 from kd_sentiment.evaluation import evaluate, log_evaluation
 from kd_sentiment.machine import peak_gpu_memory_mb, reset_peak_gpu_memory
-from kd_sentiment.models import count_parameters, flops_per_example
+from kd_sentiment.models import EVERY_OTHER, count_parameters, flops_per_example
 from kd_sentiment.train import TrainConfig, TrainResult, read_checkpoint_state, train
 
 
@@ -46,7 +46,9 @@ def slug(text: str) -> str:
     base, _, layers = text.rstrip("/").partition("#layers=")
     name = Path(base).name if ("/" in base and Path(base).expanduser().exists()) else base.replace("/", "-")
     name = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-    return f"{name}-l{re.sub('[^0-9]+', '-', layers)}" if layers else name
+    if not layers:
+        return name
+    return f"{name}-{EVERY_OTHER}" if layers.strip() == EVERY_OTHER else f"{name}-l{re.sub('[^0-9]+', '-', layers)}"
 
 
 @dataclass
@@ -128,16 +130,31 @@ def fit_and_evaluate(ctx: StepContext, args: StepArgs, model, tokenizer, teacher
     return result, metrics, test_logits
 
 
-def publish(model, tokenizer, splits: Splits, registered_name: str, alias: str, tags: dict, max_length: int) -> None:
+def majority_floor(metrics: dict, selection_metric: str) -> str | None:
+    """Why a model does not beat the majority-class baseline on validation, or None if it does."""
+    own, floor = metrics[f"val_{selection_metric}"], metrics[f"val_majority_{selection_metric}"]
+    if own > floor:
+        return None
+    return f"not better than the majority class on validation ({selection_metric} {own:.4f} vs {floor:.4f})"
+
+
+def publish(model, tokenizer, splits: Splits, registered_name: str, alias: str, tags: dict, max_length: int,
+            metrics: dict) -> None:
     """Log the model as an MLflow transformers pipeline and register it under `alias` (main process).
 
-    The model is moved to the CPU first: the logged pipeline is device-independent and runs where it
-    is loaded."""
+    A model no better than the majority class on validation (`majority_floor`) is registered
+    without the alias, and the step says so in one line. The model is moved to the CPU first: the
+    logged pipeline is device-independent and runs where it is loaded."""
     model.to("cpu")
     example = splits.test["text"].iloc[:2].tolist()
     model_uri = tracking.log_classifier(model, tokenizer, example, max_length)
     tags = {**tags, "dataset": splits.name, "label_names": ",".join(splits.label_names),
             "run_id": mlflow.active_run().info.run_id}
+    below_floor = majority_floor(metrics, splits.selection_metric)
+    if below_floor:
+        tags["alias_withheld"] = below_floor
+        print(f"{registered_name}: {below_floor}; registered without an alias.", flush=True)
+        alias = ""
     version = tracking.register(model_uri, registered_name, alias or None, tags)
     mlflow.set_tags({"registered_model": registered_name, "registered_version": version.version})
     print(f"Registered {registered_name} version {version.version}"

@@ -1,14 +1,15 @@
 """The `teacher` step: fine-tune a large pretrained model on the dataset and register it.
 
 The registered version (`kd-sentiment-teacher-<dataset>`, alias `champion` by default) is what the
-distill step pulls its soft targets from.
+distill step pulls its soft targets from. Its tag `init_source` names the pre-trained model it was
+fine-tuned from: students cut from the teacher (`teacher-layers:...`) start from that.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from kd_sentiment import tracking
-from kd_sentiment.models import load_catalog, load_classifier, resolve
+from kd_sentiment.models import load_catalog, load_classifier, resolve, with_layers
 from kd_sentiment.steps import StepArgs, slug, fit_and_evaluate, log_step_params, publish, set_up
 
 
@@ -35,7 +36,8 @@ def run(args: TeacherArgs) -> dict:
         result, metrics, _ = fit_and_evaluate(ctx, args, model, tokenizer)
         if ctx.is_main:
             publish(result.model, tokenizer, ctx.splits, args.name or registered_name(ctx.splits.name), args.alias,
-                    {"step": "teacher", "model_source": source}, args.train.max_length)
+                    {"step": "teacher", "model_source": source, "init_source": with_layers(source, layers)},
+                    args.train.max_length, metrics)
         ctx.accelerator.wait_for_everyone()
     return metrics
 

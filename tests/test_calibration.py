@@ -63,3 +63,9 @@ def test_reliability_figure_renders(tmp_path):
     fig = calibration.reliability_figure({"x": (PROBS, LABELS)}, "t")
     fig.savefig(tmp_path / "r.png")
     assert (tmp_path / "r.png").stat().st_size > 1000
+
+
+def test_majority_baseline_predicts_the_most_frequent_training_label():
+    floor = calibration.majority_baseline(np.array([2, 2, 1, 0]), np.array([2, 1, 1, 0, 2]), ["a", "b", "c"])
+    assert floor["accuracy"] == pytest.approx(0.4)           # 2 of 5 are class 2
+    assert floor["macro_recall"] == pytest.approx(1 / 3)     # recall 1 for class 2, 0 for the others

@@ -1,5 +1,6 @@
 import mlflow
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 
 from kd_sentiment import distill, tracking
@@ -10,7 +11,8 @@ from conftest import run_cli, tiny_train_config
 
 def distill_args(student, **overrides):
     train = tiny_train_config(epochs=2, alpha=overrides.pop("alpha", 0.7), temperature=2.0)
-    return distill.DistillArgs(student=str(student), dataset="imdb", validation_size=300, max_train_samples=600,
+    # 1,500 reviews: a student cut from the tiny *pre-trained* (random) encoder needs them to beat the majority class.
+    return distill.DistillArgs(student=str(student), dataset="imdb", validation_size=300, max_train_samples=1500,
                                max_eval_samples=300, train=train, **overrides)
 
 
@@ -116,3 +118,59 @@ def test_soft_target_cache_survives_a_concurrent_tag_write(monkeypatch):
     assert run_id == "cache-run"
     assert RacingClient.tags[-1] == ("kd-sentiment-teacher-imdb", "1", "soft_targets_run_id", "cache-run")
     assert RacingClient.artifacts == [("cache-run", "soft_targets")]
+
+
+def test_cut_students_start_from_the_teachers_pretrained_source(in_teacher_home, tiny_model, monkeypatch):
+    """`teacher-layers:every-other` cuts the teacher's pre-trained source (tiny_model here, as
+    DistilBERT cut BERT), not the fine-tuned teacher: the KD student and its alpha=0 twin start from
+    identical weights, equal to that source's, and the alpha=0 run loads nothing of the teacher."""
+    from kd_sentiment.models import load_classifier
+
+    initial, teacher_loads = [], []
+    real_build, real_load = distill.build_student, tracking.load_registered_classifier
+
+    def recording_build(*args):
+        model, tokenizer, init = real_build(*args)
+        initial.append(({k: v.clone() for k, v in model.state_dict().items()}, init))
+        return model, tokenizer, init
+
+    monkeypatch.setattr(distill, "build_student", recording_build)
+    distill.run(distill_args("teacher-layers:every-other", name="kd-sentiment-half-imdb", alias=""))
+    monkeypatch.setattr(tracking, "load_registered_classifier", lambda uri: teacher_loads.append(uri) or real_load(uri))
+    distill.run(distill_args("teacher-layers:every-other", alpha=0.0, name="kd-sentiment-half-imdb-nokd", alias=""))
+    assert teacher_loads == []  # its test logits come from the KD run's cache; its weights from the source
+
+    (kd, kd_init), (baseline, baseline_init) = initial
+    assert kd_init == baseline_init and str(tiny_model) in kd_init and "pre-trained" in kd_init
+    assert kd.keys() == baseline.keys() and all(torch.equal(kd[k], baseline[k]) for k in kd)
+    source, _ = load_classifier(str(tiny_model), ["negative", "positive"], "every-other")
+    finetuned, _ = real_load("models:/kd-sentiment-teacher-imdb@champion")
+    encoder = [k for k in kd if k.startswith("bert.encoder.")]
+    assert len({k.split(".")[3] for k in encoder}) == 1  # every other of the teacher's 2 layers: one
+    assert all(torch.equal(kd[k], source.state_dict()[k]) for k in kd if k.startswith("bert."))
+    assert not any(torch.equal(kd[k], finetuned.state_dict()[k]) for k in encoder if k.endswith("weight"))
+    runs = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list",
+                              filter_string="params.registered_name LIKE 'kd-sentiment-half-imdb%'")
+    assert {r.data.params["student_init"] for r in runs} == {kd_init}
+
+
+def test_finetuned_teacher_cut_is_explicit_and_never_the_baseline(in_teacher_home, monkeypatch):
+    """`finetuned-teacher-layers:` cuts the registered, fine-tuned teacher and says so; an alpha=0
+    baseline that would start from it is refused."""
+    first = []
+    real_build = distill.build_student
+
+    def recording_build(*args):
+        model, tokenizer, init = real_build(*args)
+        first.append(({k: v.clone() for k, v in model.state_dict().items()}, init))
+        return model, tokenizer, init
+
+    monkeypatch.setattr(distill, "build_student", recording_build)
+    distill.run(distill_args("finetuned-teacher-layers:1", alias=""))
+    state, init = first[0]
+    assert "fine-tuned" in init and "models:/kd-sentiment-teacher-imdb" in init
+    teacher, _ = tracking.load_registered_classifier("models:/kd-sentiment-teacher-imdb@champion")
+    assert torch.equal(state["bert.encoder.layer.0.output.dense.weight"],
+                       teacher.state_dict()["bert.encoder.layer.1.output.dense.weight"])
+    with pytest.raises(UserError, match="alpha=0 .* never sees the teacher"):
+        distill.run(distill_args("finetuned-teacher-layers:1", alpha=0.0, alias=""))

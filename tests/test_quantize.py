@@ -36,14 +36,22 @@ def registry(quantized, monkeypatch):
 def test_int8_checked_against_fp32_and_registered(registry):
     client, metrics = registry
     for backend in ("torch_fp32", "onnx_fp32", "onnx_int8"):
-        for metric in ("accuracy", "macro_recall", "ece"):
-            assert 0 <= metrics[f"{backend}_test_{metric}"] <= 1
+        for split in ("val", "test"):
+            for metric in ("accuracy", "macro_recall", "ece"):
+                assert 0 <= metrics[f"{backend}_{split}_{metric}"] <= 1
     assert metrics["onnx_fp32_max_abs_logit_diff"] < 1e-3       # same model, other runtime
     assert metrics["int8_agreement_with_fp32"] >= 0.9
     assert metrics["size_mb_onnx_int8"] < metrics["size_mb_onnx_fp32"]
     version = client.get_model_version_by_alias(INT8, "candidate")
-    assert version.tags["parent"] == f"{PARENT}/1" and version.tags["gate.eval_data"] == "imdb:test:200"
+    assert version.tags["parent"] == f"{PARENT}/1"
+    # The gate is decided on the parent's own validation split (teacher_home's: 300 carved from
+    # train, 200 of them evaluated), never on test.
+    assert version.tags["gate.split"] == "validation" and version.tags["gate.eval_data"] == "imdb:validation:200"
+    assert version.tags["gate.accuracy"] == f"{metrics['onnx_int8_val_accuracy']:.6f}"
+    assert version.tags["gate.parent_accuracy"] == f"{metrics['torch_fp32_val_accuracy']:.6f}"
+    assert version.tags["gate.agreement"] == f"{metrics['int8_val_agreement_with_fp32']:.6f}"
     run = mlflow.get_run(version.tags["run_id"])
+    assert run.data.params["validation_size"] == "300"  # taken from the parent's run
     assert run.info.status == "FINISHED" and run.data.tags["machine.cpu_arch"]
     assert run.data.tags["device"] == "cpu"  # INT8 is a CPU target, whatever GPU the machine has
     model = mlflow.pyfunc.load_model(f"models:/{INT8}@candidate")

@@ -2,9 +2,10 @@ import subprocess
 import sys
 
 import mlflow
+import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from conftest import DATA_DIR, run_cli
 
 NAME = "kd-sentiment-teacher-imdb"
 
@@ -55,3 +56,29 @@ def test_failure_after_run_start_marks_failed_and_registers_nothing(tiny_model, 
     runs = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert MlflowClient().search_registered_models() == []
+
+
+def test_model_no_better_than_the_majority_class_is_registered_without_alias(tiny_model, tmp_path):
+    """Every evaluation reports the majority-class baseline (the most frequent training label); a
+    model that does not beat it on validation is logged and registered, but gets no alias."""
+    from kd_sentiment import teacher
+
+    from conftest import tiny_train_config
+
+    imdb = pd.read_csv(DATA_DIR / "imdb" / "train.csv.gz", keep_default_na=False)
+    folder = tmp_path / "skewed"
+    folder.mkdir()
+    negative, positive = imdb[imdb["label"] == 0], imdb[imdb["label"] == 1]
+    pd.concat([negative.iloc[:240], positive.iloc[:160]]).to_csv(folder / "train.csv", index=False)
+    negative.iloc[300:360].to_csv(folder / "validation.csv", index=False)  # all of the majority class:
+    pd.concat([negative.iloc[400:430], positive.iloc[400:430]]).to_csv(folder / "test.csv", index=False)
+    # the majority class scores 1.0 on validation, which no model can beat.
+    (folder / "labels.txt").write_text("negative\npositive\n")
+    metrics = teacher.run(teacher.TeacherArgs(model=str(tiny_model), dataset=str(folder), name="kd-sentiment-floor",
+                                              train=tiny_train_config(epochs=1)))
+    assert metrics["val_majority_accuracy"] == 1.0 and metrics["test_majority_accuracy"] == 0.5
+    assert metrics["test_majority_macro_recall"] == 0.5
+    client = MlflowClient()
+    assert client.get_registered_model("kd-sentiment-floor").aliases == {}
+    version = client.get_model_version("kd-sentiment-floor", "1")
+    assert "not better than the majority class" in version.tags["alias_withheld"]

@@ -174,3 +174,38 @@ def test_finetuned_teacher_cut_is_explicit_and_never_the_baseline(in_teacher_hom
                        teacher.state_dict()["bert.encoder.layer.1.output.dense.weight"])
     with pytest.raises(UserError, match="alpha=0 .* never sees the teacher"):
         distill.run(distill_args("finetuned-teacher-layers:1", alpha=0.0, alias=""))
+
+
+def test_soft_target_cache_misses_on_other_length_version_or_texts(teacher_home, tmp_path, monkeypatch):
+    """One teacher pass per (teacher version, max_length, set of texts): the same three hit the cache;
+    changing any one of them runs the teacher again."""
+    import shutil
+
+    from accelerate import Accelerator
+
+    from kd_sentiment import soft_targets
+
+    home, _ = teacher_home
+    shutil.copy(home / "mlflow.db", tmp_path / "mlflow.db")  # a copy: the cache runs written here stay here
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    client = MlflowClient()
+    first = tracking.resolve_version("models:/kd-sentiment-teacher-imdb/1")
+    second = client.create_model_version(first.name, first.source, run_id=first.run_id, tags=first.tags)
+    experiment = mlflow.get_experiment_by_name("kd-sentiment/imdb").experiment_id
+    loads = []
+    real_load = tracking.load_registered_classifier
+    monkeypatch.setattr(tracking, "load_registered_classifier", lambda uri: loads.append(uri) or real_load(uri))
+    texts, other = ["a fine film", "dull"], ["a fine film", "dull", "great"]
+
+    def hit(version, texts, max_length):
+        uri = f"models:/{version.name}/{version.version}"
+        arrays, hit, _ = soft_targets.teacher_logits(version, uri, {"train": texts}, max_length, 4,
+                                                     Accelerator(cpu=True), experiment)
+        assert arrays["train"].shape == (len(texts), 2)
+        return hit
+
+    assert not hit(first, texts, 32) and hit(first, texts, 32)
+    assert not hit(first, texts, 48)       # another max_length
+    assert not hit(second, texts, 32)      # another teacher version
+    assert not hit(first, other, 32)       # another set of texts
+    assert len(loads) == 4

@@ -24,7 +24,7 @@ TRAIN_HELP = {
     "max_length": "tokens per text; longer texts are truncated",
     "gradient_accumulation_steps": "batches per optimizer step",
     "mixed_precision": "no, fp16 (GPU) or bf16 (GPU or recent CPU)",
-    "seed": "seed for data subsets, shuffling and initialisation",
+    "seed": "training seed: new head's initialisation, shuffling, dropout (data subsets: --data_seed)",
     "checkpoint_every": "optimizer steps between checkpoints for resume (0: at epoch ends only)",
     "temperature": "distillation temperature T (softens both distributions)",
     "alpha": "weight of the soft-target loss; 0 = plain fine-tuning without a teacher",
@@ -99,6 +99,9 @@ def add_data_flags(parser: argparse.ArgumentParser) -> None:
                        help="stratified, seeded subset of train ('all' for everything)")
     group.add_argument("--max_eval_samples", type=optional_count, default=None,
                        help="stratified, seeded subset of validation and of test ('all' for everything)")
+    group.add_argument("--data_seed", type=whole_number, default=42,
+                       help="seed of the data subsets and the validation carve, apart from --seed, so runs with "
+                            "other training seeds see the same texts")
 
 
 def add_training_flags(parser: argparse.ArgumentParser, exclude: tuple[str, ...] = (), **defaults) -> None:

@@ -8,7 +8,8 @@ import mlflow
 import numpy as np
 
 from kd_sentiment import calibration
-from kd_sentiment.tracking import log_figure
+from kd_sentiment.data import fingerprint
+from kd_sentiment.tracking import log_array, log_figure, log_params
 from kd_sentiment.train import predict_logits
 
 
@@ -28,9 +29,12 @@ def evaluate(model, tokenizer, splits, max_length: int, batch_size: int, acceler
 
 
 def log_evaluation(metrics: dict, test_logits: np.ndarray, splits, title: str) -> None:
-    """Log metrics, the test reliability diagram (before and after temperature scaling) and the
-    confusion matrix (figure and JSON)."""
+    """Log metrics, the test logits (`predictions/test_logits.npy`, in test order, with the test
+    texts' fingerprint as param `test_fingerprint`: what paired comparisons between runs rest on),
+    the test reliability diagram (before and after temperature scaling) and the confusion matrix
+    (figure and JSON)."""
     mlflow.log_metrics(metrics)
+    log_predictions(test_logits, splits.test["text"])
     labels = splits.test["label"].to_numpy()
     curves = {"test": (calibration.probabilities(test_logits), labels),
               f"test, T={metrics['temperature']:.2f}": (calibration.probabilities(test_logits, metrics["temperature"]), labels)}
@@ -38,3 +42,9 @@ def log_evaluation(metrics: dict, test_logits: np.ndarray, splits, title: str) -
     matrix = calibration.confusion(test_logits, labels, splits.num_labels)
     log_figure(calibration.confusion_figure(matrix, splits.label_names, title), "figures/confusion_matrix.png")
     mlflow.log_dict({"labels": splits.label_names, "matrix": matrix.tolist()}, "metrics/test_confusion_matrix.json")
+
+
+def log_predictions(logits: np.ndarray, texts, name: str = "test_logits") -> None:
+    """The logits on the test texts as `predictions/<name>.npy`, and the texts' fingerprint."""
+    log_params({"test_fingerprint": fingerprint(texts)})
+    log_array(np.asarray(logits, dtype=np.float32), f"predictions/{name}.npy")

@@ -11,7 +11,13 @@ Configuration (experiments/*.yaml), every section optional:
   catalog: experiments/catalog-offline.yaml
   data:      {<dataset>: {max_train_samples, max_eval_samples, validation_size}}
   teacher:   {model, epochs, lr, batch_size, max_length, ...}      (TrainConfig fields + model)
-  distill:   {students: [...], baseline: true, epochs, lr, alpha, temperature, ...}
+  distill:   {students: [...], baseline: true, seeds: [42, 43, 44], epochs, lr, alpha, temperature, ...}
+With several `seeds`, each student is trained with KD and as its alpha=0 baseline once per seed
+(one run each, on the same texts: the data subsets follow `data_seed`, not the training seed); every
+KD seed registers a version, and the one best on validation gets the alias and is quantized; its
+version's tag `seed_runs` links the others. The parent logs `pipeline_record.json`: which runs
+served the teacher, each student's KD and baseline seeds, the selected one, its quantization and
+the benchmark (what the report reads).
   quantize:  {mode, per_channel, optimize_level, calibration_samples}
   promote:   {margin}
   benchmark: {batch_sizes, fixed_length, threads, time_budget, max_eval_samples}
@@ -103,6 +109,21 @@ def registered_uri(run) -> str:
     return f"models:/{run.data.tags['registered_model']}/{run.data.tags['registered_version']}"
 
 
+def select_seed(runs: list, alias: str = "champion"):
+    """The seed run best on validation (the dataset's selection metric; the first on a tie): its
+    version gets `alias` unless it did not beat the majority class, and a tag linking the others."""
+    metric = f"val_{runs[0].data.params['selection_metric']}"
+    best = max(runs, key=lambda r: r.data.metrics[metric])
+    name, number = best.data.tags["registered_model"], best.data.tags["registered_version"]
+    client = mlflow.MlflowClient()
+    client.set_model_version_tag(name, number, "seed_runs", ",".join(r.info.run_id for r in runs))
+    client.set_model_version_tag(name, number, "selected_by", f"{metric} (best of {len(runs)} seeds)")
+    if "alias_withheld" not in client.get_model_version(name, number).tags:
+        client.set_registered_model_alias(name, alias, number)
+    print(f"[pipeline] {name}: version {number} is the best of {len(runs)} seeds by {metric}")
+    return best
+
+
 class Pipeline(StepRunner):
     """The configured steps for one dataset, in order."""
 
@@ -125,16 +146,28 @@ class Pipeline(StepRunner):
         d_section = dict(cfg.get("distill") or {})
         students = d_section.pop("students", None) or load_catalog(cfg.get("catalog"))["students"]
         baseline = d_section.pop("baseline", True)
+        seeds = d_section.pop("seeds", None) or [d_section.get("seed", TrainConfig.seed)]
+        record = {"teacher": teacher_run.info.run_id, "students": {}}
         student_runs, models = {}, [teacher_uri]
         for student in students:
-            kd = self.step(f"distill-{student}", distill.run, distill.DistillArgs(
-                student=student, teacher=teacher_uri, train=train_config(d_section), **self.common), teacher_uri)
-            student_runs[student] = kd
-            models.append(registered_uri(kd))
-            if baseline:  # same student, data and budget, no teacher; registered without an alias
-                self.step(f"distill-{student}-nokd", distill.run, distill.DistillArgs(
-                    student=student, teacher=teacher_uri, name=f"kd-sentiment-{distill.student_name(student)}-{dataset}-nokd",
-                    alias="", train=train_config({**d_section, "alpha": 0.0}), **self.common), teacher_uri)
+            runs = {"kd": [], "nokd": []}
+            for seed in seeds:
+                suffix = f"-s{seed}" if len(seeds) > 1 else ""
+                kd = self.step(f"distill-{student}{suffix}", distill.run, distill.DistillArgs(
+                    student=student, teacher=teacher_uri, alias="champion" if len(seeds) == 1 else "",
+                    train=train_config({**d_section, "seed": seed}), **self.common), teacher_uri)
+                runs["kd"].append(kd)
+                if baseline:  # same student, data and budget, no teacher; registered without an alias
+                    runs["nokd"].append(self.step(f"distill-{student}-nokd{suffix}", distill.run, distill.DistillArgs(
+                        student=student, teacher=teacher_uri, alias="",
+                        name=f"kd-sentiment-{distill.student_name(student)}-{dataset}-nokd",
+                        train=train_config({**d_section, "alpha": 0.0, "seed": seed}), **self.common), teacher_uri))
+            selected = select_seed(runs["kd"]) if len(seeds) > 1 else runs["kd"][0]
+            student_runs[student] = selected
+            models.append(registered_uri(selected))
+            record["students"][student] = {"kd": [r.info.run_id for r in runs["kd"]],
+                                           "nokd": [r.info.run_id for r in runs["nokd"]],
+                                           "selected": selected.info.run_id}
 
         q_section, margin = cfg.get("quantize") or {}, (cfg.get("promote") or {}).get("margin", 1.0)
         for student, kd in student_runs.items():
@@ -142,6 +175,7 @@ class Pipeline(StepRunner):
             q = self.step(f"quantize-{student}", quantize.run, quantize.QuantizeArgs(
                 model=parent, dataset=dataset, data_dir=self.args.data_dir,
                 max_eval_samples=self.common["max_eval_samples"], **q_section), parent)
+            record["students"][student]["quantize"] = q.info.run_id
             name, version = q.data.tags["registered_model"], q.data.tags["registered_version"]
             models.append(f"models:/{name}/{version}")
             try:
@@ -151,10 +185,12 @@ class Pipeline(StepRunner):
                 mlflow.set_tag(f"promotion.{student}", "refused")
 
         b_section = cfg.get("benchmark") or {}
-        self.step("benchmark", benchmark.run, benchmark.BenchmarkArgs(
+        bench = self.step("benchmark", benchmark.run, benchmark.BenchmarkArgs(
             dataset=dataset, data_dir=self.args.data_dir, models=",".join(models), **b_section), ",".join(models))
+        record["benchmark"] = bench.info.run_id
         mlflow.set_tag("reused_steps", ",".join(self.reused) or "none")
         mlflow.log_dict(self.step_runs, "pipeline_steps.json")
+        mlflow.log_dict(record, "pipeline_record.json")
         return {"models": models, "reused": self.reused}
 
 

@@ -21,6 +21,7 @@ from kd_sentiment import export, tracking
 from kd_sentiment.calibration import classification_metrics
 from kd_sentiment.data import load_splits
 from kd_sentiment.errors import UserError
+from kd_sentiment.evaluation import log_predictions
 from kd_sentiment.train import predict_logits
 
 REPORTED = ("accuracy", "macro_recall", "ece")
@@ -61,11 +62,12 @@ def backend_metrics(prefix: str, logits: np.ndarray, labels: np.ndarray, label_n
 
 def parent_params(version) -> dict:
     """What the parent was trained with that quantize must match: max_length, and the validation
-    split (validation_size, seed), so the gate is decided on texts the parent never trained on."""
+    split (validation_size, data seed), so the gate is decided on texts the parent never trained on."""
     params = mlflow.get_run(version.run_id).data.params if version.run_id else {}
     size = float(params.get("validation_size", 0.1))
     return {"max_length": int(float(params.get("max_length", 128))),
-            "validation_size": size if size < 1 else int(size), "seed": int(float(params.get("seed", 42)))}
+            "validation_size": size if size < 1 else int(size),
+            "seed": int(float(params.get("data_seed", params.get("seed", 42))))}  # runs before data_seed: seed
 
 
 def comparison(split: str, logits: dict[str, np.ndarray], labels: np.ndarray, label_names: list[str]) -> dict:
@@ -152,6 +154,8 @@ def run(args: QuantizeArgs) -> dict:
         for split, frame in evaluated.items():
             metrics.update(comparison(split, logits[split], frame["label"].to_numpy(), splits.label_names))
         mlflow.log_metrics(metrics)
+        for backend, backend_logits in logits["test"].items():  # for paired comparisons in the report
+            log_predictions(backend_logits, texts["test"], f"test_logits_{backend}")
         # The fused fp32 graph is kept too: the benchmark measures ONNX fp32 from it.
         mlflow.log_artifacts(str(fused.parent), "onnx_fp32")
 

@@ -17,6 +17,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kd_sentiment.data import fingerprint
+from kd_sentiment.tracking import load_array
 from kd_sentiment.train import predict_logits
 
 CACHE_TAG = "kd_sentiment.soft_targets_for"
@@ -37,12 +38,6 @@ def cached_entries(run_id: str | None) -> set[str]:
     if run_id is None:
         return set()
     return {Path(a.path).name for a in MlflowClient().list_artifacts(run_id, "soft_targets")}
-
-
-def load_entry(run_id: str, name: str) -> np.ndarray:
-    with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=f"soft_targets/{name}", dst_path=tmp)
-        return np.load(path)
 
 
 def store_entries(version, max_length: int, run_id: str | None, experiment_id: str, arrays: dict[str, np.ndarray]) -> str:
@@ -105,5 +100,5 @@ def teacher_logits(version, model_uri: str, texts_by_split: dict, max_length: in
     # Cached splits are read from the store by every process (local file copies; cheap).
     for split in texts_by_split:
         if split not in arrays:
-            arrays[split] = load_entry(run_id, names[split])
+            arrays[split] = load_array(run_id, f"soft_targets/{names[split]}")
     return arrays, not missing, run_id

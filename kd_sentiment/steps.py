@@ -34,6 +34,9 @@ class StepArgs:
     validation_size: float | int = 0.1
     max_train_samples: int | None = None
     max_eval_samples: int | None = None
+    # Seed of the data subsets and of the validation carve, apart from the training seed: runs with
+    # other training seeds are then trained, selected and tested on the very same texts (paired).
+    data_seed: int = 42
     output_dir: str | None = None
     resume: bool = False
     alias: str = "champion"
@@ -72,7 +75,7 @@ def set_up(step: str, args: StepArgs, model_name: str, catalog: dict) -> StepCon
     check_alias(args.alias)
     tracking.configure()
     splits = load_splits(args.dataset, args.data_dir, args.validation_size, args.max_train_samples,
-                         args.max_eval_samples, args.train.seed)
+                         args.max_eval_samples, args.data_seed)
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.train.mixed_precision)
     reset_peak_gpu_memory(accelerator.device)  # this step's peak, not an earlier step's of the same process
     set_seed(args.train.seed)  # before any model is built: a new classifier head is randomly initialised

@@ -133,7 +133,7 @@ def log_environment(threads: int | None = None, device: str | None = None) -> No
 
 def log_splits(splits) -> None:
     """Dataset name, source and sizes as params, each split as an `mlflow.data` input."""
-    log_params({"dataset": splits.name, "data_source": splits.source,
+    log_params({"dataset": splits.name, "data_source": splits.source, "selection_metric": splits.selection_metric,
                        **{f"n_{split}": n for split, n in splits.sizes().items()}})
     mlflow.log_metrics({f"data_{k}": v for k, v in splits.duplicates.items()})
     for split, size in splits.sizes().items():
@@ -145,6 +145,28 @@ def log_splits(splits) -> None:
             dataset = mlflow.data.from_pandas(frame, source=splits.source, name=f"{splits.name}-{split}-{size}",
                                               targets="label")
             mlflow.log_input(dataset, context=split)
+
+
+def log_array(array, artifact_path: str) -> None:
+    """Save a numpy array as the active run's artifact `artifact_path` (e.g. predictions/test_logits.npy)."""
+    import tempfile
+
+    import numpy as np
+
+    folder, _, name = artifact_path.rpartition("/")
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / name, array)
+        mlflow.log_artifact(str(Path(tmp) / name), folder or None)
+
+
+def load_array(run_id: str, artifact_path: str):
+    """A numpy array a run logged (`log_array`, or the soft-target cache)."""
+    import tempfile
+
+    import numpy as np
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return np.load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp))
 
 
 def log_figure(fig, path: str) -> None:

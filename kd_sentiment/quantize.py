@@ -155,7 +155,7 @@ def run(args: QuantizeArgs) -> dict:
             metrics.update(comparison(split, logits[split], frame["label"].to_numpy(), splits.label_names))
         mlflow.log_metrics(metrics)
         for backend, backend_logits in logits["test"].items():  # for paired comparisons in the report
-            log_predictions(backend_logits, texts["test"], f"test_logits_{backend}")
+            log_predictions(backend_logits, splits.test, f"test_logits_{backend}")
         # The fused fp32 graph is kept too: the benchmark measures ONNX fp32 from it.
         mlflow.log_artifacts(str(fused.parent), "onnx_fp32")
 

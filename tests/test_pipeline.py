@@ -94,3 +94,46 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     assert out.read_text() == text
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("outro\n")
     assert "stale" not in readme.read_text() and teacher_row in readme.read_text()
+
+
+def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(config, tmp_path):
+    """distill.seeds: each student's KD and alpha=0 runs once per seed, on the same test texts; the
+    KD version best on validation gets the alias and is quantized; the report's KD-vs-no-KD line is
+    a paired interval over texts and seeds."""
+    cfg = yaml.safe_load(open(config))
+    cfg["distill"]["seeds"] = [0, 1]
+    cfg.pop("benchmark")
+    cfg["benchmark"] = {"batch_sizes": "1", "time_budget": 0.1, "min_batches": 2, "max_batches": 3,
+                        "max_eval_samples": 100, "threads": 1, "output_dir": str(tmp_path / "bench")}
+    path = tmp_path / "seeds.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    pipeline.run(pipeline.PipelineArgs(config=str(path), dataset="imdb"))
+    parent = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list",
+                                filter_string="tags.`kd_sentiment.step` = 'pipeline'")[0]
+    record = report.artifact_json(parent.info.run_id, "pipeline_record.json")
+    student = record["students"]["teacher-layers:0"]
+    kd = [mlflow.get_run(r) for r in student["kd"]]
+    nokd = [mlflow.get_run(r) for r in student["nokd"]]
+    assert [r.data.params["seed"] for r in kd] == ["0", "1"] == [r.data.params["seed"] for r in nokd]
+    assert len({r.data.params["test_fingerprint"] for r in kd + nokd}) == 1  # the same test texts
+    best = max(kd, key=lambda r: r.data.metrics["val_accuracy"])
+    assert student["selected"] == best.info.run_id
+    client = mlflow.MlflowClient()
+    version = client.get_model_version(best.data.tags["registered_model"], best.data.tags["registered_version"])
+    assert version.tags["seed_runs"] == ",".join(student["kd"])
+    if "alias_withheld" not in version.tags:
+        assert "champion" in version.aliases
+    quantized = mlflow.get_run(student["quantize"])
+    assert quantized.data.params["parent_version"] == str(version.version)
+
+    text = report.run(report.ReportArgs(config="seeds", datasets="imdb", out=str(tmp_path / "R.md"),
+                                        readme=str(tmp_path / "none.md")))
+    text = (tmp_path / "R.md").read_text()
+    kd_line = next(line for line in text.splitlines() if line.startswith("| teacher-layers:0 + KD vs no KD"))
+    assert "[" in kd_line and "n/a" not in kd_line
+    seeds_cell = next(line for line in text.splitlines() if line.startswith("| teacher-layers:0 + KD (fp32)"))
+    assert seeds_cell.split("|")[2].strip() == "2"
+    # Nothing typed for another configuration: the teacher, budget, hardware and noise are these runs'.
+    for phrase in ("mpnet", "2-core", "±20%", "1.5-2 points", "~3 points", "same data, seed and budget"):
+        assert phrase not in text.lower(), phrase
+    assert "tiny (0.3M parameters, 1 epoch(s) on 300 texts at 64 tokens)" in text

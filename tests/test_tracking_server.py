@@ -187,7 +187,8 @@ def test_team_server_on_postgres_takes_teacher_and_two_concurrent_distills(tiny_
         wait_until_ok(f"{base}/health", server, log, seconds=180)  # the first start migrates the database
         env = {"MLFLOW_TRACKING_URI": base}
 
-        out = run_cli("teacher", "--model", str(tiny_model), *DATA, "--max_train_samples", "300", *TRAIN,
+        # 1,500 reviews, 2 epochs: what the tiny random encoder needs to beat the majority class (else no alias).
+        out = run_cli("teacher", "--model", str(tiny_model), *DATA, "--max_train_samples", "1500", *TRAIN,
                       "--epochs", "2", cwd=work, env=env)
         assert out.returncode == 0, out.stderr[-3000:]
 
@@ -203,7 +204,7 @@ def test_team_server_on_postgres_takes_teacher_and_two_concurrent_distills(tiny_
                 with open(logs[name], "w") as out:  # files, not pipes: progress bars would fill a pipe
                     processes[name] = subprocess.Popen(
                         [sys.executable, "-m", "kd_sentiment.cli", "distill", *student, *DATA,
-                         "--max_train_samples", "200", *TRAIN, "--output_dir", str(work / name)],
+                         "--max_train_samples", "1500", *TRAIN, "--epochs", "2", "--output_dir", str(work / name)],
                         cwd=work, env=full_env, stdout=out, stderr=subprocess.STDOUT)
             deadline = time.monotonic() + 600
             for name, process in processes.items():

@@ -54,9 +54,41 @@ def code_version() -> str:
     return h.hexdigest()[:12]
 
 
+def section_keys() -> dict[str, set[str]]:
+    """The keys each config section takes: the fields of the step's arguments that the config
+    sets, minus what the pipeline sets itself (dataset, upstream models, names)."""
+    train = {f.name for f in fields(TrainConfig)}
+    return {
+        "data": {"max_train_samples", "max_eval_samples", "validation_size", "data_seed"},
+        "teacher": train - {"alpha", "temperature"} | {"model"},
+        "distill": train | {"students", "baseline", "seeds"},
+        "quantize": {f.name for f in fields(quantize.QuantizeArgs)} - {"model", "dataset", "data_dir", "max_eval_samples"},
+        "promote": {"margin"},
+        "benchmark": {f.name for f in fields(benchmark.BenchmarkArgs)} - {"dataset", "data_dir", "models"},
+    }
+
+
+def check_sections(config: dict, file: Path) -> None:
+    """Refuse a key no step would read (a typo would otherwise be dropped silently or crash later):
+    one line naming the file, the section, the key and the valid keys."""
+    allowed = section_keys()
+    for section, keys in allowed.items():
+        content = config.get(section) or {}
+        blocks = content.items() if section == "data" else [(None, content)]
+        for dataset, block in blocks:
+            where = f"data.{dataset}" if dataset else section
+            if not isinstance(block, dict):
+                raise UserError(f"config {file}: section '{where}' must be a mapping of keys {sorted(keys)}.")
+            unknown = sorted(set(block) - keys)
+            if unknown:
+                raise UserError(f"config {file}: unknown key(s) {unknown} in section '{where}'; valid keys: "
+                                f"{sorted(keys)}.")
+
+
 def load_config(path: str) -> dict:
     file = Path(path)
     config = read_yaml(file, "config (see experiments/smoke.yaml, cpu.yaml, paper.yaml)", SECTIONS)
+    check_sections(config, file)
     catalog = config.get("catalog")
     if catalog and not Path(catalog).exists():  # written relative to the project root (experiments/..)
         config["catalog"] = str(file.resolve().parent.parent / catalog)
@@ -134,7 +166,7 @@ class Pipeline(StepRunner):
         self.common = {"dataset": args.dataset, "data_dir": args.data_dir, "catalog": config.get("catalog"),
                        "max_train_samples": data.get("max_train_samples"),
                        "max_eval_samples": data.get("max_eval_samples"),
-                       "validation_size": data.get("validation_size", 0.1)}
+                       "validation_size": data.get("validation_size", 0.1), "data_seed": data.get("data_seed", 42)}
 
     def run(self) -> dict:
         cfg, dataset = self.config, self.args.dataset

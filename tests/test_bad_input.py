@@ -95,6 +95,9 @@ CASES = [
          ["models:/no-such-model/1' is not in the model registry"], teacher=True),
     Case("promote-without-gate", ["promote", TEACHER, "--version", "1"],
          ["no gate.* measurements", "--force"], teacher=True),
+    Case("pipeline-config-misspelled-key", ["pipeline", "--config", "{dir}/typo.yaml", "--dataset", "imdb"],
+         ["typo.yaml", "unknown key(s) ['epoch'] in section 'teacher'", "valid keys:"],
+         {"typo.yaml": b"teacher: {epoch: 3}\n"}),
     # (one flag error per validation layer: taken from FLAG_CASES below)
 ]
 

@@ -7,6 +7,7 @@ import pytest
 import yaml
 
 from kd_sentiment import pipeline, quantize, report
+from kd_sentiment.errors import UserError
 from kd_sentiment.data import load_splits
 from kd_sentiment.train import predict_logits
 
@@ -137,3 +138,20 @@ def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(con
     for phrase in ("mpnet", "2-core", "±20%", "1.5-2 points", "~3 points", "same data, seed and budget"):
         assert phrase not in text.lower(), phrase
     assert "tiny (0.3M parameters, 1 epoch(s) on 300 texts at 64 tokens)" in text
+
+
+@pytest.mark.parametrize("section, key", [("data.imdb", "max_train_sample"), ("teacher", "epoch"),
+                                          ("distill", "student"), ("quantize", "modes"), ("promote", "margins"),
+                                          ("benchmark", "batch_size")])
+def test_a_misspelled_key_in_any_section_is_refused_with_the_valid_keys(section, key, tmp_path):
+    cfg = {"teacher": {"epochs": 1}, "distill": {"epochs": 1}, "quantize": {"mode": "dynamic"},
+           "promote": {"margin": 1.0}, "benchmark": {"batch_sizes": "1"}, "data": {"imdb": {"max_eval_samples": 10}}}
+    block = cfg["data"]["imdb"] if section == "data.imdb" else cfg[section]
+    block[key] = 1
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError) as refused:
+        pipeline.load_config(str(path))
+    message = str(refused.value)
+    assert f"unknown key(s) ['{key}'] in section '{section}'" in message and str(path) in message
+    assert "valid keys: [" in message

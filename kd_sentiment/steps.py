@@ -82,7 +82,22 @@ def set_up(step: str, args: StepArgs, model_name: str, catalog: dict) -> StepCon
     if accelerator.is_main_process:
         tracking.use_experiment(splits.name)
     output_dir, run_id = checkpoint_location(step, args, splits.name, model_name)
+    refuse_finished(run_id, output_dir)
     return StepContext(splits, catalog, accelerator, output_dir, run_id)
+
+
+def refuse_finished(run_id: str | None, output_dir: Path) -> None:
+    """Resuming continues an interrupted run; a run that already finished is not trained again
+    (nor registered again): one line says so and names what it registered."""
+    if not run_id:
+        return
+    run = mlflow.get_run(run_id)
+    if run.info.status == "FINISHED":
+        tags = run.data.tags
+        registered = (f" and registered {tags['registered_model']} version {tags['registered_version']}"
+                      if "registered_model" in tags else "")
+        raise UserError(f"resume=true: the run in output_dir={output_dir} ({run_id}) already finished{registered}; "
+                        "nothing to resume. Train again with resume=false or another output_dir.")
 
 
 def checkpoint_location(step: str, args: StepArgs, dataset: str, model_name: str) -> tuple[Path, str | None]:

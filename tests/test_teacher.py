@@ -3,6 +3,7 @@ import sys
 
 import mlflow
 import pandas as pd
+import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import DATA_DIR, run_cli
@@ -82,3 +83,24 @@ def test_model_no_better_than_the_majority_class_is_registered_without_alias(tin
     assert client.get_registered_model("kd-sentiment-floor").aliases == {}
     version = client.get_model_version("kd-sentiment-floor", "1")
     assert "not better than the majority class" in version.tags["alias_withheld"]
+
+
+def test_resuming_a_finished_run_trains_and_registers_nothing(tiny_model, tmp_path):
+    """--resume true on a run that finished: one line says so; no new run, no new version."""
+    from kd_sentiment import teacher
+    from kd_sentiment.errors import UserError
+
+    from conftest import tiny_train_config
+
+    def args(resume):
+        return teacher.TeacherArgs(model=str(tiny_model), dataset="imdb", validation_size=100, max_train_samples=200,
+                                   max_eval_samples=100, output_dir=str(tmp_path / "ckpt"), resume=resume,
+                                   train=tiny_train_config(epochs=1))
+
+    teacher.run(args(False))
+    runs_before = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    with pytest.raises(UserError, match=r"already finished and registered kd-sentiment-teacher-imdb version 1; "
+                                        "nothing to resume"):
+        teacher.run(args(True))
+    assert [v.version for v in MlflowClient().search_model_versions(f"name='{NAME}'")] == [1]
+    assert len(mlflow.search_runs(search_all_experiments=True, output_format="list")) == len(runs_before)

@@ -125,6 +125,12 @@ def read_table(path: Path) -> pd.DataFrame:
     return frame
 
 
+def as_read(value):
+    """A cell as the file holds it, for error messages: numpy scalars as plain Python values, so a
+    label 0.5 reads `0.5`, not `np.float64(0.5)`."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def validate_frame(frame: pd.DataFrame, path: Path, num_labels: int | None) -> pd.DataFrame:
     """Check columns, texts and labels; return `text,label,row`. `row` is the 1-based data row."""
     missing = [c for c in ("text", "label") if c not in frame.columns]
@@ -139,7 +145,7 @@ def validate_frame(frame: pd.DataFrame, path: Path, num_labels: int | None) -> p
     not_str = ~frame["text"].map(lambda t: isinstance(t, str))
     if not_str.any():
         r = first_bad(not_str)
-        raise UserError(f"{path}: row {r}: text is not a string ({frame['text'].iloc[r - 1]!r}); "
+        raise UserError(f"{path}: row {r}: text is not a string ({as_read(frame['text'].iloc[r - 1])!r}); "
                         f"{int(not_str.sum())} such row(s).")
     blank = frame["text"].str.strip() == ""
     if blank.any():
@@ -150,7 +156,7 @@ def validate_frame(frame: pd.DataFrame, path: Path, num_labels: int | None) -> p
     not_int = labels.isna() | (labels != labels.round())
     if not_int.any():
         r = first_bad(not_int)
-        raise UserError(f"{path}: row {r}: label {frame['label'].iloc[r - 1]!r} is not an integer "
+        raise UserError(f"{path}: row {r}: label {as_read(frame['label'].iloc[r - 1])!r} is not an integer "
                         "class id. Labels must be integers 0..K-1.")
     labels = labels.astype(np.int64)
     upper = num_labels - 1 if num_labels else labels.max()

@@ -58,6 +58,7 @@ def folder_with(tmp_path, train_csv):
     ("text,label\nhello,0\n,1\n", "row 2: text is empty"),
     ("text,label\nhello,0\n   ,1\n", "row 2: text is empty or whitespace"),
     ("text,label\nhello,0\nbye,x\n", "row 2: label 'x' is not an integer"),
+    ("text,label\nhello,0\nbye,0.5\n", "row 2: label 0.5 is not an integer"),  # as the file has it
     ("text,label\nhello,0\nbye,-1\n", "row 2: label -1 is outside"),
     ("sentence,label\nhello,0\n", "missing column(s) ['text']"),
     ("text,label\n", "holds no examples"),

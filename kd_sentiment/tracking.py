@@ -28,6 +28,8 @@ from kd_sentiment.errors import UserError
 from kd_sentiment.machine import machine_tags
 
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
+# The MLflow UI opens an experiment of this kind on its runs, not on the GenAI overview.
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 LIBRARIES = ("torch", "transformers", "accelerate", "mlflow", "datasets", "onnxruntime", "optimum", "optimum-onnx")
 # Explicit requirements for logged models: inference alone would also pull in torchvision.
 MODEL_PIP_REQUIREMENTS = [f"{lib}=={version(lib)}" for lib in ("mlflow", "torch", "transformers", "tokenizers")] + \
@@ -51,18 +53,24 @@ def use_experiment(dataset: str) -> str:
     """Select (creating if needed) the experiment `kd-sentiment/<dataset>`; returns its id.
 
     Inside `mlflow run`, the run already exists in the experiment `mlflow run` chose; keep it.
+    Either way the experiment is marked as model development (EXPERIMENT_KIND).
     """
     if os.environ.get("MLFLOW_RUN_ID") or os.environ.get("MLFLOW_EXPERIMENT_ID"):
-        return os.environ.get("MLFLOW_EXPERIMENT_ID", "")
+        experiment_id = (os.environ.get("MLFLOW_EXPERIMENT_ID")
+                         or mlflow.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id)
+        MlflowClient().set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
+        return experiment_id
     name = f"kd-sentiment/{dataset}"
     experiment = mlflow.get_experiment_by_name(name)
     if experiment is None:
         artifacts = None
         if mlflow.get_tracking_uri() in (embedded_uri(), "sqlite:///mlflow.db"):  # embedded: artifacts beside it
             artifacts = (Path.cwd() / DEFAULT_ARTIFACT_DIR / name.replace("/", "-")).resolve().as_uri()
-        experiment_id = mlflow.create_experiment(name, artifact_location=artifacts)
+        experiment_id = mlflow.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
     else:
         experiment_id = experiment.experiment_id
+        if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # made by an older version, or by hand
+            MlflowClient().set_experiment_tag(experiment_id, *EXPERIMENT_KIND)
     mlflow.set_experiment(experiment_id=experiment_id)
     # set_experiment exports MLFLOW_EXPERIMENT_ID, which would pin every later step of this process
     # (and its subprocesses) to this experiment, as if inside `mlflow run`; MLflow keeps it in memory.

@@ -27,6 +27,8 @@ def test_teacher_beats_majority_and_logs_everything(teacher_home):
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "figures")}
     assert "figures/reliability_diagram.png" in artifacts
     assert (home / "mlartifacts").is_dir()
+    experiment = mlflow.get_experiment_by_name("kd-sentiment/imdb")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens it on its runs
 
 
 def test_registered_teacher_loads_by_alias_in_fresh_process(teacher_home):

@@ -231,13 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("promote", help="move an alias to a version that passes its accuracy gate",
                             description="Point ALIAS of NAME at VERSION if its accuracy (and macro-recall) is at most "
-                                        "MARGIN points below its parent's on the same evaluation data.")
+                                        "MARGIN points below its parent's on the same validation data. Every decision "
+                                        "is an MLflow run; --history lists the alias's past holders, --rollback "
+                                        "moves it back to the one before (gated).")
     p.add_argument("name", help="registered model name, e.g. kd-sentiment-minilm-tweeteval-int8")
-    p.add_argument("--version", required=True, help="version number to promote")
+    p.add_argument("--version", default="", help="version number to promote (not with --history or --rollback)")
     p.add_argument("--alias", default="champion", help="alias to move (default: champion)")
     p.add_argument("--margin", type=float, default=1.0, help="largest allowed drop vs the parent, in points")
     p.add_argument("--force", type=boolean, nargs="?", const=True, default=False,
                    help="promote even if the gate fails (recorded in a tag)")
+    p.add_argument("--history", type=boolean, nargs="?", const=True, default=False,
+                   help="list the alias's past holders from the promote runs; moves nothing")
+    p.add_argument("--rollback", type=boolean, nargs="?", const=True, default=False,
+                   help="move the alias back to its holder before the current one, through the same gate")
     p.set_defaults(func=plain_step("promote", "PromoteArgs"))
 
     p = commands.add_parser("benchmark", help="latency, throughput, memory, accuracy and ECE of every model",

@@ -4,19 +4,30 @@ The gate compares the version with its parent on the same evaluation data, from 
 its step wrote (quantize: INT8 vs the fp32 parent, on the parent's validation split, `gate.split`):
 accuracy, and macro-recall where present, may be at most `margin` points below the parent's; the
 prediction agreement is recorded beside them. The decision and the numbers are written as version
-tags (`promotion.*`); a refusal moves nothing; `force` overrides and says so in a tag. The same
-alias can also be moved by hand in the MLflow UI (model page -> version -> Aliases).
+tags (`promotion.*`); a refusal moves nothing; `force` overrides and says so.
+
+Every promotion (accepted, refused, forced, or a rollback) is also an MLflow run of its own (step
+`promote`, in the model's dataset experiment): the model, the version, the alias's holder before
+and after, the gate's numbers, the decision, the user and the machine. From those runs,
+`history` lists an alias's past holders and `rollback` moves it back to the holder before the
+current one, through the same gate. The alias can also be moved by hand in the MLflow UI (model
+page -> version -> Aliases); that leaves no promote run.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime, timezone
 
+import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kd_sentiment import tracking
 from kd_sentiment.errors import UserError
 
 GATED = ("accuracy", "macro_recall")
+NONE = "none"  # the alias's holder before its first promotion
+MOVED = ("accepted", "forced", "rolled back", "rolled back (forced)")  # decisions that moved the alias
 
 
 @dataclass
@@ -24,8 +35,10 @@ class PromoteArgs:
     name: str = ""
     version: str = ""
     alias: str = "champion"
-    margin: float = 1.0  # points (percentage points of accuracy / macro-recall)
+    margin: float = 1.0     # points (percentage points of accuracy / macro-recall)
     force: bool = False
+    history: bool = False   # list the alias's past holders from the promote runs; moves nothing
+    rollback: bool = False  # move the alias back to its holder before the current one (gated)
 
 
 def gate(tags: dict, margin: float) -> tuple[bool, dict]:
@@ -41,31 +54,96 @@ def gate(tags: dict, margin: float) -> tuple[bool, dict]:
     return passed, numbers
 
 
+def alias_holder(name: str, alias: str) -> str:
+    """The version `alias` points at now, or NONE."""
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except MlflowException:
+        return NONE
+
+
+def promotion_runs(name: str, alias: str) -> list:
+    """The promote runs of `name`'s `alias`, oldest first."""
+    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time ASC"],
+                              filter_string=f"tags.`kd_sentiment.step` = 'promote' and params.name = '{name}' "
+                                            f"and params.alias = '{alias}'")
+    return [r for r in runs if r.info.status == "FINISHED"]
+
+
+def history(name: str, alias: str) -> list[dict]:
+    """Every recorded promotion of the alias: when, who, the decision, the holder before and after."""
+    rows = [{"time": r.info.start_time, "user": r.info.user_id or "", "decision": r.data.tags["promotion.decision"],
+             "before": r.data.tags["promotion.alias_before"], "after": r.data.tags["promotion.alias_after"],
+             "version": r.data.params["version"], "run_id": r.info.run_id} for r in promotion_runs(name, alias)]
+    print(f"{name}@{alias}: {len(rows)} recorded promotion(s); now at version {alias_holder(name, alias)}")
+    for row in rows:
+        when = datetime.fromtimestamp(row["time"] / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+        print(f"  {when}  {row['user'] or '-':<10} {row['decision']:<21} version {row['version']}: "
+              f"{row['before']} -> {row['after']}  (run {row['run_id']})")
+    return rows
+
+
+def rollback_target(name: str, alias: str) -> str:
+    """The version that held the alias before its current holder, from the promote runs."""
+    current = alias_holder(name, alias)
+    moves = [r for r in promotion_runs(name, alias) if r.data.tags["promotion.decision"] in MOVED
+             and r.data.tags["promotion.alias_after"] == current]
+    if current == NONE or not moves or moves[-1].data.tags["promotion.alias_before"] == NONE:
+        raise UserError(f"{name}@{alias}: no recorded earlier holder to roll back to (see --history).")
+    return moves[-1].data.tags["promotion.alias_before"]
+
+
+def decide(version, args: PromoteArgs, rollback: bool) -> tuple[str, dict]:
+    """(decision, gate numbers) for moving the alias to `version`."""
+    passed, numbers = gate(version.tags, args.margin)
+    if not numbers and not args.force:
+        raise UserError(f"{args.name} version {version.version} has no gate.* measurements against a parent (only "
+                        "quantize writes them); nothing moved. Use --force to promote it anyway.")
+    decision = "accepted" if passed else ("forced" if args.force else "refused")
+    if rollback and decision != "refused":
+        decision = "rolled back" if passed else "rolled back (forced)"
+    return decision, numbers
+
+
 def run(args: PromoteArgs) -> bool:
-    """Promote if the gate passes (or force); returns whether the alias moved."""
-    if not args.name or not args.version:
-        raise UserError("promote needs a registered model name and --version.")
+    """Promote (or roll back) if the gate passes, or with force; every decision is a run. Returns
+    whether the alias moved; a refusal raises UserError after it is recorded."""
+    if not args.name:
+        raise UserError("promote needs a registered model name.")
+    if not (args.version or args.history or args.rollback):
+        raise UserError("promote needs --version (or --history, or --rollback).")
     if args.margin < 0:
         raise UserError(f"margin={args.margin}: must not be negative (points of accuracy).")
     tracking.configure()
-    version = tracking.resolve_version(f"models:/{args.name}/{args.version}")
-    passed, numbers = gate(version.tags, args.margin)
-    if not numbers and not args.force:
-        raise UserError(f"{args.name} version {args.version} has no gate.* measurements against a parent (only "
-                        "quantize writes them); nothing moved. Use --force to promote it anyway.")
-    decision = "accepted" if passed else ("forced" if args.force else "refused")
-    client = MlflowClient()
+    if args.history:
+        history(args.name, args.alias)
+        return False
+    number = rollback_target(args.name, args.alias) if args.rollback else args.version
+    version = tracking.resolve_version(f"models:/{args.name}/{number}")
+    decision, numbers = decide(version, args, args.rollback)
+    before = alias_holder(args.name, args.alias)
+    after = before if decision == "refused" else str(version.version)
+    tracking.use_experiment(version.tags.get("dataset") or "registry")
     tags = {"promotion.decision": decision, "promotion.alias": args.alias, "promotion.margin_points": str(args.margin),
             "promotion.eval_data": version.tags.get("gate.eval_data", ""),
             "promotion.split": version.tags.get("gate.split", ""),
             "promotion.agreement": version.tags.get("gate.agreement", ""),
+            "promotion.alias_before": before, "promotion.alias_after": after,
             **{f"promotion.{k}": str(v) for k, v in numbers.items()}}
-    for key, value in tags.items():
-        client.set_model_version_tag(args.name, args.version, key, value)
+    with tracking.step_run("promote", f"promote-{args.name}-v{version.version}-{args.alias}") as promotion:
+        tracking.log_params({"name": args.name, "version": str(version.version), "alias": args.alias,
+                             "margin": args.margin, "force": args.force, "rollback": args.rollback})
+        tracking.log_environment()
+        mlflow.set_tags(tags)
+        mlflow.log_metrics(numbers)
+        client = MlflowClient()
+        for key, value in {**tags, "promotion.run_id": promotion.info.run_id}.items():
+            client.set_model_version_tag(args.name, version.version, key, value)
+        if decision != "refused":
+            client.set_registered_model_alias(args.name, args.alias, version.version)
     summary = ", ".join(f"{k}={v}" for k, v in numbers.items()) or "no gate measurements"
     if decision == "refused":
-        raise UserError(f"{args.name} version {args.version} failed its gate ({summary}; margin {args.margin} "
+        raise UserError(f"{args.name} version {version.version} failed its gate ({summary}; margin {args.margin} "
                         f"points): alias '{args.alias}' not moved. Use --force to override.")
-    client.set_registered_model_alias(args.name, args.alias, args.version)
-    print(f"{decision}: {args.name}@{args.alias} -> version {args.version} ({summary})")
+    print(f"{decision}: {args.name}@{args.alias} version {before} -> {version.version} ({summary})")
     return True

@@ -210,8 +210,9 @@ class Pipeline(StepRunner):
             record["students"][student]["quantize"] = q.info.run_id
             name, version = q.data.tags["registered_model"], q.data.tags["registered_version"]
             models.append(f"models:/{name}/{version}")
-            try:
-                promote.run(promote.PromoteArgs(name=name, version=version, alias="champion", margin=margin))
+            try:  # a step like the others: a re-run reuses the recorded decision
+                self.step(f"promote-{student}", promote.run, promote.PromoteArgs(
+                    name=name, version=version, alias="champion", margin=margin), f"{name}/{version}")
             except UserError as refusal:  # a refused gate is an outcome to record, not a pipeline failure
                 print(f"[pipeline] promote {name} v{version}: {refusal}")
                 mlflow.set_tag(f"promotion.{student}", "refused")

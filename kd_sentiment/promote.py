@@ -74,7 +74,7 @@ def history(name: str, alias: str) -> list[dict]:
     """Every recorded promotion of the alias: when, who, the decision, the holder before and after."""
     rows = [{"time": r.info.start_time, "user": r.info.user_id or "", "decision": r.data.tags["promotion.decision"],
              "before": r.data.tags["promotion.alias_before"], "after": r.data.tags["promotion.alias_after"],
-             "version": r.data.params["version"], "run_id": r.info.run_id} for r in promotion_runs(name, alias)]
+             "version": r.data.tags["promotion.version"], "run_id": r.info.run_id} for r in promotion_runs(name, alias)]
     print(f"{name}@{alias}: {len(rows)} recorded promotion(s); now at version {alias_holder(name, alias)}")
     for row in rows:
         when = datetime.fromtimestamp(row["time"] / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -84,13 +84,24 @@ def history(name: str, alias: str) -> list[dict]:
 
 
 def rollback_target(name: str, alias: str) -> str:
-    """The version that held the alias before its current holder, from the promote runs."""
+    """The version that held the alias before its current holder: the promote runs replayed as a
+    stack (a promotion pushes its version, a rollback pops one), so rolling back twice goes two
+    holders back; promotions that moved nothing (already the holder, refused) are skipped."""
+    stack = []
+    for run in promotion_runs(name, alias):
+        tags = run.data.tags
+        before, after = tags["promotion.alias_before"], tags["promotion.alias_after"]
+        if tags["promotion.decision"] not in MOVED or before == after:
+            continue
+        stack = stack or [before]
+        if tags["promotion.decision"].startswith("rolled back"):
+            stack.pop()
+        else:
+            stack.append(after)
     current = alias_holder(name, alias)
-    moves = [r for r in promotion_runs(name, alias) if r.data.tags["promotion.decision"] in MOVED
-             and r.data.tags["promotion.alias_after"] == current]
-    if current == NONE or not moves or moves[-1].data.tags["promotion.alias_before"] == NONE:
+    if len(stack) < 2 or stack[-1] != current or stack[-2] == NONE:
         raise UserError(f"{name}@{alias}: no recorded earlier holder to roll back to (see --history).")
-    return moves[-1].data.tags["promotion.alias_before"]
+    return stack[-2]
 
 
 def decide(version, args: PromoteArgs, rollback: bool) -> tuple[str, dict]:
@@ -112,6 +123,9 @@ def run(args: PromoteArgs) -> bool:
         raise UserError("promote needs a registered model name.")
     if not (args.version or args.history or args.rollback):
         raise UserError("promote needs --version (or --history, or --rollback).")
+    if args.version and args.rollback:
+        raise UserError(f"version={args.version} with rollback: a rollback picks the previous holder itself; "
+                        "pass one of them.")
     if args.margin < 0:
         raise UserError(f"margin={args.margin}: must not be negative (points of accuracy).")
     tracking.configure()
@@ -124,7 +138,8 @@ def run(args: PromoteArgs) -> bool:
     before = alias_holder(args.name, args.alias)
     after = before if decision == "refused" else str(version.version)
     tracking.use_experiment(version.tags.get("dataset") or "registry")
-    tags = {"promotion.decision": decision, "promotion.alias": args.alias, "promotion.margin_points": str(args.margin),
+    tags = {"promotion.decision": decision, "promotion.alias": args.alias, "promotion.version": str(version.version),
+            "promotion.margin_points": str(args.margin),
             "promotion.eval_data": version.tags.get("gate.eval_data", ""),
             "promotion.split": version.tags.get("gate.split", ""),
             "promotion.agreement": version.tags.get("gate.agreement", ""),

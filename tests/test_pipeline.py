@@ -12,7 +12,7 @@ from kd_sentiment.data import load_splits
 from kd_sentiment.train import predict_logits
 
 STEPS = ["teacher", "distill-teacher-layers:0", "distill-teacher-layers:0-nokd", "quantize-teacher-layers:0",
-         "benchmark"]
+         "promote-teacher-layers:0", "benchmark"]
 
 
 @pytest.fixture
@@ -54,8 +54,8 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     parents = {r.info.run_id for r in runs if r.data.tags["kd_sentiment.step"] == "pipeline"}
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") in parents]
     # Each step ran exactly once over the three attempts, always as a child of a pipeline run.
-    assert len(children) == 5 and all(r.info.status == "FINISHED" for r in children)
-    assert len({r.data.tags["kd_sentiment.step_key"] for r in children}) == 5
+    assert len(children) == len(STEPS) and all(r.info.status == "FINISHED" for r in children)
+    assert len({r.data.tags["kd_sentiment.step_key"] for r in children}) == len(STEPS)
 
     csv = sorted((tmp_path / "bench").glob("imdb-*.csv"))
     assert len(csv) == 1
@@ -127,8 +127,8 @@ def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(con
     quantized = mlflow.get_run(student["quantize"])
     assert quantized.data.params["parent_version"] == str(version.version)
 
-    text = report.run(report.ReportArgs(config="seeds", datasets="imdb", out=str(tmp_path / "R.md"),
-                                        readme=str(tmp_path / "none.md")))
+    report.run(report.ReportArgs(config="seeds", datasets="imdb", out=str(tmp_path / "R.md"),
+                                 readme=str(tmp_path / "none.md")))
     text = (tmp_path / "R.md").read_text()
     kd_line = next(line for line in text.splitlines() if line.startswith("| teacher-layers:0 + KD vs no KD"))
     assert "[" in kd_line and "n/a" not in kd_line

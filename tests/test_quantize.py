@@ -111,3 +111,6 @@ def test_every_promotion_is_a_run_with_history_and_rollback(registry, capsys):
     assert all(r.data.tags["kd_sentiment.step"] == "promote" and r.data.tags["machine.cpu_arch"] for r in runs)
     assert runs[-1].data.metrics["accuracy_drop_points"] > 1.0  # the gate's numbers, on the refused run too
     assert client.get_model_version(INT8, worse.version).tags["promotion.run_id"] == runs[-1].info.run_id
+    # The rollback popped v2: there is no holder before v1 to go back to.
+    with pytest.raises(UserError, match="no recorded earlier holder"):
+        promote.run(promote.PromoteArgs(name=INT8, alias="staging", rollback=True))

@@ -20,6 +20,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from kd_sentiment import tracking
 from kd_sentiment.errors import UserError
@@ -129,13 +130,14 @@ def predictions(run_id: str, name: str = "test_logits") -> tuple[np.ndarray, str
     return tracking.load_array(run_id, f"predictions/{name}.npy").argmax(1), fingerprint
 
 
-def paired(runs_a: list, runs_b: list, labels: np.ndarray, metric: str, num_labels: int,
+def paired(runs_a: list, runs_b: list, labels: tuple[np.ndarray, str], metric: str, num_labels: int,
            name_a: str = "test_logits", name_b: str = "test_logits") -> Difference | None:
     """metric(A) - metric(B) over the runs' logged test predictions (several runs: seeds), or None
-    where a run has none or the runs were not scored on the same texts."""
+    where a run has none or was not scored on the texts of `labels` (their array and fingerprint)."""
+    labels, fingerprint = labels
     got_a = [predictions(r, name_a) for r in runs_a]
     got_b = [predictions(r, name_b) for r in runs_b]
-    if any(g is None for g in got_a + got_b) or len({g[1] for g in got_a + got_b}) != 1:
+    if any(g is None or g[1] != fingerprint for g in got_a + got_b):
         return None
     return paired_difference([g[0] for g in got_a], [g[0] for g in got_b], labels, metric, num_labels)
 
@@ -151,14 +153,18 @@ def seed_mean(runs: list, key: str) -> float:
 def dataset_section(dataset: str, parent) -> tuple[str, dict]:
     """Markdown for one dataset and the key numbers (for the comparison with the claims), every
     figure from the runs the pipeline's record names."""
-    record = artifact_json(parent.info.run_id, "pipeline_record.json")
+    try:
+        record = artifact_json(parent.info.run_id, "pipeline_record.json")
+    except (MlflowException, OSError):
+        raise UserError(f"pipeline run {parent.info.run_id} has no pipeline_record.json (it predates it); re-run the "
+                        "pipeline with this version to report it.") from None
     record["benchmark"] = latest_benchmark(mlflow.get_run(record["benchmark"]))
     bench = benchmark_frame(record["benchmark"])
     big = int(bench["batch_size"].max())
     teacher = mlflow.get_run(record["teacher"])
     t, tp = teacher.data.metrics, teacher.data.params
     metric, num_labels = tp["selection_metric"], int(tp["num_labels"])
-    labels = tracking.load_array(record["teacher"], "predictions/test_labels.npy")
+    labels = (tracking.load_array(record["teacher"], "predictions/test_labels.npy"), tp["test_fingerprint"])
     lines = [f"### {dataset}", "",
              f"Data: {tp['n_train']} train / {tp['n_validation']} validation / {tp['n_test']} test texts "
              f"(stratified subsets, data seed {tp.get('data_seed', tp['seed'])}), max_length {tp['max_length']}. "
@@ -171,12 +177,12 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
     lines.append(f"| teacher ({tp['model']}, fp32) | 1 | {t['parameters'] / 1e6:.1f} | {pct(t['test_accuracy'])} | "
                  f"{pct(t['test_macro_recall'])} | {t['test_ece']:.3f} | {t['test_ece_after_ts']:.3f} | "
                  f"{speedup(bench, teacher_name, 'torch_fp32', 1)} | {speedup(bench, teacher_name, 'torch_fp32', big)} | | |")
-    comparisons = [f"Differences on the same {len(labels)} test texts, in points, with 95% intervals from a paired "
+    comparisons = [f"Differences on the same {len(labels[0])} test texts, in points, with 95% intervals from a paired "
                    "bootstrap over the texts (and over the training seeds where there are several); "
                    "\"significant\" only where the interval excludes zero:", "",
                    "| comparison | accuracy | macro-recall |", "|---|---|---|"]
     numbers = {"teacher": teacher, "metric": metric, "students": {}, "bench": mlflow.get_run(record["benchmark"]),
-               "n_test": len(labels), "widths": [],
+               "n_test": len(labels[0]), "widths": [],
                "int8_same_texts": all(mlflow.get_run(r["quantize"]).data.params.get("test_fingerprint")
                                       == tp.get("test_fingerprint") for r in record["students"].values()
                                       if r.get("quantize"))}
@@ -337,8 +343,8 @@ def calibration_section(out_dir: Path) -> str:
     plt.close(fig)
 
     n = rows["n_test"].iloc[0]
-    labels = (tracking.load_array(rows["run_id"].iloc[0], "predictions/test_labels.npy")
-              if predictions(rows["run_id"].iloc[0]) else None)
+    first = predictions(rows["run_id"].iloc[0])
+    labels = (tracking.load_array(rows["run_id"].iloc[0], "predictions/test_labels.npy"), first[1]) if first else None
     versus_raw = {}
     for r in rows.itertuples():
         raw = rows[(rows["variant"] == "raw") & (rows["T_kd"] == r.T_kd)]

@@ -1,7 +1,8 @@
 """The teacher's logits ("soft targets"), computed once and cached in MLflow.
 
 Distilling several students, or sweeping temperature and alpha, reuses one teacher pass. The cache
-is a dedicated MLflow run per (teacher version, max_length), tagged `kd_sentiment.soft_targets_for`,
+is a dedicated MLflow run per (teacher version, max_length, mixed precision of the teacher pass), tagged
+`kd_sentiment.soft_targets_for`,
 holding one `soft_targets/<split>-<fingerprint>.npy` per distinct set of texts (the fingerprint is
 a hash of the texts, so a different subset or dataset never hits a stale entry). The teacher's
 model version gets a tag `soft_targets_run_id` pointing at it.
@@ -23,14 +24,16 @@ from kd_sentiment.train import predict_logits
 CACHE_TAG = "kd_sentiment.soft_targets_for"
 
 
-def cache_key(version, max_length: int) -> str:
-    # The source run id guards against a deleted and re-created model reusing a version number.
-    return f"{version.name}/{version.version}/{version.run_id}/max_length={max_length}"
+def cache_key(version, max_length: int, precision: str = "no") -> str:
+    # The source run id guards against a deleted and re-created model reusing a version number; the
+    # precision keeps a bf16/fp16 teacher pass apart from an fp32 one (fp32 keys are as before).
+    precision = "" if precision == "no" else f"/mixed_precision={precision}"
+    return f"{version.name}/{version.version}/{version.run_id}/max_length={max_length}{precision}"
 
 
-def find_cache_run(version, max_length: int) -> str | None:
+def find_cache_run(version, max_length: int, precision: str = "no") -> str | None:
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
-                              filter_string=f"tags.`{CACHE_TAG}` = '{cache_key(version, max_length)}'")
+                              filter_string=f"tags.`{CACHE_TAG}` = '{cache_key(version, max_length, precision)}'")
     return runs[0].info.run_id if runs else None
 
 
@@ -40,15 +43,17 @@ def cached_entries(run_id: str | None) -> set[str]:
     return {Path(a.path).name for a in MlflowClient().list_artifacts(run_id, "soft_targets")}
 
 
-def store_entries(version, max_length: int, run_id: str | None, experiment_id: str, arrays: dict[str, np.ndarray]) -> str:
+def store_entries(version, max_length: int, run_id: str | None, experiment_id: str, arrays: dict[str, np.ndarray],
+                  precision: str = "no") -> str:
     """Add arrays to the cache run (created on first use); returns its run id."""
     client = MlflowClient()
     if run_id is None:
         run = client.create_run(experiment_id, run_name=f"soft-targets-{version.name}-v{version.version}",
-                                tags={CACHE_TAG: cache_key(version, max_length), "kd_sentiment.step": "soft-targets",
-                                      "teacher": f"{version.name}/{version.version}"})
+                                tags={CACHE_TAG: cache_key(version, max_length, precision),
+                                      "kd_sentiment.step": "soft-targets", "teacher": f"{version.name}/{version.version}"})
         run_id = run.info.run_id
         client.log_param(run_id, "max_length", max_length)
+        client.log_param(run_id, "mixed_precision", precision)
         client.set_terminated(run_id, "FINISHED")
         try:
             client.set_model_version_tag(version.name, version.version, "soft_targets_run_id", run_id)
@@ -81,7 +86,7 @@ def teacher_logits(version, model_uri: str, texts_by_split: dict, max_length: in
     names = {split: f"{split}-{fingerprint(texts)}.npy" for split, texts in texts_by_split.items()}
     found = [None, set()]
     if accelerator.is_main_process:
-        run_id = find_cache_run(version, max_length)
+        run_id = find_cache_run(version, max_length, accelerator.mixed_precision)
         found = [run_id, cached_entries(run_id)]
     broadcast_object_list(found)
     run_id, present = found
@@ -96,7 +101,7 @@ def teacher_logits(version, model_uri: str, texts_by_split: dict, max_length: in
         clear_device_cache(garbage_collection=True)  # the student trains without the teacher's memory
         if accelerator.is_main_process:
             run_id = store_entries(version, max_length, run_id, experiment_id,
-                                   {names[s]: arrays[s] for s in missing})
+                                   {names[s]: arrays[s] for s in missing}, accelerator.mixed_precision)
     # Cached splits are read from the store by every process (local file copies; cheap).
     for split in texts_by_split:
         if split not in arrays:

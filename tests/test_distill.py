@@ -209,3 +209,5 @@ def test_soft_target_cache_misses_on_other_length_version_or_texts(teacher_home,
     assert not hit(second, texts, 32)      # another teacher version
     assert not hit(first, other, 32)       # another set of texts
     assert len(loads) == 4
+    # A bf16 teacher pass is cached apart from the fp32 one (one accelerator state per process here).
+    assert soft_targets.cache_key(first, 32, "bf16") != soft_targets.cache_key(first, 32)

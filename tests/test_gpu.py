@@ -140,7 +140,7 @@ def test_teacher_pass_runs_on_the_gpu_and_frees_its_memory(tiny_folder, monkeypa
         return model, tokenizer
 
     monkeypatch.setattr(tracking, "load_registered_classifier", load)
-    monkeypatch.setattr(soft_targets, "find_cache_run", lambda version, max_length: None)
+    monkeypatch.setattr(soft_targets, "find_cache_run", lambda *args: None)
     monkeypatch.setattr(soft_targets, "store_entries", lambda *args: "cache-run")
     accelerator = Accelerator(mixed_precision="bf16")
     version = SimpleNamespace(name="teacher", version="1", run_id="r")

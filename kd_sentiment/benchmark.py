@@ -346,13 +346,13 @@ def run(args: BenchmarkArgs) -> pd.DataFrame:
                              "model_rss_mb": result["peak_rss_mb"] - result["rss_before_load_mb"],
                              "peak_gpu_mb": result["peak_gpu_mb"], "threads": threads, "cpu": cpu_name})
         frame = pd.DataFrame(rows)
-        teacher = frame[(frame["role"] == "teacher") & (frame["backend"] == "torch_fp32")]
-        if len(teacher):
-            base = teacher.drop_duplicates(["setting", "batch_size"]).set_index(["setting", "batch_size"])["model_p50_ms"]
-            frame["speedup_vs_teacher"] = [base.get((s, b), np.nan) / p for s, b, p in
-                                           zip(frame["setting"], frame["batch_size"], frame["model_p50_ms"])]
-        else:
-            frame["speedup_vs_teacher"] = np.nan
+        # Each row against the fp32 teacher on the same device: GPU rows against the teacher's GPU
+        # row of the same backend, CPU rows (PyTorch and ONNX) against the teacher's CPU fp32 row.
+        teacher = frame[frame["role"] == "teacher"].drop_duplicates(["backend", "setting", "batch_size"])
+        base = teacher.set_index(["backend", "setting", "batch_size"])["model_p50_ms"]
+        reference = [b if b.startswith("torch_cuda") else "torch_fp32" for b in frame["backend"]]
+        frame["speedup_vs_teacher"] = [base.get((r, s, b), np.nan) / p for r, s, b, p in
+                                       zip(reference, frame["setting"], frame["batch_size"], frame["model_p50_ms"])]
 
         out_dir = Path(args.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,8 @@
 
 One home for these facts so every run records them the same way, as `machine.*` tags: timings and
 INT8 results depend on the CPU's instruction sets (AVX2, AVX-512, VNNI), GPU timings on the GPU,
-driver and CUDA version. torch is imported only by the functions that ask about the GPU, so the
-quantization code can read CPU features without it.
+driver and CUDA version. torch is imported only by the functions that ask about the GPU, so
+`cpu_features` (used by quantization) needs no torch.
 """
 from __future__ import annotations
 
@@ -58,15 +58,13 @@ def gpu_facts() -> dict:
             "gpu_driver": gpu_driver(), "cuda_version": torch.version.cuda or "unknown"}
 
 
-def machine_tags(threads: int | None = None, gpu: bool = True) -> dict[str, str]:
-    """`machine.*` tags: CPU model and features, core count, threads used, and the GPU where there is one
-    (`gpu=False` skips importing torch)."""
+def machine_tags(threads: int | None = None) -> dict[str, str]:
+    """`machine.*` tags: CPU model and features, core count, threads used, and the GPU where there is one."""
     facts = {f"cpu_{k}": v for k, v in cpu_features().items()}
     facts.update(cpu_count=os.cpu_count(), python=platform.python_version())
     if threads is not None:
         facts["threads"] = threads
-    if gpu:
-        facts.update(gpu_facts() or {"gpu_name": "none"})
+    facts.update(gpu_facts() or {"gpu_name": "none"})
     return {f"machine.{k}": str(v) for k, v in facts.items()}
 
 

@@ -105,6 +105,8 @@ def checkpoint_location(step: str, args: StepArgs, dataset: str, model_name: str
     default = f"outputs/{step}-{dataset}-{slug(model_name)}"
     if args.train.alpha:
         default += f"-a{args.train.alpha:g}-T{args.train.temperature:g}"
+    if args.data_seed != StepArgs.data_seed:  # other texts: never resume one from the other's checkpoint
+        default += f"-d{args.data_seed}"
     output_dir = Path(args.output_dir or f"{default}-s{args.train.seed}")
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output_dir={output_dir}: exists and is not a folder; checkpoints need a folder.")

@@ -44,7 +44,7 @@ def boolean(text: str) -> bool:
 
 
 def whole_number(text: str) -> int:
-    """An integer; '3.0' is accepted because MLproject has no integer type (floats pass through)."""
+    """An integer; '3.0' is accepted too (a value a tool wrote as a float)."""
     try:
         value = float(text)
     except ValueError:

@@ -31,3 +31,24 @@ def test_every_step_flag_is_an_entry_point_parameter(entry_point):
     flags = {a.dest for a in subcommands[entry_point]._actions if a.dest != "help"}
     missing = flags - set(MLPROJECT["entry_points"][entry_point]["parameters"])
     assert not missing, f"{entry_point}: flags without an MLproject parameter: {sorted(missing)}"
+
+
+@pytest.mark.parametrize("entry_point", sorted(MLPROJECT["entry_points"]))
+def test_entry_point_parameters_match_the_flags_field_by_field(entry_point):
+    """Each MLproject parameter has its flag's default (read through the flag's own parser) and, for
+    a whole-number flag, type int: a default changed in one place and not the other fails here."""
+    from kd_sentiment.cli import whole_number
+
+    command = "pipeline" if entry_point == "main" else entry_point
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    flags = {a.dest: a for a in subcommands[command]._actions}
+    for name, spec in MLPROJECT["entry_points"][entry_point]["parameters"].items():
+        flag = flags[name]
+        if flag.type is whole_number:
+            assert spec.get("type") == "int", f"{entry_point}.{name}: a whole number, declared {spec.get('type')}"
+        if "default" in spec:
+            parse = flag.type or (lambda text: text)
+            empty = (None, "")  # optional text flags read '' as None: both mean "not given"
+            parsed = parse(str(spec["default"]))
+            assert parsed == flag.default or (parsed in empty and flag.default in empty), \
+                f"{entry_point}.{name}: MLproject default {spec['default']!r}, flag default {flag.default!r}"

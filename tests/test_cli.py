@@ -24,7 +24,8 @@ def test_entry_point_command_parses_with_its_defaults(entry_point):
         assert hasattr(namespace, name), f"{entry_point}: parameter {name} has no --{name} flag"
 
 
-@pytest.mark.parametrize("entry_point", ["teacher", "distill", "quantize", "promote", "benchmark"])
+@pytest.mark.parametrize("entry_point", ["teacher", "distill", "quantize", "promote", "benchmark", "loadtest",
+                                         "report"])
 def test_every_step_flag_is_an_entry_point_parameter(entry_point):
     """A flag (a new TrainConfig field, say) missing from MLproject would be unreachable from `mlflow run`."""
     subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
@@ -52,3 +53,9 @@ def test_entry_point_parameters_match_the_flags_field_by_field(entry_point):
             parsed = parse(str(spec["default"]))
             assert parsed == flag.default or (parsed in empty and flag.default in empty), \
                 f"{entry_point}.{name}: MLproject default {spec['default']!r}, flag default {flag.default!r}"
+
+
+def test_every_command_has_an_entry_point():
+    """`pipeline` is the `main` entry point; every other command is an entry point of its own name."""
+    subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
+    assert set(subcommands) - {"pipeline"} <= set(MLPROJECT["entry_points"]) and "main" in MLPROJECT["entry_points"]

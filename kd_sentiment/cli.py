@@ -271,6 +271,31 @@ def build_parser() -> argparse.ArgumentParser:
     add_dataset_flags(p)
     p.set_defaults(func=plain_step("pipeline", "PipelineArgs"))
 
+    p = commands.add_parser("study", help="the calibration study: one student from teachers of different calibration",
+                            description="Distil one student, on one dataset and budget, from the registered teacher "
+                                        "as is, rescaled (calibrated, sharpened) and retrained (label-smoothed, "
+                                        "trained longer), over a fixed grid of KD temperatures; finished runs are reused.")
+    p.add_argument("kind", nargs="?", choices=("calibration",), default="calibration", help="which study (calibration)")
+    add_dataset_flags(p)
+    p.add_argument("--catalog", type=optional_text, default=None,
+                   help="YAML mapping model names to sources (default: $KD_SENTIMENT_CATALOG, else built-in)")
+    p.add_argument("--teacher", default="", help="registry URI (default: models:/kd-sentiment-teacher-DATASET@champion)")
+    p.add_argument("--variants", default="raw,calibrated,sharpened,label-smoothed,trained-longer",
+                   help="teacher variants to run, comma-separated")
+    p.add_argument("--label_smoothing", type=float, default=0.1, help="of the label-smoothed teacher")
+    p.add_argument("--longer_epochs", type=whole_number, default=3, help="epochs of the trained-longer teacher")
+    p.add_argument("--student", default="tinybert", help="the student every variant distils (as distill --student)")
+    p.add_argument("--temperatures", default="1,4", help="the fixed KD temperature grid, comma-separated")
+    p.add_argument("--alpha", type=float, default=0.5, help="weight of the soft-target loss")
+    p.add_argument("--epochs", type=whole_number, default=2, help="student epochs")
+    p.add_argument("--lr", type=float, default=8e-5, help="student learning rate")
+    p.add_argument("--batch_size", type=whole_number, default=16, help="student batch size")
+    p.add_argument("--max_length", type=whole_number, default=128, help="tokens per text")
+    p.add_argument("--max_train_samples", type=optional_count, default=1500, help="stratified subset of train ('all')")
+    p.add_argument("--max_eval_samples", type=optional_count, default=1000,
+                   help="stratified subsets of validation and test ('all')")
+    p.set_defaults(func=plain_step("study", "StudyArgs"))
+
     p = commands.add_parser("loadtest", help="serve a model and load it with concurrent clients (loopback only)",
                             description="Start `mlflow models serve` for MODEL on a free 127.0.0.1 port, send a fixed "
                                         "number of single-text requests from concurrent clients (some malformed), "

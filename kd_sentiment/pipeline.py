@@ -102,7 +102,7 @@ def train_config(section: dict, **overrides) -> TrainConfig:
 
 class StepRunner:
     """Runs steps as child runs of the active run, reusing a finished identical one (also used by
-    experiments/calibration_study.py)."""
+    kd_sentiment/study.py)."""
 
     def __init__(self):
         self.code = code_version()

@@ -4,7 +4,7 @@ For each dataset, the latest finished pipeline run of a configuration (default `
 runs that served it (pipeline_record.json); their metrics and the benchmark CSV fill one table per
 dataset, and every comparison (student vs teacher, KD vs alpha=0, INT8 vs fp32, calibration
 variants) is a difference with a 95% interval from a paired bootstrap over the runs' logged test
-predictions and their seeds (stats.py). Runs of the calibration study (experiments/calibration_study.py)
+predictions and their seeds (stats.py). Runs of the calibration study (`kd-sentiment study calibration`)
 add a section with a plot. Every number and every factual sentence comes from the runs' metrics,
 params, tags or the logged benchmark CSV; the original study's claims are quoted as claims.
 """
@@ -297,9 +297,9 @@ def calibration_runs() -> pd.DataFrame:
     """The calibration study's distill runs: the newest per (teacher variant, T_kd), for the student
     and dataset of the newest run."""
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
-                              filter_string="tags.`kd_sentiment.study` = 'calibration' and tags.`kd_sentiment.step` = 'distill' "
-                                            "and attributes.status = 'FINISHED'")
-    rows = pd.DataFrame([{"variant": r.data.tags["teacher_variant"], "T_kd": float(r.data.params["temperature"]),
+                              filter_string=f"tags.`{tracking.STUDY_TAG}` = 'calibration' and "
+                                            "tags.`kd_sentiment.step` = 'distill' and attributes.status = 'FINISHED'")
+    rows = pd.DataFrame([{"variant": r.data.tags[tracking.VARIANT_TAG], "T_kd": float(r.data.params["temperature"]),
                           "scale": float(r.data.params.get("teacher_logit_scale", 1.0)),
                           "teacher_macro_recall": r.data.metrics["teacher_test_macro_recall"],
                           "teacher_ece": r.data.metrics["teacher_scaled_test_ece"],
@@ -322,7 +322,7 @@ def correlation(x: pd.Series, y: pd.Series) -> float:
 def calibration_section(out_dir: Path) -> str:
     rows = calibration_runs()
     if rows.empty:
-        return "## The calibration claim\n\nNo calibration-study runs in this store yet (experiments/calibration_study.py).\n"
+        return "## The calibration claim\n\nNo calibration-study runs in this store yet (`kd-sentiment study calibration`).\n"
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -384,7 +384,7 @@ def calibration_section(out_dir: Path) -> str:
     variants = [v for v in VARIANT_NOTES if v in set(rows["variant"])]
     return "\n".join(["## The calibration claim, tested on one dataset", "",
                       f"Student `{rows['student'].iloc[0]}` on {rows['dataset'].iloc[0]}, {n} test texts; only the "
-                      "teacher and the KD temperature are meant to vary (experiments/calibration_study.py). " + held
+                      "teacher and the KD temperature are meant to vary (`kd-sentiment study calibration`). " + held
                       + " Teachers: " + "; ".join(f"{v}: {VARIANT_NOTES[v]}" for v in variants)
                       + ". The teacher columns are measured on the same test texts, with the logits as used for the "
                       "soft targets.", "", *table, "",

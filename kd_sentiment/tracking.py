@@ -30,6 +30,8 @@ from kd_sentiment.machine import machine_tags
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
 # The MLflow UI opens an experiment of this kind on its runs, not on the GenAI overview.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# Tags of a study's runs (kd_sentiment/study.py writes them, the report reads them).
+STUDY_TAG, VARIANT_TAG = "kd_sentiment.study", "teacher_variant"
 LIBRARIES = ("torch", "transformers", "accelerate", "mlflow", "datasets", "onnxruntime", "optimum", "optimum-onnx")
 # Explicit requirements for logged models: inference alone would also pull in torchvision.
 MODEL_PIP_REQUIREMENTS = [f"{lib}=={version(lib)}" for lib in ("mlflow", "torch", "transformers", "tokenizers")] + \

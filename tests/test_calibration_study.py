@@ -1,37 +1,26 @@
-"""experiments/calibration_study.py on the tiny teacher: every teacher variant distils the same
+"""`kd-sentiment study calibration` on the tiny teacher: every teacher variant distils the same
 student, trained variants are registered apart from the champion, a re-run reuses everything, and
 the report's calibration section is built from exactly those runs."""
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
 from kd_sentiment import report
-
-SCRIPT = Path(__file__).parents[1] / "experiments" / "calibration_study.py"
+from kd_sentiment.cli import main
 
 
 @pytest.fixture
 def study(teacher_home, tiny_model, tmp_path, monkeypatch):
-    """Run the study in a copy of teacher_home's store (its artifacts stay where they are)."""
+    """Run the study, as the CLI does, in a copy of teacher_home's store (its artifacts stay where they are)."""
     shutil.copy(teacher_home[0] / "mlflow.db", tmp_path / "mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    spec = importlib.util.spec_from_file_location("calibration_study", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    argv = ["calibration_study.py", "--dataset", "imdb", "--student", str(tiny_model), "--temperatures", "2",
+    argv = ["study", "calibration", "--dataset", "imdb", "--student", str(tiny_model), "--temperatures", "2",
             "--variants", "raw,calibrated,label-smoothed", "--label_smoothing", "0.2", "--epochs", "1",
             "--lr", "2e-3", "--batch_size", "32", "--max_length", "64", "--max_train_samples", "300",
             "--max_eval_samples", "100"]
-
-    def run():
-        monkeypatch.setattr(sys, "argv", argv)
-        module.main()
-    return run
+    return lambda: main(argv)
 
 
 def test_study_runs_each_variant_once_and_reports_them(study, tmp_path):

@@ -25,7 +25,7 @@ def test_entry_point_command_parses_with_its_defaults(entry_point):
 
 
 @pytest.mark.parametrize("entry_point", ["teacher", "distill", "quantize", "promote", "benchmark", "loadtest",
-                                         "report"])
+                                         "report", "study"])
 def test_every_step_flag_is_an_entry_point_parameter(entry_point):
     """A flag (a new TrainConfig field, say) missing from MLproject would be unreachable from `mlflow run`."""
     subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices

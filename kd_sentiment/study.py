@@ -22,62 +22,78 @@ through the pipeline's StepRunner: re-running the study reuses finished runs and
 interrupted one. Soft targets come from the MLflow cache, so each teacher is run once.
 `kd-sentiment report` turns the runs into a section of results/RESULTS.md.
 
-  python experiments/calibration_study.py --dataset tweeteval --student tinybert \
+  kd-sentiment study calibration --dataset tweeteval --student tinybert \
       --catalog experiments/catalog-offline.yaml --max_train_samples 1500 --max_eval_samples 1000
 """
 from __future__ import annotations
 
-import argparse
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import mlflow
 
 from kd_sentiment import distill, teacher, tracking
-from kd_sentiment.cli import optional_count
+from kd_sentiment.errors import UserError
 from kd_sentiment.pipeline import StepRunner, registered_uri
 from kd_sentiment.train import TrainConfig
 
 SCALED = ("raw", "calibrated", "sharpened")    # the registered teacher, its logits rescaled
 TRAINED = ("label-smoothed", "trained-longer")  # teachers trained for the study
+STUDIES = ("calibration",)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dataset", default="tweeteval")
-    parser.add_argument("--data_dir", default=None)
-    parser.add_argument("--catalog", default=None)
-    parser.add_argument("--teacher", default="", help="registry URI (default: the dataset's teacher @champion)")
-    parser.add_argument("--variants", default=",".join(SCALED + TRAINED), help="teacher variants to run")
-    parser.add_argument("--label_smoothing", type=float, default=0.1, help="of the label-smoothed teacher")
-    parser.add_argument("--longer_epochs", type=int, default=3, help="epochs of the trained-longer teacher")
-    parser.add_argument("--student", default="tinybert")
-    parser.add_argument("--temperatures", default="1,4", help="the fixed KD temperature grid")
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=8e-5)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--max_train_samples", type=optional_count, default=1500)
-    parser.add_argument("--max_eval_samples", type=optional_count, default=1000)
-    args = parser.parse_args()
-    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = set(variants) - set(SCALED + TRAINED)
-    if unknown:
-        parser.error(f"--variants: unknown {sorted(unknown)}; choose from {', '.join(SCALED + TRAINED)}")
+@dataclass
+class StudyArgs:
+    kind: str = "calibration"   # which study; only the calibration study exists
+    dataset: str = "tweeteval"
+    data_dir: str | None = None
+    catalog: str | None = None
+    teacher: str = ""           # registry URI; empty: the dataset's teacher @champion
+    variants: str = ",".join(SCALED + TRAINED)
+    label_smoothing: float = 0.1  # of the label-smoothed teacher
+    longer_epochs: int = 3        # epochs of the trained-longer teacher
+    student: str = "tinybert"
+    temperatures: str = "1,4"     # the fixed KD temperature grid
+    alpha: float = 0.5
+    epochs: int = 2
+    lr: float = 8e-5
+    batch_size: int = 16
+    max_length: int = 128
+    max_train_samples: int | None = 1500
+    max_eval_samples: int | None = 1000
 
+    def validate(self) -> tuple[list[str], list[float]]:
+        """(variants, KD temperatures), or a UserError naming the parameter."""
+        if self.kind not in STUDIES:
+            raise UserError(f"study {self.kind!r}: one of {STUDIES}.")
+        variants = [v.strip() for v in self.variants.split(",") if v.strip()]
+        unknown = sorted(set(variants) - set(SCALED + TRAINED))
+        if unknown or not variants:
+            raise UserError(f"variants={self.variants!r}: unknown {unknown}; choose from {', '.join(SCALED + TRAINED)}.")
+        try:
+            temperatures = [float(t) for t in self.temperatures.split(",") if t.strip()]
+        except ValueError:
+            raise UserError(f"temperatures={self.temperatures!r}: comma-separated numbers, e.g. 1,4.") from None
+        if not temperatures or min(temperatures) <= 0:
+            raise UserError(f"temperatures={self.temperatures!r}: at least one, each greater than 0.")
+        return variants, temperatures
+
+
+def run(args: StudyArgs) -> dict:
+    """Run (or reuse) every teacher variant and distillation of the study; returns its step runs."""
+    variants, temperatures = args.validate()
     tracking.configure()
     tracking.use_experiment(args.dataset)
-    teacher_uri = args.teacher or f"models:/kd-sentiment-teacher-{args.dataset}@champion"
-    version = tracking.resolve_version(teacher_uri)
+    teacher_uri = args.teacher or f"models:/{teacher.registered_name(args.dataset)}@champion"
+    version = tracking.resolve_version(teacher_uri, needed_by="Register a teacher with the teacher step first.")
     teacher_run = mlflow.get_run(version.run_id)
     t_cal = teacher_run.data.metrics["temperature"]
     data = {"dataset": args.dataset, "data_dir": args.data_dir, "catalog": args.catalog,
             "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples}
-    study = {"kd_sentiment.study": "calibration"}
+    study = {tracking.STUDY_TAG: args.kind}
     runner = StepRunner()
     with tracking.step_run("study", f"calibration-study-{args.student}"):
         mlflow.set_tags(study)
-        mlflow.log_params({**vars(args), "teacher_uri": teacher_uri, "teacher_temperature": t_cal})
+        tracking.log_params({**vars(args), "teacher_uri": teacher_uri, "teacher_temperature": t_cal})
         # (teacher URI, logit scale) per variant; the trained variants copy the registered teacher's recipe
         registered = f"models:/{version.name}/{version.version}"
         teachers = {"raw": (registered, 1.0), "calibrated": (registered, 1.0 / t_cal), "sharpened": (registered, 2.0)}
@@ -87,9 +103,9 @@ def main() -> None:
             run = runner.step(f"teacher-{variant}", teacher.run, teacher.TeacherArgs(
                 model=teacher_run.data.params["model"], name=f"kd-sentiment-calibration-teacher-{args.dataset}",
                 alias="", train=replace(recipe, **changes[variant]), **data),
-                upstream=registered, tags={**study, "teacher_variant": variant})
+                upstream=registered, tags={**study, tracking.VARIANT_TAG: variant})
             teachers[variant] = (registered_uri(run), 1.0)
-        for temperature in (float(t) for t in args.temperatures.split(",")):
+        for temperature in temperatures:
             for variant in variants:
                 uri, scale = teachers[variant]
                 train = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
@@ -98,10 +114,7 @@ def main() -> None:
                 runner.step(f"distill-{variant}-T{temperature:g}", distill.run, distill.DistillArgs(
                     student=args.student, teacher=uri, teacher_logit_scale=scale, alias="",
                     name=f"kd-sentiment-calibration-study-{args.dataset}", train=train, **data),
-                    upstream=uri, tags={**study, "teacher_variant": variant})
+                    upstream=uri, tags={**study, tracking.VARIANT_TAG: variant})
         mlflow.set_tag("reused_steps", ",".join(runner.reused) or "none")
         mlflow.log_dict(runner.step_runs, "study_steps.json")
-
-
-if __name__ == "__main__":
-    main()
+    return runner.step_runs

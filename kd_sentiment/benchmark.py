@@ -17,6 +17,7 @@ figures (accuracy vs latency, speedup, reliability diagrams) and a Markdown summ
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -35,6 +36,8 @@ from kd_sentiment import calibration, tracking
 from kd_sentiment.data import load_splits
 from kd_sentiment.errors import UserError
 from kd_sentiment.machine import cpu_features, peak_gpu_memory_mb
+
+log = logging.getLogger(__name__)
 
 WARMUP_BATCHES = 3
 # PyTorch backends: name -> (device, dtype). The GPU ones are measured only where CUDA is available.
@@ -332,7 +335,7 @@ def run(args: BenchmarkArgs) -> pd.DataFrame:
         tracking.log_environment(threads)
         rows, probs = [], {}
         for target in targets:
-            print(f"measuring {target.label} ...", flush=True)
+            log.info("measuring %s ...", target.label)
             result = measure(target, args, batch_sizes, threads, eval_texts, bench_texts, Path(tmp))
             logits = np.asarray(result["eval_logits"])
             quality = calibration.classification_metrics(logits, labels, splits.label_names)
@@ -370,6 +373,5 @@ def run(args: BenchmarkArgs) -> pd.DataFrame:
         for _, row in frame[frame["setting"].str.startswith("fixed")].iterrows():
             key = f"{row['model'].removeprefix('kd-sentiment-')}.v{row['version']}.{row['backend']}.b{row['batch_size']}"
             mlflow.log_metrics({f"{key}.p50_ms": row["model_p50_ms"], f"{key}.speedup": row["speedup_vs_teacher"]})
-        print(markdown)
-        print(f"wrote {csv_path}")
+        log.info("%s\nwrote %s", markdown, csv_path)
     return frame

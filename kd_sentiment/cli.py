@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import sys
 from dataclasses import fields
@@ -171,6 +172,8 @@ def optional_boolean(text: str) -> bool | None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kd-sentiment", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--verbose", action="store_true",
+                        help="also print details (tracking store, step keys, cache look-ups), before the command")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = commands.add_parser("teacher", help="fine-tune and register the teacher",
@@ -324,9 +327,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def configure_logging(verbose: bool) -> None:
+    """The package's messages on stdout: progress and results at INFO, details (store, step keys,
+    cache look-ups) at DEBUG with --verbose. Progress bars are tqdm's, on stderr, either way."""
+    logger = logging.getLogger("kd_sentiment")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    handler = next((h for h in logger.handlers if getattr(h, "kd_sentiment_cli", False)), None)
+    if handler is None:  # main() may run more than once in a process (tests)
+        handler = logging.StreamHandler(sys.stdout)
+        handler.kd_sentiment_cli = True
+        logger.addHandler(handler)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
+
+
 def main(argv: list[str] | None = None) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     ns = build_parser().parse_args(argv)
+    configure_logging(ns.verbose)
     try:
         ns.func(ns)
     except UserError as err:

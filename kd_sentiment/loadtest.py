@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import os
 import signal
 import socket
@@ -49,6 +50,8 @@ import numpy as np
 import pandas as pd
 
 from kd_sentiment.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MALFORMED_BODIES = (
     b'{"inputs": ["unterminated',      # not JSON
@@ -259,6 +262,6 @@ def run(args: LoadTestArgs) -> dict:
         path = out / f"serving-{splits.name}-{stamp}.csv"
         pd.DataFrame([{"model": version.name, "version": version.version, **result}]).to_csv(path, index=False)
         mlflow.log_artifact(str(path), "loadtest")
-    print(f"{result['ok']} ok, {result['errors']} errors, {result['malformed_rejected_4xx']}/{result['malformed_sent']} "
+    log.info(f"{result['ok']} ok, {result['errors']} errors, {result['malformed_rejected_4xx']}/{result['malformed_sent']} "
           f"malformed rejected; p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms; wrote {path}")
     return result

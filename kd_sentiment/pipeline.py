@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -35,6 +36,8 @@ from kd_sentiment import benchmark, distill, promote, quantize, teacher, trackin
 from kd_sentiment.errors import UserError
 from kd_sentiment.models import load_catalog, read_yaml
 from kd_sentiment.train import TrainConfig
+
+log = logging.getLogger(__name__)
 
 SECTIONS = ("catalog", "data", "teacher", "distill", "quantize", "promote", "benchmark")
 
@@ -117,13 +120,14 @@ class StepRunner:
         search = f"tags.`kd_sentiment.step_key` = '{key}' and attributes.status = 'FINISHED'"
         found = mlflow.search_runs(search_all_experiments=True, filter_string=search, output_format="list", max_results=1)
         if found:
-            print(f"[pipeline] {label}: reusing finished run {found[0].info.run_id}")
+            log.info("[pipeline] %s: reusing finished run %s", label, found[0].info.run_id)
             self.reused.append(label)
             self.step_runs[label] = found[0].info.run_id
             return found[0]
         if hasattr(step_args, "resume"):  # an interrupted training step continues from its checkpoint
             step_args.resume, step_args.output_dir = True, f"outputs/pipeline/{key}"
-        print(f"[pipeline] {label}: running")
+        log.info("[pipeline] %s: running", label)
+        log.debug("[pipeline] %s: step key %s from %s", label, key, identity)
         step_tags = {**(tags or {}), "kd_sentiment.step_key": key}
         tracking.STEP_RUN_TAGS.update(step_tags)
         try:
@@ -152,7 +156,7 @@ def select_seed(runs: list, alias: str = "champion"):
     client.set_model_version_tag(name, number, "selected_by", f"{metric} (best of {len(runs)} seeds)")
     if "alias_withheld" not in client.get_model_version(name, number).tags:
         client.set_registered_model_alias(name, alias, number)
-    print(f"[pipeline] {name}: version {number} is the best of {len(runs)} seeds by {metric}")
+    log.info("[pipeline] %s: version %s is the best of %d seeds by %s", name, number, len(runs), metric)
     return best
 
 
@@ -214,7 +218,7 @@ class Pipeline(StepRunner):
                 self.step(f"promote-{student}", promote.run, promote.PromoteArgs(
                     name=name, version=version, alias="champion", margin=margin), f"{name}/{version}")
             except UserError as refusal:  # a refused gate is an outcome to record, not a pipeline failure
-                print(f"[pipeline] promote {name} v{version}: {refusal}")
+                log.warning("[pipeline] promote %s v%s: %s", name, version, refusal)
                 mlflow.set_tag(f"promotion.{student}", "refused")
 
         b_section = cfg.get("benchmark") or {}

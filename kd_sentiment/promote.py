@@ -15,6 +15,7 @@ page -> version -> Aliases); that leaves no promote run.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
@@ -24,6 +25,8 @@ from mlflow.tracking import MlflowClient
 
 from kd_sentiment import tracking
 from kd_sentiment.errors import UserError
+
+log = logging.getLogger(__name__)
 
 GATED = ("accuracy", "macro_recall")
 NONE = "none"  # the alias's holder before its first promotion
@@ -75,10 +78,10 @@ def history(name: str, alias: str) -> list[dict]:
     rows = [{"time": r.info.start_time, "user": r.info.user_id or "", "decision": r.data.tags["promotion.decision"],
              "before": r.data.tags["promotion.alias_before"], "after": r.data.tags["promotion.alias_after"],
              "version": r.data.tags["promotion.version"], "run_id": r.info.run_id} for r in promotion_runs(name, alias)]
-    print(f"{name}@{alias}: {len(rows)} recorded promotion(s); now at version {alias_holder(name, alias)}")
+    log.info("%s@%s: %d recorded promotion(s); now at version %s", name, alias, len(rows), alias_holder(name, alias))
     for row in rows:
         when = datetime.fromtimestamp(row["time"] / 1000, tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-        print(f"  {when}  {row['user'] or '-':<10} {row['decision']:<21} version {row['version']}: "
+        log.info(f"  {when}  {row['user'] or '-':<10} {row['decision']:<21} version {row['version']}: "
               f"{row['before']} -> {row['after']}  (run {row['run_id']})")
     return rows
 
@@ -160,5 +163,5 @@ def run(args: PromoteArgs) -> bool:
     if decision == "refused":
         raise UserError(f"{args.name} version {version.version} failed its gate ({summary}; margin {args.margin} "
                         f"points): alias '{args.alias}' not moved. Use --force to override.")
-    print(f"{decision}: {args.name}@{args.alias} version {before} -> {version.version} ({summary})")
+    log.info("%s: %s@%s version %s -> %s (%s)", decision, args.name, args.alias, before, version.version, summary)
     return True

@@ -10,6 +10,7 @@ with alias `candidate`; `promote` moves `champion` to it once it passes its gate
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,8 @@ from kd_sentiment.data import load_splits
 from kd_sentiment.errors import UserError
 from kd_sentiment.evaluation import log_predictions
 from kd_sentiment.train import predict_logits
+
+log = logging.getLogger(__name__)
 
 REPORTED = ("accuracy", "macro_recall", "ece")
 
@@ -122,8 +125,8 @@ def run(args: QuantizeArgs) -> dict:
         # INT8 here is a CPU deployment target: export, quantization and the fp32 reference it is
         # compared with all run on the CPU, also on a machine with a GPU.
         tracking.log_environment(device="cpu")
-        print("quantize: ONNX export, INT8 quantization and the PyTorch fp32 reference run on the CPU "
-              "(INT8 is a CPU deployment target)", flush=True)
+        log.info("quantize: ONNX export, INT8 quantization and the PyTorch fp32 reference run on the CPU "
+                 "(INT8 is a CPU deployment target)")
 
         model, tokenizer = tracking.load_registered_classifier(args.model)  # on the CPU
         logits = {split: {"torch_fp32": predict_logits(model, tokenizer, texts[split], max_length)} for split in texts}
@@ -166,7 +169,7 @@ def run(args: QuantizeArgs) -> dict:
             "dataset": splits.name, "label_names": ",".join(splits.label_names), "mode": args.mode,
             "run_id": mlflow.active_run().info.run_id, **gate_tags(metrics, splits.name, len(texts["val"]))})
         mlflow.set_tags({"registered_model": name, "registered_version": version.version})
-        print(f"Registered {name} version {version.version} (INT8 {args.mode}); validation accuracy "
+        log.info(f"Registered {name} version {version.version} (INT8 {args.mode}); validation accuracy "
               f"{metrics['onnx_int8_val_accuracy']:.4f} vs fp32 {metrics['torch_fp32_val_accuracy']:.4f}, "
               f"agreement {metrics['int8_val_agreement_with_fp32']:.4f}")
     return metrics

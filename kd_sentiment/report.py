@@ -11,6 +11,7 @@ params, tags or the logged benchmark CSV; the original study's claims are quoted
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import tempfile
@@ -25,6 +26,8 @@ from mlflow.exceptions import MlflowException
 from kd_sentiment import tracking
 from kd_sentiment.errors import UserError
 from kd_sentiment.stats import Difference, paired_difference
+
+log = logging.getLogger(__name__)
 
 # The original study's claims, quoted so the report can compare with them.
 CLAIMS = {"teacher_model": "roberta-large (355M parameters)",
@@ -439,5 +442,5 @@ def run(args: ReportArgs) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(body))
     update_readme(Path(args.readme), "\n".join(sections), out)
-    print(f"wrote {out}")
+    log.info("wrote %s", out)
     return str(out)

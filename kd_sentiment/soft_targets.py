@@ -9,6 +9,7 @@ model version gets a tag `soft_targets_run_id` pointing at it.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from mlflow.tracking import MlflowClient
 from kd_sentiment.data import fingerprint
 from kd_sentiment.tracking import load_array
 from kd_sentiment.train import predict_logits
+
+log = logging.getLogger(__name__)
 
 CACHE_TAG = "kd_sentiment.soft_targets_for"
 
@@ -91,6 +94,8 @@ def teacher_logits(version, model_uri: str, texts_by_split: dict, max_length: in
     broadcast_object_list(found)
     run_id, present = found
     missing = [split for split, name in names.items() if name not in present]
+    log.debug("soft targets: cache run %s, computing %s, cached %s", run_id, missing,
+              [split for split in names if split not in missing])
 
     arrays = {}
     if missing:

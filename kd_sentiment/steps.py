@@ -6,6 +6,7 @@ under an alias. Only the main process talks to MLflow; every process trains and 
 """
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +23,8 @@ from kd_sentiment.evaluation import evaluate, log_evaluation
 from kd_sentiment.machine import peak_gpu_memory_mb, reset_peak_gpu_memory
 from kd_sentiment.models import EVERY_OTHER, count_parameters, flops_per_example
 from kd_sentiment.train import TrainConfig, TrainResult, read_checkpoint_state, train
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -142,8 +145,8 @@ def fit_and_evaluate(ctx: StepContext, args: StepArgs, model, tokenizer, teacher
     if peak is not None:
         metrics["peak_gpu_memory_mb"] = peak
     if ctx.is_main:
-        print(f"{mlflow.active_run().info.run_name}: ran on {acc.device}"
-              + (f", peak GPU memory {peak:.0f} MiB" if peak is not None else ""), flush=True)
+        log.info(f"{mlflow.active_run().info.run_name}: ran on {acc.device}"
+                 + (f", peak GPU memory {peak:.0f} MiB" if peak is not None else ""))
         if result.resumed_from_step:
             mlflow.set_tag("resumed_from_step", str(result.resumed_from_step))
         log_evaluation(metrics, test_logits, splits, mlflow.active_run().info.run_name)
@@ -173,11 +176,11 @@ def publish(model, tokenizer, splits: Splits, registered_name: str, alias: str, 
     below_floor = majority_floor(metrics, splits.selection_metric)
     if below_floor:
         tags["alias_withheld"] = below_floor
-        print(f"{registered_name}: {below_floor}; registered without an alias.", flush=True)
+        log.warning("%s: %s; registered without an alias.", registered_name, below_floor)
         alias = ""
     version = tracking.register(model_uri, registered_name, alias or None, tags)
     mlflow.set_tags({"registered_model": registered_name, "registered_version": version.version})
-    print(f"Registered {registered_name} version {version.version}"
+    log.info(f"Registered {registered_name} version {version.version}"
           + (f" with alias '{alias}': models:/{registered_name}@{alias}" if alias else ""))
 
 

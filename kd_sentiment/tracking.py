@@ -11,6 +11,7 @@ so a failed run never leaves a half-made version behind.
 """
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import subprocess
@@ -26,6 +27,8 @@ from mlflow.tracking import MlflowClient
 
 from kd_sentiment.errors import UserError
 from kd_sentiment.machine import machine_tags
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
 # The MLflow UI opens an experiment of this kind on its runs, not on the GenAI overview.
@@ -48,6 +51,7 @@ def configure() -> str:
     """Point MLflow at $MLFLOW_TRACKING_URI, else at the embedded sqlite store. Returns the URI."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or embedded_uri()
     mlflow.set_tracking_uri(uri)
+    log.debug("tracking store: %s", uri)
     return uri
 
 

@@ -12,6 +12,7 @@ are not padded to the length of the longest review.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 from contextlib import nullcontext
@@ -30,6 +31,8 @@ from kd_sentiment.calibration import classification_metrics
 from kd_sentiment.errors import UserError
 from kd_sentiment.losses import distillation_loss
 from kd_sentiment.train_config import TrainConfig
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "trainer_state.json"
 
@@ -202,7 +205,8 @@ def train(model, tokenizer, train_texts, train_labels: np.ndarray, val_texts, va
     if resume and read_checkpoint_state(output_dir):
         accelerator.load_state(str(output_dir / "checkpoint"))
         state = read_checkpoint_state(output_dir)
-        accelerator.print(f"Resuming from {output_dir / 'checkpoint'}: epoch {state['epoch']}, "
+        if accelerator.is_main_process:
+            log.info(f"Resuming from {output_dir / 'checkpoint'}: epoch {state['epoch']}, "
                           f"step {state['global_step']}")
     resumed_from = state["global_step"]
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -247,7 +251,7 @@ def train(model, tokenizer, train_texts, train_labels: np.ndarray, val_texts, va
         state["history"].append({"epoch": epoch + 1, **metrics})
         if accelerator.is_main_process:
             log_metrics({f"history/val_{k}": v for k, v in metrics.items()}, epoch + 1)
-            accelerator.print(f"epoch {epoch + 1}: val {selection_metric}={metrics[selection_metric]:.4f}")
+            log.info(f"epoch {epoch + 1}: val {selection_metric}={metrics[selection_metric]:.4f}")
         if metrics[selection_metric] > state["best_metric"]:
             state["best_metric"], state["best_epoch"] = metrics[selection_metric], epoch + 1
             if accelerator.is_main_process:

@@ -85,7 +85,7 @@ def test_quantize_unknown_model_is_clear(registry):
         quantize.run(quantize.QuantizeArgs(model="models:/nope@champion", dataset="imdb", max_eval_samples=50))
 
 
-def test_every_promotion_is_a_run_with_history_and_rollback(registry, capsys):
+def test_every_promotion_is_a_run_with_history_and_rollback(registry, caplog):
     """Accepted, rolled-back and refused promotions each leave a run with the alias before and after;
     --history lists them; --rollback moves the alias back to its previous holder, gated."""
     client, _ = registry
@@ -102,11 +102,12 @@ def test_every_promotion_is_a_run_with_history_and_rollback(registry, capsys):
         promote.run(promote.PromoteArgs(name=INT8, version=str(worse.version), alias="staging"))
     assert str(client.get_model_version_by_alias(INT8, "staging").version) == str(first.version)
 
+    caplog.set_level("INFO", logger="kd_sentiment")
     rows = promote.history(INT8, "staging")
     v1, v2 = str(first.version), str(second.version)
     assert [(r["decision"], r["before"], r["after"]) for r in rows] == [
         ("accepted", "none", v1), ("accepted", v1, v2), ("rolled back", v2, v1), ("refused", v1, v1)]
-    assert f"now at version {v1}" in capsys.readouterr().out
+    assert f"now at version {v1}" in caplog.text
     runs = promote.promotion_runs(INT8, "staging")
     assert all(r.data.tags["kd_sentiment.step"] == "promote" and r.data.tags["machine.cpu_arch"] for r in runs)
     assert runs[-1].data.metrics["accuracy_drop_points"] > 1.0  # the gate's numbers, on the refused run too

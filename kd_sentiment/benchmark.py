@@ -159,23 +159,15 @@ def load_backend(target: dict, threads: int, workdir: Path):
         return predict, tokenizer, size, sum(p.numel() for p in model.parameters())
 
     import onnx
-    import onnxruntime as ort
-    from transformers import AutoTokenizer
+
+    from kd_sentiment.export import OnnxClassifier
 
     local = Path(mlflow.artifacts.download_artifacts(target["uri"], dst_path=str(workdir / "model")))
     onnx_path = next(local.rglob("model.onnx"))
     tokenizer_dir = mlflow.artifacts.download_artifacts(target["tokenizer_uri"], dst_path=str(workdir / "tokenizer"))
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    options = ort.SessionOptions()
-    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
-    session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
-    names = [i.name for i in session.get_inputs()]
-    graph = onnx.load(str(onnx_path)).graph
-    parameters = int(sum(np.prod(t.dims) for t in graph.initializer))
-
-    def predict(encoded):
-        return session.run(None, {n: encoded[n].astype(np.int64) for n in names})[0]
-    return predict, tokenizer, onnx_path.stat().st_size / 2**20, parameters
+    runner = OnnxClassifier(onnx_path, Path(tokenizer_dir), intra_op_num_threads=threads)
+    parameters = int(sum(np.prod(t.dims) for t in onnx.load(str(onnx_path)).graph.initializer))
+    return runner.run, runner.tokenizer, onnx_path.stat().st_size / 2**20, parameters
 
 
 def time_setting(predict, tokenizer, texts: list[str], batch_size: int, padding, max_length: int,

@@ -273,7 +273,9 @@ def _quantize_static(source: Path, out_dir: Path, config, texts: list[str], max_
 # ----------------------------------------------------------------------------- inference
 
 class OnnxClassifier:
-    """An ONNX Runtime session (CPU) on a model.onnx plus the tokenizer saved beside it (or in `tokenizer_dir`)."""
+    """An ONNX Runtime session (CPU) on a model.onnx plus the tokenizer saved beside it (or in
+    `tokenizer_dir`): the one runner quantize and benchmark measure with (serving.py keeps its own,
+    as it imports nothing of this package)."""
 
     def __init__(self, model_path: Path, tokenizer_dir: Path | None = None, intra_op_num_threads: int = 0):
         import onnxruntime as ort
@@ -290,6 +292,10 @@ class OnnxClassifier:
         self.num_labels = self.session.get_outputs()[0].shape[-1]
         self.tokenizer = load_tokenizer(str(tokenizer_dir or model_path.parent))
 
+    def run(self, encoded) -> np.ndarray:
+        """Logits of one tokenized batch (arrays by input name, as the tokenizer returns them)."""
+        return self.session.run(None, {name: np.asarray(encoded[name], dtype=np.int64) for name in self.input_names})[0]
+
     def predict_logits(self, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
         """Logits (N, K) for `texts`, in input order; texts longer than `max_length` tokens are truncated."""
         if not texts:
@@ -298,10 +304,8 @@ class OnnxClassifier:
         order = np.argsort([len(t) for t in texts], kind="stable")
         batches = []
         for start in range(0, len(texts), batch_size):
-            encoded = self.tokenizer([texts[i] for i in order[start:start + batch_size]], padding=True,
-                                     truncation=True, max_length=max_length, return_tensors="np")
-            batches.append(self.session.run(None, {name: encoded[name].astype(np.int64)
-                                                   for name in self.input_names})[0])
+            batches.append(self.run(self.tokenizer([texts[i] for i in order[start:start + batch_size]], padding=True,
+                                                   truncation=True, max_length=max_length, return_tensors="np")))
         logits = np.empty((len(texts), batches[0].shape[1]), dtype=np.float32)
         logits[order] = np.concatenate(batches)
         return logits

@@ -91,7 +91,7 @@ class Target:
 
     @property
     def label(self) -> str:
-        return f"{self.name.removeprefix('kd-sentiment-')} v{self.version} [{self.backend}]"
+        return f"{self.name.removeprefix(f'{tracking.MODEL_PREFIX}-')} v{self.version} [{self.backend}]"
 
 
 def run_max_length(run_id: str | None) -> int:
@@ -124,7 +124,7 @@ def discover(args: BenchmarkArgs, dataset: str) -> list[Target]:
         versions = [tracking.resolve_version(uri.strip()) for uri in args.models.split(",") if uri.strip()]
     else:
         client, seen, versions = MlflowClient(), set(), []
-        for model in client.search_registered_models(filter_string="name LIKE 'kd-sentiment-%'"):
+        for model in client.search_registered_models(filter_string=f"name LIKE '{tracking.MODEL_PREFIX}-%'"):
             for alias, number in sorted(model.aliases.items()):
                 version = client.get_model_version(model.name, number)
                 if version.tags.get("dataset") == dataset and (model.name, number) not in seen:
@@ -363,7 +363,7 @@ def run(args: BenchmarkArgs) -> pd.DataFrame:
         mlflow.log_table(frame, "benchmark/results.json")
         figures(frame, probs, labels, splits.name)
         for _, row in frame[frame["setting"].str.startswith("fixed")].iterrows():
-            key = f"{row['model'].removeprefix('kd-sentiment-')}.v{row['version']}.{row['backend']}.b{row['batch_size']}"
+            key = f"{row['model'].removeprefix(f'{tracking.MODEL_PREFIX}-')}.v{row['version']}.{row['backend']}.b{row['batch_size']}"
             mlflow.log_metrics({f"{key}.p50_ms": row["model_p50_ms"], f"{key}.speedup": row["speedup_vs_teacher"]})
         log.info("%s\nwrote %s", markdown, csv_path)
     return frame

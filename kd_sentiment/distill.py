@@ -119,7 +119,7 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
     if args.train.alpha == 0 and resolve(student, ctx.catalog)[0] == FINETUNED_TEACHER:
         raise UserError(f"student={student!r} with alpha=0: the alpha=0 baseline never sees the teacher, but this "
                         "student starts from the fine-tuned teacher; use teacher-layers:... (its pre-trained source).")
-    name = args.name or f"kd-sentiment-{student_name(student)}-{splits.name}"
+    name = args.name or tracking.registered_name(student_name(student), splits.name)
     run_name = f"distill-{student_name(student)}-a{args.train.alpha:g}-T{args.train.temperature:g}"
     if nested:  # each student of student=all has its own checkpoints and resumable run
         own = replace(args, output_dir=str(Path(args.output_dir) / student_name(student)) if args.output_dir else None)

@@ -117,8 +117,7 @@ class StepRunner:
         exists; return that run."""
         identity = json.dumps([label, asdict(step_args), upstream, self.code], sort_keys=True, default=str)
         key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        search = f"tags.`kd_sentiment.step_key` = '{key}' and attributes.status = 'FINISHED'"
-        found = mlflow.search_runs(search_all_experiments=True, filter_string=search, output_format="list", max_results=1)
+        found = tracking.find_runs(tags={tracking.STEP_KEY_TAG: key}, max_results=1)
         if found:
             log.info("[pipeline] %s: reusing finished run %s", label, found[0].info.run_id)
             self.reused.append(label)
@@ -128,14 +127,9 @@ class StepRunner:
             step_args.resume, step_args.output_dir = True, f"outputs/pipeline/{key}"
         log.info("[pipeline] %s: running", label)
         log.debug("[pipeline] %s: step key %s from %s", label, key, identity)
-        step_tags = {**(tags or {}), "kd_sentiment.step_key": key}
-        tracking.STEP_RUN_TAGS.update(step_tags)
-        try:
+        with tracking.step_tags({**(tags or {}), tracking.STEP_KEY_TAG: key}):
             step_fn(step_args)
-        finally:
-            for name in step_tags:
-                tracking.STEP_RUN_TAGS.pop(name, None)
-        finished = mlflow.search_runs(search_all_experiments=True, filter_string=search, output_format="list")[0]
+        finished = tracking.find_runs(tags={tracking.STEP_KEY_TAG: key}, max_results=1)[0]
         self.step_runs[label] = finished.info.run_id
         return finished
 
@@ -196,7 +190,7 @@ class Pipeline(StepRunner):
                 if baseline:  # same student, data and budget, no teacher; registered without an alias
                     runs["nokd"].append(self.step(f"distill-{student}-nokd{suffix}", distill.run, distill.DistillArgs(
                         student=student, teacher=teacher_uri, alias="",
-                        name=f"kd-sentiment-{distill.student_name(student)}-{dataset}-nokd",
+                        name=tracking.registered_name(distill.student_name(student), dataset, "nokd"),
                         train=train_config({**d_section, "alpha": 0.0, "seed": seed}), **self.common), teacher_uri))
             selected = select_seed(runs["kd"]) if len(seeds) > 1 else runs["kd"][0]
             student_runs[student] = selected

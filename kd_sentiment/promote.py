@@ -67,10 +67,7 @@ def alias_holder(name: str, alias: str) -> str:
 
 def promotion_runs(name: str, alias: str) -> list:
     """The promote runs of `name`'s `alias`, oldest first."""
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time ASC"],
-                              filter_string=f"tags.`kd_sentiment.step` = 'promote' and params.name = '{name}' "
-                                            f"and params.alias = '{alias}'")
-    return [r for r in runs if r.info.status == "FINISHED"]
+    return tracking.find_runs("promote", params={"name": name, "alias": alias}, oldest_first=True)
 
 
 def history(name: str, alias: str) -> list[dict]:

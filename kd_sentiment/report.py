@@ -77,16 +77,13 @@ def latest_benchmark(pipeline_benchmark) -> str:
     quiet machine (`kd-sentiment benchmark` with the same parameters) supersedes the pipeline's own."""
     params = pipeline_benchmark.data.params
     keys = ("models", "batch_sizes", "fixed_length", "threads", "max_eval_samples")
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
-                              filter_string="tags.`kd_sentiment.step` = 'benchmark' and attributes.status = 'FINISHED'")
+    runs = tracking.find_runs("benchmark")
     same = [r for r in runs if all(r.data.params.get(k) == params.get(k) for k in keys)]
     return same[0].info.run_id if same else pipeline_benchmark.info.run_id
 
 
 def latest_pipeline(dataset: str, config: str):
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
-                              filter_string="tags.`kd_sentiment.step` = 'pipeline' and attributes.status = 'FINISHED'")
-    for run in runs:
+    for run in tracking.find_runs("pipeline"):
         if run.data.params.get("dataset") == dataset and Path(run.data.params.get("config", "")).stem == config:
             return run
     return None
@@ -299,9 +296,7 @@ VARIANT_NOTES = {
 def calibration_runs() -> pd.DataFrame:
     """The calibration study's distill runs: the newest per (teacher variant, T_kd), for the student
     and dataset of the newest run."""
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
-                              filter_string=f"tags.`{tracking.STUDY_TAG}` = 'calibration' and "
-                                            "tags.`kd_sentiment.step` = 'distill' and attributes.status = 'FINISHED'")
+    runs = tracking.find_runs("distill", tags={tracking.STUDY_TAG: "calibration"})
     rows = pd.DataFrame([{"variant": r.data.tags[tracking.VARIANT_TAG], "T_kd": float(r.data.params["temperature"]),
                           "scale": float(r.data.params.get("teacher_logit_scale", 1.0)),
                           "teacher_macro_recall": r.data.metrics["teacher_test_macro_recall"],
@@ -397,8 +392,7 @@ def calibration_section(out_dir: Path) -> str:
 def serving_section() -> str:
     """The latest load test of each served model at each number of clients (kd-sentiment loadtest),
     through real HTTP."""
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
-                              filter_string="tags.`kd_sentiment.step` = 'loadtest' and attributes.status = 'FINISHED'")
+    runs = tracking.find_runs("loadtest")
     if not runs:
         return ""
     latest = {}

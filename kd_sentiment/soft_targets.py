@@ -19,7 +19,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kd_sentiment.data import fingerprint
-from kd_sentiment.tracking import load_array
+from kd_sentiment.tracking import STEP_TAG, find_runs, load_array
 from kd_sentiment.train import predict_logits
 
 log = logging.getLogger(__name__)
@@ -35,8 +35,7 @@ def cache_key(version, max_length: int, precision: str = "no") -> str:
 
 
 def find_cache_run(version, max_length: int, precision: str = "no") -> str | None:
-    runs = mlflow.search_runs(search_all_experiments=True, output_format="list", max_results=1,
-                              filter_string=f"tags.`{CACHE_TAG}` = '{cache_key(version, max_length, precision)}'")
+    runs = find_runs(tags={CACHE_TAG: cache_key(version, max_length, precision)}, finished=False, max_results=1)
     return runs[0].info.run_id if runs else None
 
 
@@ -53,7 +52,7 @@ def store_entries(version, max_length: int, run_id: str | None, experiment_id: s
     if run_id is None:
         run = client.create_run(experiment_id, run_name=f"soft-targets-{version.name}-v{version.version}",
                                 tags={CACHE_TAG: cache_key(version, max_length, precision),
-                                      "kd_sentiment.step": "soft-targets", "teacher": f"{version.name}/{version.version}"})
+                                      STEP_TAG: "soft-targets", "teacher": f"{version.name}/{version.version}"})
         run_id = run.info.run_id
         client.log_param(run_id, "max_length", max_length)
         client.log_param(run_id, "mixed_precision", precision)

@@ -101,7 +101,7 @@ def run(args: StudyArgs) -> dict:
         changes = {"label-smoothed": {"label_smoothing": args.label_smoothing}, "trained-longer": {"epochs": args.longer_epochs}}
         for variant in (v for v in TRAINED if v in variants):
             run = runner.step(f"teacher-{variant}", teacher.run, teacher.TeacherArgs(
-                model=teacher_run.data.params["model"], name=f"kd-sentiment-calibration-teacher-{args.dataset}",
+                model=teacher_run.data.params["model"], name=tracking.registered_name("calibration-teacher", args.dataset),
                 alias="", train=replace(recipe, **changes[variant]), **data),
                 upstream=registered, tags={**study, tracking.VARIANT_TAG: variant})
             teachers[variant] = (registered_uri(run), 1.0)
@@ -113,7 +113,7 @@ def run(args: StudyArgs) -> dict:
                                     checkpoint_every=0)
                 runner.step(f"distill-{variant}-T{temperature:g}", distill.run, distill.DistillArgs(
                     student=args.student, teacher=uri, teacher_logit_scale=scale, alias="",
-                    name=f"kd-sentiment-calibration-study-{args.dataset}", train=train, **data),
+                    name=tracking.registered_name("calibration-study", args.dataset), train=train, **data),
                     upstream=uri, tags={**study, tracking.VARIANT_TAG: variant})
         mlflow.set_tag("reused_steps", ",".join(runner.reused) or "none")
         mlflow.log_dict(runner.step_runs, "study_steps.json")

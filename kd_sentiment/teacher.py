@@ -20,7 +20,7 @@ class TeacherArgs(StepArgs):
 
 
 def registered_name(dataset: str) -> str:
-    return f"kd-sentiment-teacher-{dataset}"
+    return tracking.registered_name("teacher", dataset)
 
 
 def run(args: TeacherArgs) -> dict:

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import warnings
 from contextlib import contextmanager
+from contextvars import ContextVar
 from importlib.metadata import version
 from pathlib import Path
 
@@ -33,8 +34,11 @@ log = logging.getLogger(__name__)
 DEFAULT_ARTIFACT_DIR = "mlartifacts"
 # The MLflow UI opens an experiment of this kind on its runs, not on the GenAI overview.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
-# Tags of a study's runs (kd_sentiment/study.py writes them, the report reads them).
+# The tags this project's runs are found by: every step's run has STEP_TAG; a pipeline's steps
+# STEP_KEY_TAG (their reuse key); a study's runs STUDY_TAG and VARIANT_TAG.
+STEP_TAG, STEP_KEY_TAG = "kd_sentiment.step", "kd_sentiment.step_key"
 STUDY_TAG, VARIANT_TAG = "kd_sentiment.study", "teacher_variant"
+MODEL_PREFIX = "kd-sentiment"  # every registered model of the project: kd-sentiment-<what>-<dataset>[-...]
 LIBRARIES = ("torch", "transformers", "accelerate", "mlflow", "datasets", "onnxruntime", "optimum", "optimum-onnx")
 # Explicit requirements for logged models: inference alone would also pull in torchvision.
 MODEL_PIP_REQUIREMENTS = [f"{lib}=={version(lib)}" for lib in ("mlflow", "torch", "transformers", "tokenizers")] + \
@@ -88,8 +92,38 @@ def _raise_keyboard_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
-# Tags every step run started in this process gets, e.g. the pipeline's reuse key (see pipeline.py).
-STEP_RUN_TAGS: dict[str, str] = {}
+# Tags the step runs started inside `step_tags(...)` get, e.g. the pipeline's reuse key.
+_STEP_TAGS: ContextVar[dict[str, str]] = ContextVar("step_tags", default={})
+
+
+@contextmanager
+def step_tags(tags: dict[str, str]):
+    """Every step run started inside this block also gets `tags` (the pipeline's reuse key, a
+    study's variant), without the step's code knowing about them."""
+    token = _STEP_TAGS.set({**_STEP_TAGS.get(), **tags})
+    try:
+        yield
+    finally:
+        _STEP_TAGS.reset(token)
+
+
+def registered_name(*parts: str) -> str:
+    """A registered model name of this project: `kd-sentiment-<part>-<part>...`."""
+    return "-".join([MODEL_PREFIX, *parts])
+
+
+def find_runs(step: str | None = None, tags: dict | None = None, params: dict | None = None,
+              finished: bool = True, oldest_first: bool = False, max_results: int | None = None) -> list:
+    """Runs of every experiment with the given step, tags and params (and FINISHED, by default),
+    newest first unless `oldest_first`: the one way this project looks runs up."""
+    clauses = [f"tags.`{STEP_TAG}` = '{step}'"] if step else []
+    clauses += [f"tags.`{key}` = '{value}'" for key, value in (tags or {}).items()]
+    clauses += [f"params.`{key}` = '{value}'" for key, value in (params or {}).items()]
+    if finished:
+        clauses.append("attributes.status = 'FINISHED'")
+    return mlflow.search_runs(search_all_experiments=True, output_format="list", filter_string=" and ".join(clauses),
+                              order_by=[f"attributes.start_time {'ASC' if oldest_first else 'DESC'}"],
+                              **({"max_results": max_results} if max_results else {}))
 
 
 @contextmanager
@@ -105,7 +139,7 @@ def step_run(step: str, run_name: str, run_id: str | None = None, nested: bool =
     previous = signal.signal(signal.SIGTERM, _raise_keyboard_interrupt)
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name,
                            nested=nested or mlflow.active_run() is not None,
-                           tags={"kd_sentiment.step": step, **STEP_RUN_TAGS})
+                           tags={STEP_TAG: step, **_STEP_TAGS.get()})
     try:
         yield run
     except KeyboardInterrupt:

@@ -337,6 +337,7 @@ def configure_logging(verbose: bool) -> None:
         handler = logging.StreamHandler(sys.stdout)
         handler.kd_sentiment_cli = True
         logger.addHandler(handler)
+        logger.propagate = False  # a library that configures the root logger would print each line twice
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s" if verbose else "%(message)s"))
 
 

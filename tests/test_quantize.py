@@ -1,5 +1,7 @@
 """quantize + promote on a registered (tiny) teacher: INT8 checked against fp32 in one run,
 registered with gate tags; promotion accepted within the margin, refused (nothing moved) beyond it."""
+import logging
+
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
@@ -103,7 +105,12 @@ def test_every_promotion_is_a_run_with_history_and_rollback(registry, caplog):
     assert str(client.get_model_version_by_alias(INT8, "staging").version) == str(first.version)
 
     caplog.set_level("INFO", logger="kd_sentiment")
-    rows = promote.history(INT8, "staging")
+    logger = logging.getLogger("kd_sentiment")  # the CLI, if a test ran it here, stops propagation
+    logger.addHandler(caplog.handler)
+    try:
+        rows = promote.history(INT8, "staging")
+    finally:
+        logger.removeHandler(caplog.handler)
     v1, v2 = str(first.version), str(second.version)
     assert [(r["decision"], r["before"], r["after"]) for r in rows] == [
         ("accepted", "none", v1), ("accepted", v1, v2), ("rolled back", v2, v1), ("refused", v1, v1)]

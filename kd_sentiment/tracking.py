@@ -1,7 +1,8 @@
 """MLflow: where runs go, how a step's run ends, and the registry (register, alias, look up).
 
 Tracking store: $MLFLOW_TRACKING_URI when set (e.g. a team's `mlflow server`); otherwise the
-embedded default `sqlite:///mlflow.db` with artifacts under `./mlartifacts`, both in the working
+embedded default `sqlite:///mlflow.db` with artifacts under `./mlruns` (MLflow's own default, so
+runs that `mlflow run` starts in an experiment it creates land in the same place), both in the working
 directory. Runs live in one experiment per dataset, `kd-sentiment/<dataset>`, so a pipeline's
 steps can be child runs of one parent; each run is tagged with its step.
 
@@ -31,7 +32,6 @@ from kd_sentiment.machine import machine_tags
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ARTIFACT_DIR = "mlartifacts"
 # The MLflow UI opens an experiment of this kind on its runs, not on the GenAI overview.
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # The tags this project's runs are found by: every step's run has STEP_TAG; a pipeline's steps
@@ -72,11 +72,8 @@ def use_experiment(dataset: str) -> str:
         return experiment_id
     name = f"kd-sentiment/{dataset}"
     experiment = mlflow.get_experiment_by_name(name)
-    if experiment is None:
-        artifacts = None
-        if mlflow.get_tracking_uri() in (embedded_uri(), "sqlite:///mlflow.db"):  # embedded: artifacts beside it
-            artifacts = (Path.cwd() / DEFAULT_ARTIFACT_DIR / name.replace("/", "-")).resolve().as_uri()
-        experiment_id = mlflow.create_experiment(name, artifact_location=artifacts, tags=dict([EXPERIMENT_KIND]))
+    if experiment is None:  # the store's default artifact root: ./mlruns beside the embedded store
+        experiment_id = mlflow.create_experiment(name, tags=dict([EXPERIMENT_KIND]))
     else:
         experiment_id = experiment.experiment_id
         if experiment.tags.get(EXPERIMENT_KIND[0]) != EXPERIMENT_KIND[1]:  # made by an older version, or by hand

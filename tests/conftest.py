@@ -1,7 +1,7 @@
 """Test set-up: offline, real data slices from ../shared/data, tiny models made on the fly.
 
 Each test that touches MLflow runs in its own temporary working directory, so it gets a fresh
-embedded store (sqlite:///mlflow.db + ./mlartifacts) and never writes into the repository.
+embedded store (sqlite:///mlflow.db + ./mlruns) and never writes into the repository.
 """
 from __future__ import annotations
 

@@ -234,4 +234,4 @@ def test_bad_sizes_and_rates_exit_2_with_one_clear_line(argv, expect, tiny_model
     with pytest.raises(SystemExit) as exit_info:  # any other exception is a bug, and fails here
         cli.main([_expand(a, tiny_model, tmp_path) for a in argv])
     check_one_clear_line(exit_info.value.code, capsys.readouterr().err, expect)
-    assert not list(tmp_path.glob("mlartifacts/*/*")), "nothing may be logged"
+    assert not list(tmp_path.glob("mlruns/*/*")), "nothing may be logged"

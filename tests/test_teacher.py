@@ -26,8 +26,9 @@ def test_teacher_beats_majority_and_logs_everything(teacher_home):
     assert [m.step for m in history] == [1, 2, 3]
     artifacts = {a.path for a in MlflowClient().list_artifacts(run.info.run_id, "figures")}
     assert "figures/reliability_diagram.png" in artifacts
-    assert (home / "mlartifacts").is_dir()
+    assert (home / "mlruns").is_dir()  # the embedded store's one artifact root
     experiment = mlflow.get_experiment_by_name("kd-sentiment/imdb")
+    assert experiment.artifact_location == str((home / "mlruns" / experiment.experiment_id).resolve())
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens it on its runs
 
 

@@ -218,7 +218,7 @@ def test_team_server_on_postgres_takes_teacher_and_two_concurrent_distills(tiny_
             assert process.returncode == 0, f"distill {name} failed:\n{logs[name].read_text()[-3000:]}"
 
         # Nothing was written beside the steps: every run, model and artifact went to the server.
-        assert not (work / "mlflow.db").exists() and not (work / "mlartifacts").exists()
+        assert not (work / "mlflow.db").exists() and not (work / "mlruns").exists()
         assert any(p.is_file() for p in artifacts.rglob("*")), "no artifact reached --artifacts-destination"
 
         # ---- runs, through the REST API

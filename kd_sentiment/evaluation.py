@@ -34,7 +34,7 @@ def log_evaluation(metrics: dict, test_logits: np.ndarray, splits, title: str) -
     the test reliability diagram (before and after temperature scaling) and the confusion matrix
     (figure and JSON)."""
     mlflow.log_metrics(metrics)
-    log_predictions(test_logits, splits.test)
+    log_predictions({"test_logits": test_logits}, splits.test)
     labels = splits.test["label"].to_numpy()
     curves = {"test": (calibration.probabilities(test_logits), labels),
               f"test, T={metrics['temperature']:.2f}": (calibration.probabilities(test_logits, metrics["temperature"]), labels)}
@@ -44,9 +44,12 @@ def log_evaluation(metrics: dict, test_logits: np.ndarray, splits, title: str) -
     mlflow.log_dict({"labels": splits.label_names, "matrix": matrix.tolist()}, "metrics/test_confusion_matrix.json")
 
 
-def log_predictions(logits: np.ndarray, test, name: str = "test_logits") -> None:
-    """The logits on the `test` frame's texts as `predictions/<name>.npy`, its labels as
-    `predictions/test_labels.npy` and its texts' fingerprint as param `test_fingerprint`."""
-    log_params({"test_fingerprint": fingerprint(test["text"]), "num_labels": logits.shape[1]})
-    log_array(np.asarray(logits, dtype=np.float32), f"predictions/{name}.npy")
+def log_predictions(logits: dict[str, np.ndarray], test) -> None:
+    """Each model's logits on the `test` frame's texts as `predictions/<name>.npy` (name -> logits),
+    and once for all of them the labels as `predictions/test_labels.npy` and the texts' fingerprint
+    as param `test_fingerprint`."""
+    log_params({"test_fingerprint": fingerprint(test["text"]),
+                "num_labels": next(iter(logits.values())).shape[1]})
+    for name, array in logits.items():
+        log_array(np.asarray(array, dtype=np.float32), f"predictions/{name}.npy")
     log_array(test["label"].to_numpy(), "predictions/test_labels.npy")

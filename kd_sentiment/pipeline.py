@@ -35,6 +35,7 @@ import mlflow
 from kd_sentiment import benchmark, distill, promote, quantize, teacher, tracking
 from kd_sentiment.errors import UserError
 from kd_sentiment.models import load_catalog, read_yaml
+from kd_sentiment.steps import StepArgs
 from kd_sentiment.train import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -164,7 +165,8 @@ class Pipeline(StepRunner):
         self.common = {"dataset": args.dataset, "data_dir": args.data_dir, "catalog": config.get("catalog"),
                        "max_train_samples": data.get("max_train_samples"),
                        "max_eval_samples": data.get("max_eval_samples"),
-                       "validation_size": data.get("validation_size", 0.1), "data_seed": data.get("data_seed", 42)}
+                       "validation_size": data.get("validation_size", 0.1),
+                       "data_seed": data.get("data_seed", StepArgs.data_seed)}
 
     def run(self) -> dict:
         cfg, dataset = self.config, self.args.dataset

@@ -130,24 +130,32 @@ def predictions(run_id: str, name: str = "test_logits") -> tuple[np.ndarray, str
     return tracking.load_array(run_id, f"predictions/{name}.npy").argmax(1), fingerprint
 
 
-def paired(runs_a: list, runs_b: list, labels: tuple[np.ndarray, str], metric: str, num_labels: int,
-           name_a: str = "test_logits", name_b: str = "test_logits") -> Difference | None:
-    """metric(A) - metric(B) over the runs' logged test predictions (several runs: seeds), or None
-    where a run has none or was not scored on the texts of `labels` (their array and fingerprint)."""
+def paired(runs_a: list, runs_b: list, labels: tuple[np.ndarray, str], num_labels: int,
+           name_a: str = "test_logits", name_b: str = "test_logits",
+           metrics: tuple[str, ...] = ("accuracy", "macro_recall")) -> dict[str, Difference | None]:
+    """metric(A) - metric(B) for each of `metrics`, over the runs' logged test predictions (several
+    runs: seeds), each run's predictions read once; None where a run has none or was not scored on
+    the texts of `labels` (their array and fingerprint)."""
     labels, fingerprint = labels
     got_a = [predictions(r, name_a) for r in runs_a]
     got_b = [predictions(r, name_b) for r in runs_b]
     if any(g is None or g[1] != fingerprint for g in got_a + got_b):
-        return None
-    return paired_difference([g[0] for g in got_a], [g[0] for g in got_b], labels, metric, num_labels)
+        return dict.fromkeys(metrics)
+    return {metric: paired_difference([g[0] for g in got_a], [g[0] for g in got_b], labels, metric, num_labels)
+            for metric in metrics}
 
 
 def shown(diff: Difference | None) -> str:
     return diff.points() if diff else "n/a (runs without paired predictions)"
 
 
-def seed_mean(runs: list, key: str) -> float:
-    return float(np.mean([mlflow.get_run(r).data.metrics[key] for r in runs]))
+SEED_MEANS = ("test_accuracy", "test_macro_recall", "test_ece", "test_ece_after_ts")
+
+
+def seed_means(run_ids: list) -> dict[str, float]:
+    """The table's test metrics, each the mean over the runs (one per seed); each run read once."""
+    metrics = [mlflow.get_run(r).data.metrics for r in run_ids]
+    return {key: float(np.mean([m[key] for m in metrics])) for key in SEED_MEANS}
 
 
 def dataset_section(dataset: str, parent) -> tuple[str, dict]:
@@ -190,7 +198,7 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
         kd_runs, nokd_runs = runs["kd"], runs["nokd"]
         selected = mlflow.get_run(runs["selected"])
         kd_name = selected.data.tags["registered_model"]
-        kd = {k: seed_mean(kd_runs, k) for k in ("test_accuracy", "test_macro_recall", "test_ece", "test_ece_after_ts")}
+        kd = seed_means(kd_runs)
         lines.append(f"| {student} + KD (fp32) | {len(kd_runs)} | {selected.data.metrics['parameters'] / 1e6:.1f} | "
                      f"{pct(kd['test_accuracy'])} | {pct(kd['test_macro_recall'])} | {kd['test_ece']:.3f} | "
                      f"{kd['test_ece_after_ts']:.3f} | {speedup(bench, kd_name, 'torch_fp32', 1)} | "
@@ -200,8 +208,7 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
                  "init": selected.data.params.get("student_init", student)}
         pairs = [(f"{student} + KD vs teacher", kd_runs, [record["teacher"]], "test_logits", "test_logits", "vs_teacher")]
         if nokd_runs:
-            nokd = {k: seed_mean(nokd_runs, k) for k in ("test_accuracy", "test_macro_recall", "test_ece",
-                                                         "test_ece_after_ts")}
+            nokd = seed_means(nokd_runs)
             lines.append(f"| {student} no KD (alpha=0) | {len(nokd_runs)} | (as above) | {pct(nokd['test_accuracy'])} | "
                          f"{pct(nokd['test_macro_recall'])} | {nokd['test_ece']:.3f} | {nokd['test_ece_after_ts']:.3f} | "
                          "(as above) | (as above) | | |")
@@ -217,7 +224,7 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
                           "test_logits_onnx_int8", "test_logits_torch_fp32", "int8_change"))
             entry.update(int8=m, int8_speedup_b1=speedup(bench, int8_name, "onnx_int8", 1))
         for title, a, b, name_a, name_b, key in pairs:
-            diffs = {m_: paired(a, b, labels, m_, num_labels, name_a, name_b) for m_ in ("accuracy", "macro_recall")}
+            diffs = paired(a, b, labels, num_labels, name_a, name_b)
             comparisons.append(f"| {title} | {shown(diffs['accuracy'])} | {shown(diffs['macro_recall'])} |")
             entry[key] = diffs[metric]
             numbers["widths"] += [d.high - d.low for d in diffs.values() if d]
@@ -347,8 +354,8 @@ def calibration_section(out_dir: Path) -> str:
     for r in rows.itertuples():
         raw = rows[(rows["variant"] == "raw") & (rows["T_kd"] == r.T_kd)]
         if r.variant != "raw" and len(raw) and labels is not None:
-            versus_raw[(r.variant, r.T_kd)] = paired([r.run_id], [raw["run_id"].iloc[0]], labels, "macro_recall",
-                                                     r.num_labels)
+            versus_raw[(r.variant, r.T_kd)] = paired([r.run_id], [raw["run_id"].iloc[0]], labels, r.num_labels,
+                                                     metrics=("macro_recall",))["macro_recall"]
     table = ["| teacher variant | teacher macro-recall | teacher ECE | T_kd | teacher-side T (T_kd / scale) | "
              "student accuracy | student macro-recall | vs raw teacher, same T_kd (points, 95% interval) | "
              "student ECE |", "|---|---|---|---|---|---|---|---|---|"]

@@ -14,7 +14,7 @@ fine-tuned teacher unless `finetuned-teacher-layers:` says so (and never for the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -27,19 +27,10 @@ from kd_sentiment.calibration import classification_metrics
 from kd_sentiment.errors import UserError
 from kd_sentiment.models import (EVERY_OTHER, FINETUNED_TEACHER, TEACHER_SOURCE, encoder_layers, keep_layers,
                                  layer_indices, load_catalog, load_classifier, resolve, split_layers, with_layers)
-from kd_sentiment.steps import (StepArgs, StepContext, checkpoint_location, fit_and_evaluate, log_step_params,
+from kd_sentiment.schema import DistillArgs
+from kd_sentiment.steps import (StepContext, checkpoint_location, fit_and_evaluate, log_step_params,
                                 publish, refuse_finished, set_up, slug)
 from kd_sentiment.teacher import registered_name as teacher_registered_name
-
-
-@dataclass
-class DistillArgs(StepArgs):
-    student: str = "distilbert"  # catalog name, Hub id, folder, teacher-layers:..., or "all"
-    teacher: str = ""            # registry URI; empty: models:/kd-sentiment-teacher-<dataset>@champion
-    name: str = ""               # registered name; empty: kd-sentiment-<student>-<dataset>
-    # Multiplies the teacher's logits before they become soft targets: 1/T_cal distils from the
-    # temperature-scaled (calibrated) teacher, >1 from a sharper, over-confident one.
-    teacher_logit_scale: float = 1.0
 
 
 def teacher_uri(args: DistillArgs, dataset: str) -> str:
@@ -112,8 +103,8 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
     """One student: its own MLflow run (nested under a parent for student=all)."""
     splits = ctx.splits
     uri = teacher_uri(args, splits.name)
-    hint = (f"Create it with `kd-sentiment teacher --dataset {args.dataset}` "
-            f"(or `mlflow run . -e teacher -P dataset={args.dataset}`), or pass teacher=models:/NAME@ALIAS.")
+    hint = (f"Register one with the teacher step on dataset={args.dataset} first, or set teacher to "
+            "another registered model (models:/NAME@ALIAS).")
     version = tracking.resolve_version(uri, needed_by=hint)
     check_labels(version, splits.label_names)
     if args.train.alpha == 0 and resolve(student, ctx.catalog)[0] == FINETUNED_TEACHER:

@@ -40,7 +40,7 @@ import time
 import urllib.error
 import urllib.request
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -50,6 +50,7 @@ import numpy as np
 import pandas as pd
 
 from kd_sentiment.errors import UserError
+from kd_sentiment.schema import LoadTestArgs
 
 log = logging.getLogger(__name__)
 
@@ -222,20 +223,6 @@ def served(model_uri: str, startup_s: float = 180, workers: int = 1):
             server.wait(timeout=30)
         log.close()
         os.unlink(log.name)
-
-
-@dataclass
-class LoadTestArgs:
-    model: str = ""
-    dataset: str = "tweeteval"
-    data_dir: str | None = None
-    clients: int = 4
-    requests_per_client: int = 50
-    malformed_every: int = 10
-    warmup_requests: int = 5
-    workers: int = 1  # server processes; one runs requests one at a time (the scoring server's Python holds the GIL)
-    timeout_s: float = 120.0
-    output_dir: str = "results/benchmarks"
 
 
 def run(args: LoadTestArgs) -> dict:

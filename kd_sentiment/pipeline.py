@@ -24,30 +24,23 @@ the benchmark (what the report reads).
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
 
-from kd_sentiment import benchmark, distill, promote, quantize, teacher, tracking
+from kd_sentiment import benchmark, distill, promote, quantize, schema, teacher, tracking
 from kd_sentiment.errors import UserError
 from kd_sentiment.models import load_catalog, read_yaml
-from kd_sentiment.steps import StepArgs
-from kd_sentiment.train import TrainConfig
+from kd_sentiment.schema import PipelineArgs
 
 log = logging.getLogger(__name__)
 
 SECTIONS = ("catalog", "data", "teacher", "distill", "quantize", "promote", "benchmark")
-
-
-@dataclass
-class PipelineArgs:
-    config: str = "experiments/smoke.yaml"
-    dataset: str = "tweeteval"
-    data_dir: str | None = None
 
 
 def code_version() -> str:
@@ -58,35 +51,67 @@ def code_version() -> str:
     return h.hexdigest()[:12]
 
 
+# What the pipeline sets itself in a training step's arguments; a config section may not.
+SET_FOR_TRAINING = {"dataset", "data_dir", "catalog", *schema.DATA_KEYS, "output_dir", "resume", "alias", "name"}
+DISTILL_PLAN = {"students", "baseline", "seeds"}  # distill-section keys the pipeline itself reads
+
+
 def section_keys() -> dict[str, set[str]]:
-    """The keys each config section takes: the fields of the step's arguments that the config
-    sets, minus what the pipeline sets itself (dataset, upstream models, names)."""
-    train = {f.name for f in fields(TrainConfig)}
+    """The keys each config section takes: the parameters of the step's schema (schema.py) that the
+    config sets, minus what the pipeline sets itself (dataset, data, upstream models, names)."""
+    flat = schema.flat_fields
     return {
-        "data": {"max_train_samples", "max_eval_samples", "validation_size", "data_seed"},
-        "teacher": train - {"alpha", "temperature"} | {"model"},
-        "distill": train | {"students", "baseline", "seeds"},
-        "quantize": {f.name for f in fields(quantize.QuantizeArgs)} - {"model", "dataset", "data_dir", "max_eval_samples"},
+        "data": set(schema.DATA_KEYS),
+        "teacher": set(flat(schema.TeacherArgs)) - SET_FOR_TRAINING,
+        "distill": set(flat(schema.DistillArgs)) - SET_FOR_TRAINING - {"student", "teacher"} | DISTILL_PLAN,
+        "quantize": set(flat(schema.QuantizeArgs)) - {"model", "dataset", "data_dir", "max_eval_samples"},
         "promote": {"margin"},
-        "benchmark": {f.name for f in fields(benchmark.BenchmarkArgs)} - {"dataset", "data_dir", "models"},
+        "benchmark": set(flat(schema.BenchmarkArgs)) - {"dataset", "data_dir", "models"},
     }
 
 
+SECTION_SCHEMA = {"data": schema.StepArgs, "teacher": schema.TeacherArgs, "distill": schema.DistillArgs,
+                  "quantize": schema.QuantizeArgs, "promote": schema.PromoteArgs, "benchmark": schema.BenchmarkArgs}
+
+
+def read_plan(plan: dict, where: str) -> dict:
+    """The distill section's own keys: students (a list of names), seeds (a list of whole numbers),
+    baseline (true or false)."""
+    students, seeds = plan.get("students", []), plan.get("seeds", [])
+    if not isinstance(students, list) or not all(isinstance(s, str) and s for s in students):
+        raise UserError(f"{where}: students must be a list of student names, e.g. [minilm, tinybert].")
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise UserError(f"{where}: seeds must be a list of whole numbers, e.g. [42, 43, 44].")
+    if "baseline" in plan:
+        try:
+            plan["baseline"] = schema.boolean(plan["baseline"])
+        except argparse.ArgumentTypeError as err:
+            raise UserError(f"{where}: baseline: {err}") from None
+    return plan
+
+
 def check_sections(config: dict, file: Path) -> None:
-    """Refuse a key no step would read (a typo would otherwise be dropped silently or crash later):
-    one line naming the file, the section, the key and the valid keys."""
-    allowed = section_keys()
-    for section, keys in allowed.items():
+    """Refuse a key no step would read (a typo would otherwise be dropped silently or crash later)
+    and read every value as its flag would, in place: one line naming the file, the section, the
+    key and the valid keys (or what the value should be)."""
+    for section, keys in section_keys().items():
         content = config.get(section) or {}
         blocks = content.items() if section == "data" else [(None, content)]
         for dataset, block in blocks:
-            where = f"data.{dataset}" if dataset else section
+            name = f"data.{dataset}" if dataset else section
+            where = f"config {file}: section '{name}'"
             if not isinstance(block, dict):
-                raise UserError(f"config {file}: section '{where}' must be a mapping of keys {sorted(keys)}.")
+                raise UserError(f"{where} must be a mapping of keys {sorted(keys)}.")
             unknown = sorted(set(block) - keys)
             if unknown:
-                raise UserError(f"config {file}: unknown key(s) {unknown} in section '{where}'; valid keys: "
+                raise UserError(f"config {file}: unknown key(s) {unknown} in section '{name}'; valid keys: "
                                 f"{sorted(keys)}.")
+            plan = read_plan({k: block[k] for k in DISTILL_PLAN & set(block)}, where)
+            read = schema.read_values(SECTION_SCHEMA[section], {k: v for k, v in block.items() if k not in plan}, where)
+            if dataset:
+                content[dataset] = read
+            else:
+                config[section] = {**read, **plan}
 
 
 def load_config(path: str) -> dict:
@@ -97,11 +122,6 @@ def load_config(path: str) -> dict:
     if catalog and not Path(catalog).exists():  # written relative to the project root (experiments/..)
         config["catalog"] = str(file.resolve().parent.parent / catalog)
     return config
-
-
-def train_config(section: dict, **overrides) -> TrainConfig:
-    names = {f.name for f in fields(TrainConfig)}
-    return TrainConfig(**{k: v for k, v in section.items() if k in names}, **overrides)
 
 
 class StepRunner:
@@ -161,39 +181,34 @@ class Pipeline(StepRunner):
     def __init__(self, config: dict, args: PipelineArgs):
         super().__init__()
         self.config, self.args = config, args
-        data = (config.get("data") or {}).get(args.dataset, {})
         self.common = {"dataset": args.dataset, "data_dir": args.data_dir, "catalog": config.get("catalog"),
-                       "max_train_samples": data.get("max_train_samples"),
-                       "max_eval_samples": data.get("max_eval_samples"),
-                       "validation_size": data.get("validation_size", 0.1),
-                       "data_seed": data.get("data_seed", StepArgs.data_seed)}
+                       **(config.get("data") or {}).get(args.dataset, {})}
 
     def run(self) -> dict:
         cfg, dataset = self.config, self.args.dataset
         t_section = dict(cfg.get("teacher") or {})
-        teacher_run = self.step("teacher", teacher.run, teacher.TeacherArgs(
-            model=t_section.pop("model", ""), train=train_config(t_section), **self.common))
+        teacher_run = self.step("teacher", teacher.run, schema.build(schema.TeacherArgs, {**self.common, **t_section}))
         teacher_uri = registered_uri(teacher_run)
 
         d_section = dict(cfg.get("distill") or {})
         students = d_section.pop("students", None) or load_catalog(cfg.get("catalog"))["students"]
         baseline = d_section.pop("baseline", True)
-        seeds = d_section.pop("seeds", None) or [d_section.get("seed", TrainConfig.seed)]
+        seeds = d_section.pop("seeds", None) or [d_section.get("seed", schema.TrainConfig.seed)]
         record = {"teacher": teacher_run.info.run_id, "students": {}}
         student_runs, models = {}, [teacher_uri]
         for student in students:
             runs = {"kd": [], "nokd": []}
             for seed in seeds:
                 suffix = f"-s{seed}" if len(seeds) > 1 else ""
-                kd = self.step(f"distill-{student}{suffix}", distill.run, distill.DistillArgs(
-                    student=student, teacher=teacher_uri, alias="champion" if len(seeds) == 1 else "",
-                    train=train_config({**d_section, "seed": seed}), **self.common), teacher_uri)
+                kd = self.step(f"distill-{student}{suffix}", distill.run, schema.build(schema.DistillArgs, {
+                    **self.common, **d_section, "seed": seed, "student": student, "teacher": teacher_uri,
+                    "alias": "champion" if len(seeds) == 1 else ""}), teacher_uri)
                 runs["kd"].append(kd)
                 if baseline:  # same student, data and budget, no teacher; registered without an alias
-                    runs["nokd"].append(self.step(f"distill-{student}-nokd{suffix}", distill.run, distill.DistillArgs(
-                        student=student, teacher=teacher_uri, alias="",
-                        name=tracking.registered_name(distill.student_name(student), dataset, "nokd"),
-                        train=train_config({**d_section, "alpha": 0.0, "seed": seed}), **self.common), teacher_uri))
+                    runs["nokd"].append(self.step(f"distill-{student}-nokd{suffix}", distill.run, schema.build(
+                        schema.DistillArgs, {**self.common, **d_section, "alpha": 0.0, "seed": seed, "student": student,
+                                             "teacher": teacher_uri, "alias": "", "name": tracking.registered_name(
+                                                 distill.student_name(student), dataset, "nokd")}), teacher_uri))
             selected = select_seed(runs["kd"]) if len(seeds) > 1 else runs["kd"][0]
             student_runs[student] = selected
             models.append(registered_uri(selected))
@@ -204,21 +219,21 @@ class Pipeline(StepRunner):
         q_section, margin = cfg.get("quantize") or {}, (cfg.get("promote") or {}).get("margin", 1.0)
         for student, kd in student_runs.items():
             parent = registered_uri(kd)
-            q = self.step(f"quantize-{student}", quantize.run, quantize.QuantizeArgs(
+            q = self.step(f"quantize-{student}", quantize.run, schema.QuantizeArgs(
                 model=parent, dataset=dataset, data_dir=self.args.data_dir,
-                max_eval_samples=self.common["max_eval_samples"], **q_section), parent)
+                max_eval_samples=self.common.get("max_eval_samples"), **q_section), parent)
             record["students"][student]["quantize"] = q.info.run_id
             name, version = q.data.tags["registered_model"], q.data.tags["registered_version"]
             models.append(f"models:/{name}/{version}")
             try:  # a step like the others: a re-run reuses the recorded decision
-                self.step(f"promote-{student}", promote.run, promote.PromoteArgs(
+                self.step(f"promote-{student}", promote.run, schema.PromoteArgs(
                     name=name, version=version, alias="champion", margin=margin), f"{name}/{version}")
             except UserError as refusal:  # a refused gate is an outcome to record, not a pipeline failure
                 log.warning("[pipeline] promote %s v%s: %s", name, version, refusal)
                 mlflow.set_tag(f"promotion.{student}", "refused")
 
         b_section = cfg.get("benchmark") or {}
-        bench = self.step("benchmark", benchmark.run, benchmark.BenchmarkArgs(
+        bench = self.step("benchmark", benchmark.run, schema.BenchmarkArgs(
             dataset=dataset, data_dir=self.args.data_dir, models=",".join(models), **b_section), ",".join(models))
         record["benchmark"] = bench.info.run_id
         mlflow.set_tag("reused_steps", ",".join(self.reused) or "none")

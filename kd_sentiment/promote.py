@@ -16,7 +16,6 @@ page -> version -> Aliases); that leaves no promote run.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
 from datetime import datetime, timezone
 
 import mlflow
@@ -25,23 +24,13 @@ from mlflow.tracking import MlflowClient
 
 from kd_sentiment import tracking
 from kd_sentiment.errors import UserError
+from kd_sentiment.schema import PromoteArgs
 
 log = logging.getLogger(__name__)
 
 GATED = ("accuracy", "macro_recall")
 NONE = "none"  # the alias's holder before its first promotion
 MOVED = ("accepted", "forced", "rolled back", "rolled back (forced)")  # decisions that moved the alias
-
-
-@dataclass
-class PromoteArgs:
-    name: str = ""
-    version: str = ""
-    alias: str = "champion"
-    margin: float = 1.0     # points (percentage points of accuracy / macro-recall)
-    force: bool = False
-    history: bool = False   # list the alias's past holders from the promote runs; moves nothing
-    rollback: bool = False  # move the alias back to its holder before the current one (gated)
 
 
 def gate(tags: dict, margin: float) -> tuple[bool, dict]:
@@ -100,7 +89,7 @@ def rollback_target(name: str, alias: str) -> str:
             stack.append(after)
     current = alias_holder(name, alias)
     if len(stack) < 2 or stack[-1] != current or stack[-2] == NONE:
-        raise UserError(f"{name}@{alias}: no recorded earlier holder to roll back to (see --history).")
+        raise UserError(f"{name}@{alias}: no recorded earlier holder to roll back to (see history).")
     return stack[-2]
 
 
@@ -109,7 +98,7 @@ def decide(version, args: PromoteArgs, rollback: bool) -> tuple[str, dict]:
     passed, numbers = gate(version.tags, args.margin)
     if not numbers and not args.force:
         raise UserError(f"{args.name} version {version.version} has no gate.* measurements against a parent (only "
-                        "quantize writes them); nothing moved. Use --force to promote it anyway.")
+                        "quantize writes them); nothing moved. Set force to promote it anyway.")
     decision = "accepted" if passed else ("forced" if args.force else "refused")
     if rollback and decision != "refused":
         decision = "rolled back" if passed else "rolled back (forced)"
@@ -122,7 +111,7 @@ def run(args: PromoteArgs) -> bool:
     if not args.name:
         raise UserError("promote needs a registered model name.")
     if not (args.version or args.history or args.rollback):
-        raise UserError("promote needs --version (or --history, or --rollback).")
+        raise UserError("promote needs version (or history, or rollback).")
     if args.version and args.rollback:
         raise UserError(f"version={args.version} with rollback: a rollback picks the previous holder itself; "
                         "pass one of them.")
@@ -159,6 +148,6 @@ def run(args: PromoteArgs) -> bool:
     summary = ", ".join(f"{k}={v}" for k, v in numbers.items()) or "no gate measurements"
     if decision == "refused":
         raise UserError(f"{args.name} version {version.version} failed its gate ({summary}; margin {args.margin} "
-                        f"points): alias '{args.alias}' not moved. Use --force to override.")
+                        f"points): alias '{args.alias}' not moved. Set force to override.")
     log.info("%s: %s@%s version %s -> %s (%s)", decision, args.name, args.alias, before, version.version, summary)
     return True

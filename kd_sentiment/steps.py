@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
@@ -22,29 +22,10 @@ from kd_sentiment.errors import UserError
 from kd_sentiment.evaluation import evaluate, log_evaluation
 from kd_sentiment.machine import peak_gpu_memory_mb, reset_peak_gpu_memory
 from kd_sentiment.models import EVERY_OTHER, count_parameters, flops_per_example
-from kd_sentiment.train import TrainConfig, TrainResult, read_checkpoint_state, train
+from kd_sentiment.schema import StepArgs
+from kd_sentiment.train import Checkpoints, TrainData, TrainResult, read_checkpoint_state, train
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepArgs:
-    """Arguments every training step takes (the CLI documents each one)."""
-
-    dataset: str = "tweeteval"
-    data_dir: str | None = None
-    catalog: str | None = None
-    validation_size: float | int = 0.1
-    max_train_samples: int | None = None
-    max_eval_samples: int | None = None
-    # Seed of the data subsets and of the validation carve, apart from the training seed: runs with
-    # other training seeds are then trained, selected and tested on the very same texts (paired).
-    data_seed: int = 42
-    output_dir: str | None = None
-    resume: bool = False
-    alias: str = "champion"
-    cpu: bool = False
-    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def slug(text: str) -> str:
@@ -74,8 +55,7 @@ class StepContext:
 
 def set_up(step: str, args: StepArgs, model_name: str, catalog: dict) -> StepContext:
     """Validate arguments, load the data, create the accelerator, find a checkpoint to resume."""
-    args.train.validate()
-    check_alias(args.alias)
+    args.validate()
     tracking.configure()
     splits = load_splits(args.dataset, args.data_dir, args.validation_size, args.max_train_samples,
                          args.max_eval_samples, args.data_seed)
@@ -131,12 +111,12 @@ def fit_and_evaluate(ctx: StepContext, args: StepArgs, model, tokenizer, teacher
     """
     splits, acc = ctx.splits, ctx.accelerator
     run_id = mlflow.active_run().info.run_id if ctx.is_main else None
-    result: TrainResult = train(
-        model, tokenizer, splits.train["text"], splits.train["label"].to_numpy(),
-        splits.validation["text"], splits.validation["label"].to_numpy(), splits.label_names,
-        splits.selection_metric, args.train, acc, ctx.output_dir, teacher_logits=teacher_logits,
-        resume=args.resume, log_metrics=mlflow.log_metrics if ctx.is_main else (lambda m, s: None),
-        extra_state={"mlflow_run_id": run_id})
+    data = TrainData(splits.train["text"].tolist(), splits.train["label"].to_numpy(),
+                     splits.validation["text"].tolist(), splits.validation["label"].to_numpy(), splits.label_names,
+                     splits.selection_metric, teacher_logits)
+    result: TrainResult = train(model, tokenizer, data, args.train, acc,
+                                Checkpoints(ctx.output_dir, args.resume, {"mlflow_run_id": run_id}),
+                                log_metrics=mlflow.log_metrics if ctx.is_main else (lambda m, s: None))
     metrics, test_logits = evaluate(result.model, tokenizer, splits, args.train.max_length,
                                        args.train.batch_size * 2, acc)
     metrics.update(best_epoch=result.best_epoch, parameters=count_parameters(result.model),
@@ -182,10 +162,3 @@ def publish(model, tokenizer, splits: Splits, registered_name: str, alias: str, 
     mlflow.set_tags({"registered_model": registered_name, "registered_version": version.version})
     log.info(f"Registered {registered_name} version {version.version}"
           + (f" with alias '{alias}': models:/{registered_name}@{alias}" if alias else ""))
-
-
-def check_alias(alias: str) -> None:
-    if alias and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", alias):
-        raise UserError(f"alias={alias!r}: use letters, digits, '_' and '-' (not starting with a digit); "
-                        "empty skips aliasing.")
-

@@ -27,55 +27,14 @@ interrupted one. Soft targets come from the MLflow cache, so each teacher is run
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import mlflow
 
 from kd_sentiment import distill, teacher, tracking
-from kd_sentiment.errors import UserError
+from kd_sentiment.schema import TRAINED_VARIANTS, DistillArgs, StudyArgs, TeacherArgs, TrainConfig
 from kd_sentiment.pipeline import StepRunner, registered_uri
-from kd_sentiment.train import TrainConfig
 
-SCALED = ("raw", "calibrated", "sharpened")    # the registered teacher, its logits rescaled
-TRAINED = ("label-smoothed", "trained-longer")  # teachers trained for the study
-STUDIES = ("calibration",)
-
-
-@dataclass
-class StudyArgs:
-    kind: str = "calibration"   # which study; only the calibration study exists
-    dataset: str = "tweeteval"
-    data_dir: str | None = None
-    catalog: str | None = None
-    teacher: str = ""           # registry URI; empty: the dataset's teacher @champion
-    variants: str = ",".join(SCALED + TRAINED)
-    label_smoothing: float = 0.1  # of the label-smoothed teacher
-    longer_epochs: int = 3        # epochs of the trained-longer teacher
-    student: str = "tinybert"
-    temperatures: str = "1,4"     # the fixed KD temperature grid
-    alpha: float = 0.5
-    epochs: int = 2
-    lr: float = 8e-5
-    batch_size: int = 16
-    max_length: int = 128
-    max_train_samples: int | None = 1500
-    max_eval_samples: int | None = 1000
-
-    def validate(self) -> tuple[list[str], list[float]]:
-        """(variants, KD temperatures), or a UserError naming the parameter."""
-        if self.kind not in STUDIES:
-            raise UserError(f"study {self.kind!r}: one of {STUDIES}.")
-        variants = [v.strip() for v in self.variants.split(",") if v.strip()]
-        unknown = sorted(set(variants) - set(SCALED + TRAINED))
-        if unknown or not variants:
-            raise UserError(f"variants={self.variants!r}: unknown {unknown}; choose from {', '.join(SCALED + TRAINED)}.")
-        try:
-            temperatures = [float(t) for t in self.temperatures.split(",") if t.strip()]
-        except ValueError:
-            raise UserError(f"temperatures={self.temperatures!r}: comma-separated numbers, e.g. 1,4.") from None
-        if not temperatures or min(temperatures) <= 0:
-            raise UserError(f"temperatures={self.temperatures!r}: at least one, each greater than 0.")
-        return variants, temperatures
 
 
 def run(args: StudyArgs) -> dict:
@@ -99,8 +58,8 @@ def run(args: StudyArgs) -> dict:
         teachers = {"raw": (registered, 1.0), "calibrated": (registered, 1.0 / t_cal), "sharpened": (registered, 2.0)}
         recipe = TrainConfig.from_params(teacher_run.data.params)
         changes = {"label-smoothed": {"label_smoothing": args.label_smoothing}, "trained-longer": {"epochs": args.longer_epochs}}
-        for variant in (v for v in TRAINED if v in variants):
-            run = runner.step(f"teacher-{variant}", teacher.run, teacher.TeacherArgs(
+        for variant in (v for v in TRAINED_VARIANTS if v in variants):
+            run = runner.step(f"teacher-{variant}", teacher.run, TeacherArgs(
                 model=teacher_run.data.params["model"], name=tracking.registered_name("calibration-teacher", args.dataset),
                 alias="", train=replace(recipe, **changes[variant]), **data),
                 upstream=registered, tags={**study, tracking.VARIANT_TAG: variant})
@@ -111,7 +70,7 @@ def run(args: StudyArgs) -> dict:
                 train = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                                     max_length=args.max_length, alpha=args.alpha, temperature=temperature,
                                     checkpoint_every=0)
-                runner.step(f"distill-{variant}-T{temperature:g}", distill.run, distill.DistillArgs(
+                runner.step(f"distill-{variant}-T{temperature:g}", distill.run, DistillArgs(
                     student=args.student, teacher=uri, teacher_logit_scale=scale, alias="",
                     name=tracking.registered_name("calibration-study", args.dataset), train=train, **data),
                     upstream=uri, tags={**study, tracking.VARIANT_TAG: variant})

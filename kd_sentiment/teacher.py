@@ -6,17 +6,10 @@ fine-tuned from: students cut from the teacher (`teacher-layers:...`) start from
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from kd_sentiment import tracking
 from kd_sentiment.models import load_catalog, load_classifier, resolve, with_layers
-from kd_sentiment.steps import StepArgs, slug, fit_and_evaluate, log_step_params, publish, set_up
-
-
-@dataclass
-class TeacherArgs(StepArgs):
-    model: str = ""  # empty: the catalog's teacher
-    name: str = ""   # registered name; empty: kd-sentiment-teacher-<dataset>
+from kd_sentiment.schema import TeacherArgs
+from kd_sentiment.steps import slug, fit_and_evaluate, log_step_params, publish, set_up
 
 
 def registered_name(dataset: str) -> str:

@@ -30,7 +30,7 @@ from transformers import get_linear_schedule_with_warmup
 from kd_sentiment.calibration import classification_metrics
 from kd_sentiment.errors import UserError
 from kd_sentiment.losses import distillation_loss
-from kd_sentiment.train_config import TrainConfig
+from kd_sentiment.schema import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -163,52 +163,94 @@ def check_identical_across_processes(model, accelerator: Accelerator) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 
-def train(model, tokenizer, train_texts, train_labels: np.ndarray, val_texts, val_labels: np.ndarray,
-          label_names: list[str], selection_metric: str, config: TrainConfig, accelerator: Accelerator,
-          output_dir: Path, teacher_logits: np.ndarray | None = None, resume: bool = False,
-          log_metrics: Callable[[dict, int], None] = lambda metrics, step: None,
-          extra_state: dict | None = None) -> TrainResult:
-    """Train `model`, evaluate on validation after each epoch, return it with the best epoch's weights.
+@dataclass
+class TrainData:
+    """What one training run learns from and is selected on."""
 
-    teacher_logits: soft targets aligned with train_texts (required when config.alpha > 0).
-    resume: continue from output_dir/checkpoint if present (same data and config expected).
-    log_metrics: called on the main process with (metrics, step) for per-step loss and per-epoch
-    validation metrics (`history/val_*`, step = epoch; final `val_*` are the caller's).
-    extra_state: stored in each checkpoint (e.g. the MLflow run id), read back by the caller.
-    """
-    config.validate()
-    if config.alpha > 0 and teacher_logits is None:
-        raise UserError("alpha > 0 needs the teacher's logits (soft targets).")
-    output_dir = Path(output_dir)
-    set_seed(config.seed)
-    rank, world = accelerator.process_index, accelerator.num_processes
+    texts: list[str]
+    labels: np.ndarray
+    val_texts: list[str]
+    val_labels: np.ndarray
+    label_names: list[str]
+    selection_metric: str                    # the validation metric that picks the best epoch
+    teacher_logits: np.ndarray | None = None  # soft targets aligned with `texts` (needed when alpha > 0)
 
-    encodings = tokenize(tokenizer, train_texts, config.max_length)
-    lengths = np.array([len(ids) for ids in encodings["input_ids"]])
-    batches_per_epoch = math.ceil(math.ceil(len(lengths) / config.batch_size) / world)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * config.epochs
 
+@dataclass
+class Checkpoints:
+    """Where a run's checkpoints and best weights go, and whether to continue from the last one."""
+
+    output_dir: Path
+    resume: bool = False  # continue from output_dir/checkpoint if present (same data and config expected)
+    extra_state: dict = field(default_factory=dict)  # stored in each checkpoint (the MLflow run id), read back
+
+
+def optimizer_and_schedule(model, config: TrainConfig, total_steps: int):
+    """AdamW (no weight decay on biases and LayerNorm) and a linear warm-up then linear decay to 0."""
     no_decay = ("bias", "LayerNorm.weight", "layer_norm.weight")
     groups = [
         {"params": [p for n, p in model.named_parameters() if not n.endswith(no_decay)], "weight_decay": config.weight_decay},
         {"params": [p for n, p in model.named_parameters() if n.endswith(no_decay)], "weight_decay": 0.0},
     ]
     optimizer = torch.optim.AdamW(groups, lr=config.lr)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    return optimizer, get_linear_schedule_with_warmup(optimizer, int(config.warmup_ratio * total_steps), total_steps)
 
-    # Loop position; overwritten by the checkpoint when resuming.
-    state = {"epoch": 0, "batches_done": 0, "global_step": 0, "best_metric": -math.inf,
-             "best_epoch": -1, "history": [], **(extra_state or {})}
-    best_dir = output_dir / "best"
-    if resume and read_checkpoint_state(output_dir):
+
+def start_state(accelerator: Accelerator, checkpoints: Checkpoints) -> dict:
+    """The loop's position: fresh, or read from the last checkpoint (weights and optimizer restored)."""
+    output_dir = Path(checkpoints.output_dir)
+    if checkpoints.resume and read_checkpoint_state(output_dir):
         accelerator.load_state(str(output_dir / "checkpoint"))
         state = read_checkpoint_state(output_dir)
         if accelerator.is_main_process:
-            log.info(f"Resuming from {output_dir / 'checkpoint'}: epoch {state['epoch']}, "
-                          f"step {state['global_step']}")
+            log.info(f"Resuming from {output_dir / 'checkpoint'}: epoch {state['epoch']}, step {state['global_step']}")
+        return state
+    return {"epoch": 0, "batches_done": 0, "global_step": 0, "best_metric": -math.inf, "best_epoch": -1,
+            "history": [], **checkpoints.extra_state}
+
+
+def end_epoch(model, tokenizer, data: TrainData, config: TrainConfig, accelerator: Accelerator, state: dict,
+              best_dir: Path, log_metrics: Callable[[dict, int], None]) -> None:
+    """Evaluate on validation, keep the best epoch's weights in `best_dir`, record the history.
+    (Eight parameters: the loop's pieces it reads, passed rather than bundled into an object.)"""
+    epoch = state["epoch"] + 1
+    val_logits = predict_logits(accelerator.unwrap_model(model), tokenizer, data.val_texts, config.max_length,
+                                config.batch_size * 2, accelerator)
+    metrics = classification_metrics(val_logits, data.val_labels, data.label_names)
+    state["history"].append({"epoch": epoch, **metrics})
+    if accelerator.is_main_process:
+        log_metrics({f"history/val_{k}": v for k, v in metrics.items()}, epoch)
+        log.info(f"epoch {epoch}: val {data.selection_metric}={metrics[data.selection_metric]:.4f}")
+    if metrics[data.selection_metric] > state["best_metric"]:
+        state["best_metric"], state["best_epoch"] = metrics[data.selection_metric], epoch
+        if accelerator.is_main_process:
+            accelerator.unwrap_model(model).save_pretrained(best_dir, safe_serialization=True)
+    accelerator.wait_for_everyone()
+
+
+def train(model, tokenizer, data: TrainData, config: TrainConfig, accelerator: Accelerator,
+          checkpoints: Checkpoints, log_metrics: Callable[[dict, int], None] = lambda metrics, step: None) -> TrainResult:
+    """Train `model`, evaluate on validation after each epoch, return it with the best epoch's weights.
+
+    log_metrics: called on the main process with (metrics, step) for per-step loss and per-epoch
+    validation metrics (`history/val_*`, step = epoch; final `val_*` are the caller's).
+    """
+    config.validate()
+    if config.alpha > 0 and data.teacher_logits is None:
+        raise UserError("alpha > 0 needs the teacher's logits (soft targets).")
+    output_dir = Path(checkpoints.output_dir)
+    set_seed(config.seed)
+    rank, world = accelerator.process_index, accelerator.num_processes
+
+    encodings = tokenize(tokenizer, data.texts, config.max_length)
+    lengths = np.array([len(ids) for ids in encodings["input_ids"]])
+    batches_per_epoch = math.ceil(math.ceil(len(lengths) / config.batch_size) / world)
+    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
+    total_steps = steps_per_epoch * config.epochs
+    model, optimizer, scheduler = accelerator.prepare(model, *optimizer_and_schedule(model, config, total_steps))
+    state = start_state(accelerator, checkpoints)
     resumed_from = state["global_step"]
+    best_dir = output_dir / "best"
     output_dir.mkdir(parents=True, exist_ok=True)
 
     progress = tqdm(total=total_steps, initial=state["global_step"], disable=not accelerator.is_local_main_process,
@@ -218,7 +260,7 @@ def train(model, tokenizer, train_texts, train_labels: np.ndarray, val_texts, va
         # The order depends only on seed and epoch, so a resumed run rebuilds it and skips ahead.
         my_batches = shard(length_grouped_batches(lengths, config.batch_size, config.seed + epoch), rank, world, pad=True)
         for i in range(state["batches_done"], len(my_batches)):
-            batch = collate(encodings, my_batches[i], tokenizer, train_labels, teacher_logits)
+            batch = collate(encodings, my_batches[i], tokenizer, data.labels, data.teacher_logits)
             group_end = min((i // config.gradient_accumulation_steps + 1) * config.gradient_accumulation_steps,
                             len(my_batches))
             group_size = group_end - (i // config.gradient_accumulation_steps) * config.gradient_accumulation_steps
@@ -245,18 +287,7 @@ def train(model, tokenizer, train_texts, train_labels: np.ndarray, val_texts, va
                 save_checkpoint(accelerator, output_dir, state)
 
         # End of epoch: evaluate, keep the best weights, checkpoint the position.
-        val_logits = predict_logits(accelerator.unwrap_model(model), tokenizer, val_texts, config.max_length,
-                                    config.batch_size * 2, accelerator)
-        metrics = classification_metrics(val_logits, val_labels, label_names)
-        state["history"].append({"epoch": epoch + 1, **metrics})
-        if accelerator.is_main_process:
-            log_metrics({f"history/val_{k}": v for k, v in metrics.items()}, epoch + 1)
-            log.info(f"epoch {epoch + 1}: val {selection_metric}={metrics[selection_metric]:.4f}")
-        if metrics[selection_metric] > state["best_metric"]:
-            state["best_metric"], state["best_epoch"] = metrics[selection_metric], epoch + 1
-            if accelerator.is_main_process:
-                accelerator.unwrap_model(model).save_pretrained(best_dir, safe_serialization=True)
-        accelerator.wait_for_everyone()
+        end_epoch(model, tokenizer, data, config, accelerator, state, best_dir, log_metrics)
         state["epoch"], state["batches_done"] = epoch + 1, 0
         save_checkpoint(accelerator, output_dir, state)
     progress.close()

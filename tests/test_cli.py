@@ -38,11 +38,13 @@ def test_every_step_flag_is_an_entry_point_parameter(entry_point):
 def test_entry_point_parameters_match_the_flags_field_by_field(entry_point):
     """Each MLproject parameter has its flag's default (read through the flag's own parser) and, for
     a whole-number flag, type int: a default changed in one place and not the other fails here."""
-    from kd_sentiment.cli import whole_number
+    from kd_sentiment.schema import whole_number
 
     command = "pipeline" if entry_point == "main" else entry_point
     subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
-    flags = {a.dest: a for a in subcommands[command]._actions}
+    flags = {}
+    for action in subcommands[command]._actions:  # the first of a name: --no_FLAG comes after --FLAG
+        flags.setdefault(action.dest, action)
     for name, spec in MLPROJECT["entry_points"][entry_point]["parameters"].items():
         flag = flags[name]
         if flag.type is whole_number:

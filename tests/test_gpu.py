@@ -85,7 +85,7 @@ def test_train_resume_and_temperature_fit_on_the_gpu(tiny_folder, tmp_path):
     """A run interrupted after a checkpoint resumes onto the GPU and ends where an uninterrupted run
     does; evaluation and temperature scaling work from its logits."""
     from kd_sentiment.calibration import evaluate_with_temperature
-    from kd_sentiment.train import TrainConfig, predict_logits, train
+    from kd_sentiment.train import Checkpoints, TrainConfig, TrainData, predict_logits, train
 
     train_texts, train_labels = texts_and_labels(256, 3)
     val_texts, val_labels = texts_and_labels(64, 4)
@@ -95,8 +95,8 @@ def test_train_resume_and_temperature_fit_on_the_gpu(tiny_folder, tmp_path):
     def fit(output_dir, resume=False, log_metrics=lambda metrics, step: None):
         model, tokenizer = classifier(tiny_folder)
         accelerator = Accelerator(mixed_precision="bf16")
-        result = train(model, tokenizer, train_texts, train_labels, val_texts, val_labels, LABELS, "accuracy",
-                       config, accelerator, output_dir, resume=resume, log_metrics=log_metrics)
+        data = TrainData(train_texts, train_labels, val_texts, val_labels, LABELS, "accuracy")
+        result = train(model, tokenizer, data, config, accelerator, Checkpoints(output_dir, resume), log_metrics)
         return result, tokenizer, accelerator
 
     reference, tokenizer, accelerator = fit(tmp_path / "reference")

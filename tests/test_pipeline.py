@@ -155,3 +155,33 @@ def test_a_misspelled_key_in_any_section_is_refused_with_the_valid_keys(section,
     message = str(refused.value)
     assert f"unknown key(s) ['{key}'] in section '{section}'" in message and str(path) in message
     assert "valid keys: [" in message
+
+
+def test_config_values_read_like_their_flags_and_steps_keep_their_own_defaults(tmp_path):
+    """A config's `2e-4` (a string to YAML), `all`, `3.0` and `auto` mean what they mean as flags; a
+    distill section without alpha distils (alpha 0.5, distill's default), it does not fine-tune."""
+    from kd_sentiment import schema
+
+    cfg = {"data": {"imdb": {"max_train_samples": "all", "validation_size": 200}},
+           "teacher": {"lr": "2e-4", "epochs": 3.0}, "distill": {"students": ["tinybert"], "seeds": [1, 2]},
+           "quantize": {"per_channel": "false", "reduce_range": "auto"}}
+    path = tmp_path / "values.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    config = pipeline.load_config(str(path))
+    assert config["data"]["imdb"] == {"max_train_samples": None, "validation_size": 200}
+    assert config["teacher"] == {"lr": 2e-4, "epochs": 3} and isinstance(config["teacher"]["epochs"], int)
+    assert config["quantize"] == {"per_channel": False, "reduce_range": None}
+    assert config["distill"] == {"students": ["tinybert"], "seeds": [1, 2]}
+    distill = schema.build(schema.DistillArgs, {"student": "tinybert", "epochs": 1})
+    assert (distill.train.alpha, distill.train.epochs) == (0.5, 1)
+    assert "alpha" not in schema.flat_fields(schema.TeacherArgs)
+
+
+@pytest.mark.parametrize("distill, expect", [({"seeds": "42"}, "seeds must be a list"),
+                                             ({"students": "minilm"}, "students must be a list"),
+                                             ({"baseline": "maybe"}, "baseline: expected true or false")])
+def test_the_pipelines_own_distill_keys_are_checked(distill, expect, tmp_path):
+    path = tmp_path / "plan.yaml"
+    path.write_text(yaml.safe_dump({"distill": distill}))
+    with pytest.raises(UserError, match=expect):
+        pipeline.load_config(str(path))

@@ -1,0 +1,432 @@
+"""Every step's parameters, each declared once: type, default, help, choices and how a text value reads.
+
+From these dataclasses come the `kd-sentiment` CLI (cli.py, through transformers' HfArgumentParser),
+the sections of a pipeline config (`build`: unknown keys refused, values read like the flags) and the
+MLproject entry points (tests/test_cli.py checks them against the flags, field by field). Each class
+is what its step's `run()` takes. No torch and no MLflow here: `--help` and a bad argument answer
+at once, before any heavy import.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import re
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from typing import Any, Callable
+
+from kd_sentiment.errors import UserError
+
+
+# ----------------------------------------------------------------------------- how text values read
+
+def boolean(text: str) -> bool:
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "y", "on"):
+        return True
+    if value in ("0", "false", "no", "n", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def optional_boolean(text: str) -> bool | None:
+    """true / false, or '' / 'auto' for "decide on this machine"."""
+    return None if str(text).strip().lower() in ("", "auto", "none") else boolean(text)
+
+
+def whole_number(text: str) -> int:
+    """An integer; '3.0' is accepted too (a value a tool wrote as a float)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value != int(value):
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}")
+    return int(value)
+
+
+def optional_count(text: str) -> int | None:
+    """A positive count, or '' / 'all' / 'none' for no limit."""
+    if str(text).strip().lower() in ("", "all", "none"):
+        return None
+    value = whole_number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive number of examples or 'all', got {value}")
+    return value
+
+
+def fraction_or_count(text: str) -> float | int:
+    """0.1 -> a fraction; 2000 -> a count."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a count, got {text!r}") from None
+    if value <= 0 or (value >= 1 and value != int(value)):
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1) or a whole count >= 1, got {text!r}")
+    return value if value < 1 else int(value)
+
+
+def optional_text(text: str) -> str | None:
+    """'' (how MLproject passes "not given") -> None."""
+    return None if text is None or str(text) in ("", "None") else str(text)
+
+
+READERS: dict[Any, Callable[[str], Any]] = {int: whole_number, float: float, str: str, bool: boolean}
+
+
+def param(default: Any = MISSING, help: str = "", *, read: Callable[[str], Any] | None = None,
+          choices: tuple | None = None, positional: bool = False) -> Field:
+    """A step parameter. `read` turns the text of a flag or a config value into the value (default:
+    by the field's type); `positional` makes it `kd-sentiment STEP VALUE` instead of `--name VALUE`."""
+    return field(default=default, metadata={"help": help, "read": read, "choices": choices, "positional": positional})
+
+
+def nested(factory: Callable[[], Any], exclude: tuple[str, ...] = ()) -> Field:
+    """A dataclass of parameters inside a step's arguments (TrainConfig): its fields become flags of
+    the step, except `exclude`, with the defaults of the instance `factory` makes."""
+    return field(default_factory=factory, metadata={"nested": True, "exclude": exclude})
+
+
+def reader(f: Field) -> Callable[[str], Any]:
+    """How the text of `f`'s flag or config value reads: its own reader, else by its default's type
+    (a required parameter is text)."""
+    return f.metadata.get("read") or (str if f.default is MISSING else READERS[type(f.default)])
+
+
+def flat_fields(cls) -> dict[str, Field]:
+    """name -> field of every parameter of `cls`, a nested dataclass's fields in place of it (with
+    the step's default), in declaration order."""
+    flat = {}
+    for f in fields(cls):
+        if f.metadata.get("nested"):
+            defaults = f.default_factory()
+            for inner in fields(defaults):
+                if inner.name not in f.metadata["exclude"]:
+                    copied = copy.copy(inner)  # with the step's default
+                    copied.default = getattr(defaults, inner.name)
+                    flat[inner.name] = copied
+        else:
+            flat[f.name] = f
+    return flat
+
+
+def read_values(cls, values: dict, where: str) -> dict:
+    """`values` (a config section) read like the flags of `cls` would read their text: a config
+    file's `2e-4`, `all` or `true` mean what they mean on the command line. A key `cls` does not
+    take, a value that does not read, or a choice not offered is a UserError naming `where` and the key."""
+    flat = flat_fields(cls)
+    unknown = sorted(set(values) - set(flat))
+    if unknown:
+        raise UserError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(flat)}.")
+    parsed = {}
+    for name, value in values.items():
+        try:
+            parsed[name] = reader(flat[name])(str(value)) if value is not None else None
+        except (argparse.ArgumentTypeError, ValueError) as err:
+            raise UserError(f"{where}: {name}: {err}") from None
+        choices = flat[name].metadata.get("choices")
+        if choices and parsed[name] not in choices:
+            raise UserError(f"{where}: {name}={value}: choose one of {', '.join(map(str, choices))}.")
+    return parsed
+
+
+def build(cls, values: dict):
+    """`cls` from flat, already read `values` (a nested dataclass's fields by their own names; what
+    is not given keeps the step's default)."""
+    values = dict(values)
+    top = {f.name: values.pop(f.name) for f in fields(cls) if f.name in values}
+    for f in fields(cls):
+        if f.metadata.get("nested"):
+            defaults = f.default_factory()
+            inner = {x.name: values.pop(x.name) for x in fields(defaults) if x.name in values}
+            top[f.name] = replace(defaults, **inner)
+    if values:
+        raise UserError(f"{cls.__name__} takes no {sorted(values)}.")
+    return cls(**top)
+
+
+# ----------------------------------------------------------------------------- training
+
+@dataclass
+class TrainConfig:
+    """Hyperparameters of one training run. Every field is a flag of the training steps and an MLflow param."""
+
+    epochs: int = param(3, "passes over the training data")
+    batch_size: int = param(32, "examples per batch per process")
+    lr: float = param(5e-5, "peak AdamW learning rate (linear warm-up, then linear decay to 0)")
+    weight_decay: float = param(0.01, "AdamW weight decay (not applied to biases and LayerNorm)")
+    warmup_ratio: float = param(0.1, "fraction of optimizer steps spent warming up the learning rate")
+    max_length: int = param(128, "tokens per text; longer texts are truncated")
+    gradient_accumulation_steps: int = param(1, "batches per optimizer step")
+    mixed_precision: str = param("no", "no, fp16 (GPU) or bf16 (GPU or recent CPU)", choices=("no", "fp16", "bf16"))
+    seed: int = param(42, "training seed: new head's initialisation, shuffling, dropout (data subsets: data_seed)")
+    checkpoint_every: int = param(100, "optimizer steps between checkpoints for resume (0: at epoch ends only)")
+    temperature: float = param(2.0, "distillation temperature T (softens both distributions)")
+    alpha: float = param(0.0, "weight of the soft-target loss; 0 = plain fine-tuning without a teacher")
+    label_smoothing: float = param(0.0, "label smoothing of the hard-label cross-entropy (0: none; 0.1 trains a "
+                                        "less confident model)")
+
+    @classmethod
+    def from_params(cls, params: dict[str, str]) -> "TrainConfig":
+        """The config a run was trained with, from its MLflow params (strings); fields the run
+        predates keep their defaults."""
+        return cls(**{f.name: type(f.default)(params[f.name]) for f in fields(cls) if f.name in params})
+
+    def validate(self) -> None:
+        positive = ("epochs", "batch_size", "lr", "max_length", "gradient_accumulation_steps", "temperature")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise UserError(f"{name}={getattr(self, name)}: must be greater than 0.")
+        if not 0 <= self.alpha <= 1:
+            raise UserError(f"alpha={self.alpha}: must lie in [0, 1].")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserError(f"label_smoothing={self.label_smoothing}: must lie in [0, 1).")
+        if not 0 <= self.warmup_ratio < 1:
+            raise UserError(f"warmup_ratio={self.warmup_ratio}: must lie in [0, 1).")
+        if self.weight_decay < 0 or self.checkpoint_every < 0:
+            raise UserError("weight_decay and checkpoint_every must not be negative.")
+        if self.mixed_precision not in ("no", "fp16", "bf16"):
+            raise UserError(f"mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16.")
+
+
+# ----------------------------------------------------------------------------- steps
+
+DATASET_HELP = "imdb, tweeteval, or a folder with train/validation/test files (text,label)"
+DATA_DIR_HELP = "local data in the layout of ../shared/data (empty: $KD_SENTIMENT_DATA_DIR, else the Hugging Face Hub)"
+CATALOG_HELP = "YAML mapping model names to sources (empty: $KD_SENTIMENT_CATALOG, else built-in)"
+DATA_KEYS = ("max_train_samples", "max_eval_samples", "validation_size", "data_seed")  # a config's data.<dataset>
+
+
+def check_alias(alias: str) -> None:
+    if alias and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", alias):
+        raise UserError(f"alias={alias!r}: use letters, digits, '_' and '-' (not starting with a digit); "
+                        "empty skips aliasing.")
+
+
+@dataclass
+class StepArgs:
+    """What every training step takes."""
+
+    dataset: str = param("tweeteval", DATASET_HELP)
+    data_dir: str | None = param(None, DATA_DIR_HELP, read=optional_text)
+    catalog: str | None = param(None, CATALOG_HELP, read=optional_text)
+    validation_size: float | int = param(0.1, "fraction or count of train held out for validation when the dataset "
+                                              "has none", read=fraction_or_count)
+    max_train_samples: int | None = param(None, "stratified, seeded subset of train ('all' for everything)",
+                                          read=optional_count)
+    max_eval_samples: int | None = param(None, "stratified, seeded subset of validation and of test ('all' for "
+                                               "everything)", read=optional_count)
+    # Apart from the training seed: runs with other training seeds are then trained, selected and
+    # tested on the very same texts (paired comparisons).
+    data_seed: int = param(42, "seed of the data subsets and the validation carve, apart from seed, so runs with "
+                               "other training seeds see the same texts")
+    output_dir: str | None = param(None, "checkpoints and best weights (empty: outputs/STEP-DATASET-MODEL-sSEED)",
+                                   read=optional_text)
+    resume: bool = param(False, "continue from OUTPUT_DIR/checkpoint, in the same MLflow run")
+    alias: str = param("champion", "registry alias for the new version ('' skips)")
+    cpu: bool = param(False, "train on CPU even if a GPU is present")
+
+    def validate(self) -> None:
+        self.train.validate()
+        check_alias(self.alias)
+
+
+@dataclass
+class TeacherArgs(StepArgs):
+    """Fine-tune a large model on the dataset, log it to MLflow and register it as kd-sentiment-teacher-DATASET."""
+
+    model: str = param("", "catalog name, Hub id or local folder (empty: the catalog's teacher)")
+    name: str = param("", "registered model name (empty: kd-sentiment-teacher-DATASET)")
+    train: TrainConfig = nested(TrainConfig, exclude=("temperature", "alpha"))
+
+
+@dataclass
+class DistillArgs(StepArgs):
+    """Train a student on the registered teacher's soft targets (cached in MLflow) and register it as
+    kd-sentiment-STUDENT-DATASET."""
+
+    student: str = param("distilbert", "catalog name (distilbert, minilm, tinybert), Hub id, folder, "
+                         "SOURCE#layers=0,2,4, teacher-layers:0,2,4 or teacher-layers:every-other (layers of the "
+                         "teacher's pre-trained source), finetuned-teacher-layers:... (of the fine-tuned teacher), "
+                         "or 'all' (every catalog student, one nested run each)")
+    teacher: str = param("", "registry URI of the teacher (empty: models:/kd-sentiment-teacher-DATASET@champion)")
+    name: str = param("", "registered model name (empty: kd-sentiment-STUDENT-DATASET)")
+    # 1/T_cal distils from the temperature-scaled (calibrated) teacher, > 1 from a sharper one.
+    teacher_logit_scale: float = param(1.0, "multiply the teacher's logits before softening (1/T_cal: the "
+                                            "temperature-scaled teacher)")
+    train: TrainConfig = nested(lambda: TrainConfig(alpha=0.5, temperature=2.0))
+
+
+QUANTIZATION_MODES = ("dynamic", "static")
+
+
+@dataclass
+class QuantizeArgs:
+    """Export a registered fp32 model to ONNX, fuse the graph, quantize it to INT8 with ONNX Runtime,
+    compare it with the fp32 parent on the evaluation data and register it as NAME-int8 (alias 'candidate')."""
+
+    model: str = param(MISSING, "registry URI of the fp32 model (models:/NAME@ALIAS or models:/NAME/VERSION)")
+    dataset: str = param("tweeteval", "imdb, tweeteval or a data folder (evaluation data)")
+    data_dir: str | None = param(None, DATA_DIR_HELP, read=optional_text)
+    max_eval_samples: int | None = param(2000, "stratified subsets of the parent's validation split (decides the "
+                                               "gate) and of test (reported) for the fp32 vs INT8 check ('all' for "
+                                               "everything)", read=optional_count)
+    mode: str = param("dynamic", "dynamic: activations quantized on the fly; static: ranges calibrated on train",
+                      choices=QUANTIZATION_MODES)
+    per_channel: bool = param(True, "one weight scale per output channel")
+    reduce_range: bool | None = param(None, "7-bit weights; 'auto' turns it on for x86 CPUs without VNNI, where "
+                                            "full-range INT8 products can saturate", read=optional_boolean)
+    optimize_level: int = param(2, "ORTOptimizer graph fusion level before dynamic INT8 (0: none)",
+                                choices=(0, 1, 2, 99))
+    float_ffn_output: bool = param(False, "dynamic mode: keep the feed-forward output projections (after GELU) in "
+                                          "float; their outlier activations cost INT8 the most accuracy (static "
+                                          "mode always does)")
+    calibration_samples: int = param(300, "static mode: seeded sample of train texts used for calibration")
+    seed: int = param(42, "seed for the calibration sample (the evaluation subsets follow the parent run's seed)")
+    name: str = param("", "registered name (empty: PARENT-int8)")
+    alias: str = param("candidate", "alias for the new version ('' skips); promote moves champion")
+
+    def validate(self) -> None:
+        if not self.model:
+            raise UserError("model is required: the registry URI of a fp32 model, e.g. "
+                            "models:/kd-sentiment-minilm-tweeteval@champion.")
+        if self.calibration_samples <= 0:
+            raise UserError(f"calibration_samples={self.calibration_samples}: must be positive.")
+        check_alias(self.alias)
+
+
+@dataclass
+class PromoteArgs:
+    """Point ALIAS of NAME at VERSION if its accuracy (and macro-recall) is at most MARGIN points below
+    its parent's on the same validation data. Every decision is an MLflow run; history lists the
+    alias's past holders, rollback moves it back to the one before (gated)."""
+
+    name: str = param(MISSING, "registered model name, e.g. kd-sentiment-minilm-tweeteval-int8", positional=True)
+    version: str = param("", "version number to promote (not with history or rollback)")
+    alias: str = param("champion", "alias to move")
+    margin: float = param(1.0, "largest allowed drop vs the parent, in points (percentage points)")
+    force: bool = param(False, "promote even if the gate fails (recorded in a tag)")
+    history: bool = param(False, "list the alias's past holders from the promote runs; moves nothing")
+    rollback: bool = param(False, "move the alias back to its holder before the current one, through the same gate")
+
+    def validate(self) -> None:
+        check_alias(self.alias)
+
+
+@dataclass
+class BenchmarkArgs:
+    """Measure every aliased model of the dataset (or the given models) in each backend it has, one
+    fresh process per model, and write results/benchmarks/*.csv."""
+
+    dataset: str = param("tweeteval", DATASET_HELP)
+    data_dir: str | None = param(None, DATA_DIR_HELP, read=optional_text)
+    models: str = param("", "comma-separated models:/ URIs (empty: every aliased version whose dataset tag matches)")
+    batch_sizes: str = param("1,8,32", "comma-separated batch sizes")
+    fixed_length: int = param(128, "tokens per text in the fixed-length setting (comparable across datasets)")
+    threads: int = param(0, "intra-op threads for every model (0: all cores)")
+    max_eval_samples: int | None = param(1000, "stratified test subset for accuracy and ECE ('all' for everything)",
+                                         read=optional_count)
+    time_budget: float = param(5.0, "seconds of timed batches per setting, at most")
+    min_batches: int = param(10, "timed batches per setting, at least")
+    max_batches: int = param(300, "timed batches per setting, at most")
+    seed: int = param(42, "seed for the evaluation subset and text order")
+    output_dir: str = param("results/benchmarks", "where the CSV and Markdown go")
+
+    def validate(self) -> list[int]:
+        """The batch sizes, or a UserError naming the parameter."""
+        try:
+            sizes = [int(b) for b in self.batch_sizes.split(",") if b.strip()]
+        except ValueError:
+            raise UserError(f"batch_sizes={self.batch_sizes!r}: use comma-separated integers, e.g. 1,8,32.") from None
+        if not sizes or min(sizes) < 1:
+            raise UserError(f"batch_sizes={self.batch_sizes!r}: every batch size must be at least 1.")
+        for name in ("fixed_length", "min_batches", "max_batches"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)}: must be at least 1.")
+        if self.time_budget <= 0 or self.threads < 0:
+            raise UserError("time_budget must be positive and threads not negative.")
+        return sizes
+
+
+@dataclass
+class PipelineArgs:
+    """Run every step for one dataset as child runs of one parent run; steps that already finished
+    with the same parameters and code are reused."""
+
+    config: str = param("experiments/smoke.yaml", "experiments/smoke.yaml, cpu.yaml or paper.yaml")
+    dataset: str = param("tweeteval", DATASET_HELP)
+    data_dir: str | None = param(None, DATA_DIR_HELP, read=optional_text)
+
+
+SCALED_VARIANTS = ("raw", "calibrated", "sharpened")     # the registered teacher, its logits rescaled
+TRAINED_VARIANTS = ("label-smoothed", "trained-longer")  # teachers trained for the study
+STUDY_VARIANTS = SCALED_VARIANTS + TRAINED_VARIANTS
+
+
+@dataclass
+class StudyArgs:
+    """Distil one student, on one dataset and budget, from the registered teacher as is, rescaled
+    (calibrated, sharpened) and retrained (label-smoothed, trained longer), over a fixed grid of KD
+    temperatures; finished runs are reused."""
+
+    kind: str = param("calibration", "which study", choices=("calibration",), positional=True)
+    dataset: str = param("tweeteval", DATASET_HELP)
+    data_dir: str | None = param(None, DATA_DIR_HELP, read=optional_text)
+    catalog: str | None = param(None, CATALOG_HELP, read=optional_text)
+    teacher: str = param("", "registry URI (empty: models:/kd-sentiment-teacher-DATASET@champion)")
+    variants: str = param(",".join(STUDY_VARIANTS), "teacher variants to run, comma-separated")
+    label_smoothing: float = param(0.1, "of the label-smoothed teacher")
+    longer_epochs: int = param(3, "epochs of the trained-longer teacher")
+    student: str = param("tinybert", "the student every variant distils (as distill's student)")
+    temperatures: str = param("1,4", "the fixed KD temperature grid, comma-separated")
+    alpha: float = param(0.5, "weight of the soft-target loss")
+    epochs: int = param(2, "student epochs")
+    lr: float = param(8e-5, "student learning rate")
+    batch_size: int = param(16, "student batch size")
+    max_length: int = param(128, "tokens per text")
+    max_train_samples: int | None = param(1500, "stratified subset of train ('all')", read=optional_count)
+    max_eval_samples: int | None = param(1000, "stratified subsets of validation and test ('all')",
+                                         read=optional_count)
+
+    def validate(self) -> tuple[list[str], list[float]]:
+        """(variants, KD temperatures), or a UserError naming the parameter."""
+        variants = [v.strip() for v in self.variants.split(",") if v.strip()]
+        unknown = sorted(set(variants) - set(STUDY_VARIANTS))
+        if unknown or not variants:
+            raise UserError(f"variants={self.variants!r}: unknown {unknown}; choose from {', '.join(STUDY_VARIANTS)}.")
+        try:
+            temperatures = [float(t) for t in self.temperatures.split(",") if t.strip()]
+        except ValueError:
+            raise UserError(f"temperatures={self.temperatures!r}: comma-separated numbers, e.g. 1,4.") from None
+        if not temperatures or min(temperatures) <= 0:
+            raise UserError(f"temperatures={self.temperatures!r}: at least one, each greater than 0.")
+        return variants, temperatures
+
+
+@dataclass
+class LoadTestArgs:
+    """Start `mlflow models serve` for MODEL on a free 127.0.0.1 port, send a fixed number of
+    single-text requests from concurrent clients (some malformed), and log p50/p95/p99 latency,
+    throughput and errors."""
+
+    model: str = param(MISSING, "registry URI, e.g. models:/kd-sentiment-minilm-tweeteval-int8@champion")
+    dataset: str = param("tweeteval", "where the request texts come from (its test split)")
+    data_dir: str | None = param(None, DATA_DIR_HELP, read=optional_text)
+    clients: int = param(4, "concurrent clients")
+    requests_per_client: int = param(50, "requests each client sends")
+    malformed_every: int = param(10, "every Nth request is malformed (0: none)")
+    warmup_requests: int = param(5, "requests sent first, one at a time, and not timed (a fresh server's one-off costs)")
+    # One server process runs requests one at a time (the scoring server's Python holds the GIL).
+    workers: int = param(1, "server worker processes (mlflow models serve --workers); concurrent clients need more than 1")
+    timeout_s: float = param(120.0, "hard stop for the whole test")
+    output_dir: str = param("results/benchmarks", "where the serving CSV goes")
+
+
+@dataclass
+class ReportArgs:
+    """Generate the results page from the latest finished pipeline run of a configuration for each
+    dataset, plus the calibration study's runs."""
+
+    config: str = param("cpu", "configuration name whose pipeline runs to report")
+    datasets: str = param("imdb,tweeteval", "comma-separated datasets")
+    out: str = param("results/RESULTS.md", "where to write the Markdown")
+    readme: str = param("README.md", "README whose results block (between markers) is refreshed")

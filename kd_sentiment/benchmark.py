@@ -35,6 +35,7 @@ from mlflow.tracking import MlflowClient
 from kd_sentiment import calibration, tracking
 from kd_sentiment.data import load_splits
 from kd_sentiment.errors import UserError
+from kd_sentiment.schema import BenchmarkArgs
 from kd_sentiment.machine import cpu_features, peak_gpu_memory_mb
 
 log = logging.getLogger(__name__)
@@ -43,36 +44,6 @@ WARMUP_BATCHES = 3
 # PyTorch backends: name -> (device, dtype). The GPU ones are measured only where CUDA is available.
 TORCH_BACKENDS = {"torch_fp32": ("cpu", "float32"), "torch_cuda_fp32": ("cuda", "float32"),
                   "torch_cuda_bf16": ("cuda", "bfloat16")}
-
-
-@dataclass
-class BenchmarkArgs:
-    dataset: str = "tweeteval"
-    data_dir: str | None = None
-    models: str = ""               # comma-separated models:/ URIs; empty: every aliased version of the dataset
-    batch_sizes: str = "1,8,32"
-    fixed_length: int = 128        # tokens, for the fixed-length setting (comparable across datasets)
-    threads: int = 0               # intra-op threads for torch and ONNX Runtime; 0: all cores
-    max_eval_samples: int | None = 1000
-    time_budget: float = 5.0       # seconds of timed batches per setting, at most
-    min_batches: int = 10
-    max_batches: int = 300
-    seed: int = 42
-    output_dir: str = "results/benchmarks"
-
-    def validate(self) -> list[int]:
-        try:
-            sizes = [int(b) for b in self.batch_sizes.split(",") if b.strip()]
-        except ValueError:
-            raise UserError(f"batch_sizes={self.batch_sizes!r}: use comma-separated integers, e.g. 1,8,32.") from None
-        if not sizes or min(sizes) < 1:
-            raise UserError(f"batch_sizes={self.batch_sizes!r}: every batch size must be at least 1.")
-        for name in ("fixed_length", "min_batches", "max_batches"):
-            if getattr(self, name) < 1:
-                raise UserError(f"{name}={getattr(self, name)}: must be at least 1.")
-        if self.time_budget <= 0 or self.threads < 0:
-            raise UserError("time_budget must be positive and threads not negative.")
-        return sizes
 
 
 # ----------------------------------------------------------------------------- what to measure
@@ -160,7 +131,7 @@ def load_backend(target: dict, threads: int, workdir: Path):
 
     import onnx
 
-    from kd_sentiment.export import OnnxClassifier
+    from kd_sentiment.runtime import OnnxClassifier
 
     local = Path(mlflow.artifacts.download_artifacts(target["uri"], dst_path=str(workdir / "model")))
     onnx_path = next(local.rglob("model.onnx"))

@@ -12,50 +12,22 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
 
-from kd_sentiment import export, tracking
+from kd_sentiment import export, quantization, runtime, tracking
 from kd_sentiment.calibration import classification_metrics
 from kd_sentiment.data import load_splits
 from kd_sentiment.errors import UserError
 from kd_sentiment.evaluation import log_predictions
+from kd_sentiment.schema import QuantizeArgs
 from kd_sentiment.train import predict_logits
 
 log = logging.getLogger(__name__)
 
 REPORTED = ("accuracy", "macro_recall", "ece")
-
-
-@dataclass
-class QuantizeArgs:
-    model: str = ""                 # registry URI of the fp32 model, models:/NAME@ALIAS or models:/NAME/VERSION
-    dataset: str = "tweeteval"
-    data_dir: str | None = None
-    max_eval_samples: int | None = 2000
-    mode: str = "dynamic"            # dynamic | static
-    per_channel: bool = True
-    reduce_range: bool | None = None  # None: chosen for this CPU (7-bit weights on x86 without VNNI)
-    optimize_level: int = 2          # ORTOptimizer fusion level before dynamic INT8; 0 = no fusion
-    float_ffn_output: bool = False   # dynamic: keep feed-forward output projections float (closer, slower)
-    calibration_samples: int = 300   # static mode: seeded sample of train
-    seed: int = 42
-    name: str = ""                   # registered name; empty: <parent name>-int8
-    alias: str = "candidate"
-
-    def validate(self) -> None:
-        if not self.model:
-            raise UserError("model= is required: the registry URI of a fp32 model, e.g. "
-                            "models:/kd-sentiment-minilm-tweeteval@champion.")
-        if self.mode not in export.QUANTIZATION_MODES:
-            raise UserError(f"mode={self.mode!r}: use one of {export.QUANTIZATION_MODES}.")
-        if self.optimize_level not in (0, 1, 2, 99):
-            raise UserError(f"optimize_level={self.optimize_level}: use 0 (none), 1, 2 or 99.")
-        if self.calibration_samples <= 0:
-            raise UserError(f"calibration_samples={self.calibration_samples}: must be positive.")
 
 
 def backend_metrics(prefix: str, logits: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict:
@@ -137,19 +109,19 @@ def run(args: QuantizeArgs) -> dict:
         onnx_fp32 = export.export_onnx(work / "fp32", work / "onnx")
         fused = (export.optimize_onnx(onnx_fp32.parent, work / "fused", args.optimize_level)
                  if args.optimize_level else onnx_fp32)
-        # Static INT8 needs the unfused graph (see export.py); dynamic INT8 is fastest on the fused one.
+        # Static INT8 needs the unfused graph (see quantization.py); dynamic INT8 is fastest on the fused one.
         int8_source = onnx_fp32 if args.mode == "static" else fused
         calibration = None
         if args.mode == "static":
             calibration = splits.train["text"].sample(n=min(args.calibration_samples, len(splits.train)),
                                                       random_state=args.seed).tolist()
-        int8_path, settings = export.quantize_onnx(int8_source.parent, work / "int8", args.mode, args.per_channel,
+        int8_path, settings = quantization.quantize_onnx(int8_source.parent, work / "int8", args.mode, args.per_channel,
                                                    args.reduce_range, calibration, max_length,
                                                    float_ffn_output=args.float_ffn_output)
         mlflow.log_dict(settings, "quantization_config.json")
 
         for backend, path in (("onnx_fp32", fused), ("onnx_int8", int8_path)):
-            runner = export.OnnxClassifier(path)
+            runner = runtime.OnnxClassifier(path)
             for split in texts:
                 logits[split][backend] = runner.predict_logits(texts[split], max_length)
         metrics = {"size_mb_torch_fp32": sum(export.file_size_mb(p) for p in (work / "fp32").glob("*.safetensors")),
@@ -162,7 +134,7 @@ def run(args: QuantizeArgs) -> dict:
         # The fused fp32 graph is kept too: the benchmark measures ONNX fp32 from it.
         mlflow.log_artifacts(str(fused.parent), "onnx_fp32")
 
-        model_uri = export.log_onnx_pyfunc(int8_path, int8_path.parent, splits.label_names, max_length,
+        model_uri = runtime.log_onnx_pyfunc(int8_path, int8_path.parent, splits.label_names, max_length,
                                            texts["test"][:2])
         version = tracking.register(model_uri, name, args.alias or None, {
             "step": "quantize", "parent": f"{parent.name}/{parent.version}", "parent_run_id": parent.run_id or "",

@@ -4,7 +4,7 @@ A pyfunc that holds an ONNX Runtime session cannot be pickled, so MLflow stores 
 and runs it when the model is loaded; the last line hands it the model object. It therefore
 imports only mlflow, numpy, pandas, onnxruntime and tokenizers (never kd_sentiment or
 transformers): loading stays light and fast, and the model's environment needs nothing else.
-`kd_sentiment.export.log_onnx_pyfunc` logs it.
+`kd_sentiment.runtime.log_onnx_pyfunc` logs it.
 
 Artifacts read in `load_context`:
   onnx       the model.onnx to run (fp32, fused or INT8: any graph taking input_ids/attention_mask)

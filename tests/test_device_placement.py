@@ -10,7 +10,6 @@ import shutil
 
 import mlflow
 import numpy as np
-import pytest
 import torch
 from accelerate import Accelerator
 from transformers.modeling_outputs import SequenceClassifierOutput

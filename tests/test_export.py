@@ -10,7 +10,7 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-from kd_sentiment import export, machine
+from kd_sentiment import export, machine, quantization, runtime
 from kd_sentiment.errors import UserError
 from kd_sentiment.models import load_classifier
 
@@ -52,7 +52,7 @@ def exported(tiny_model, tmp_path_factory, texts):
         reference = model(**encoded).logits.numpy()
     fp32 = export.export_onnx(root / "hf", root / "fp32")
     fused = export.optimize_onnx(root / "fp32", root / "fused")
-    int8, described = export.quantize_onnx(root / "fused", root / "int8", mode="dynamic")
+    int8, described = quantization.quantize_onnx(root / "fused", root / "int8", mode="dynamic")
     return {"root": root, "reference": reference, "fp32": fp32, "fused": fused, "int8": int8, "described": described}
 
 
@@ -74,14 +74,14 @@ def test_fp32_onnx_matches_pytorch(exported, texts):
     assert all(isinstance(d, str) for dims in shapes.values() for d in dims), shapes  # batch and sequence dynamic
     assert {"tokenizer.json", "config.json"} <= {p.name for p in exported["fp32"].parent.iterdir()}
     # batch_size 7: batches of mixed lengths, sorted and put back in order by predict_logits
-    logits = export.OnnxClassifier(exported["fp32"]).predict_logits(texts, MAX_LENGTH, batch_size=7)
+    logits = runtime.OnnxClassifier(exported["fp32"]).predict_logits(texts, MAX_LENGTH, batch_size=7)
     np.testing.assert_allclose(logits, exported["reference"], atol=1e-4)
 
 
 def test_fused_graph_is_fused_and_equivalent(exported, texts):
     ops = {node.op_type for node in onnx.load(str(exported["fused"])).graph.node}
     assert {"Attention", "SkipLayerNormalization"} <= ops
-    logits = export.OnnxClassifier(exported["fused"], intra_op_num_threads=1).predict_logits(texts, MAX_LENGTH)
+    logits = runtime.OnnxClassifier(exported["fused"], intra_op_num_threads=1).predict_logits(texts, MAX_LENGTH)
     np.testing.assert_allclose(logits, exported["reference"], atol=1e-4)
 
 
@@ -91,12 +91,12 @@ def test_dynamic_int8_agrees_with_fp32(exported, texts):
     assert described["quantized_ops"].get("MatMulInteger", 0) > 0 and described["quantized_ops"].get("QAttention")
     json.dumps(described)  # loggable as is
     assert export.file_size_mb(exported["int8"]) < 0.5 * export.file_size_mb(exported["fused"])
-    logits = export.OnnxClassifier(exported["int8"]).predict_logits(texts, MAX_LENGTH)
+    logits = runtime.OnnxClassifier(exported["int8"]).predict_logits(texts, MAX_LENGTH)
     assert_close_to_fp32(logits, exported["reference"], mean=0.06, worst=0.2)  # measured 0.023 and 0.066
 
 
 def test_dynamic_int8_can_keep_the_ffn_output_projections_float(exported, texts):
-    path, described = export.quantize_onnx(exported["root"] / "fused", exported["root"] / "int8-ffn-float",
+    path, described = quantization.quantize_onnx(exported["root"] / "fused", exported["root"] / "int8-ffn-float",
                                            mode="dynamic", float_ffn_output=True)
     graph = onnx.load(str(path)).graph
     float_nodes = set(described["float_ffn_output_nodes"])
@@ -106,7 +106,7 @@ def test_dynamic_int8_can_keep_the_ffn_output_projections_float(exported, texts)
     full = exported["described"]["quantized_ops"]["MatMulInteger"]
     assert described["quantized_ops"]["MatMulInteger"] == full - 2
     assert exported["described"]["float_ffn_output_nodes"] == []
-    logits = export.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH)
+    logits = runtime.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH)
     assert_close_to_fp32(logits, exported["reference"], mean=0.06, worst=0.2)
 
 
@@ -128,13 +128,13 @@ def test_static_int8_calibrates_loads_and_runs(exported, texts):
     calibration = list(pd.read_csv(DATA_DIR / "tweeteval_sentiment" / "validation.csv",
                                    keep_default_na=False)["text"].iloc[:64])
     for method in ("minmax", "percentile"):
-        path, described = export.quantize_onnx(root / "fp32", root / f"static-{method}", mode="static",
+        path, described = quantization.quantize_onnx(root / "fp32", root / f"static-{method}", mode="static",
                                                calibration_texts=calibration, max_length=64,
                                                calibration_method=method)
         assert described["format"] == "QDQ" and described["calibration_samples"] == 64
         assert len(described["float_ffn_output_nodes"]) == 2  # the unfused GELU (Erf...) found in each layer
         assert described["quantized_ops"].get("QuantizeLinear", 0) > 0
-        logits = export.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH)
+        logits = runtime.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH)
         assert logits.shape == exported["reference"].shape
         assert_close_to_fp32(logits, exported["reference"], mean=0.1, worst=0.3)  # measured 0.028 and 0.079
 
@@ -142,13 +142,13 @@ def test_static_int8_calibrates_loads_and_runs(exported, texts):
 def test_quantization_refuses_what_it_cannot_do(exported):
     root = exported["root"]
     with pytest.raises(UserError, match="fused graph"):
-        export.quantize_onnx(root / "fused", root / "bad", mode="static", calibration_texts=["a"])
+        quantization.quantize_onnx(root / "fused", root / "bad", mode="static", calibration_texts=["a"])
     with pytest.raises(UserError, match="calibration_texts"):
-        export.quantize_onnx(root / "fp32", root / "bad", mode="static")
+        quantization.quantize_onnx(root / "fp32", root / "bad", mode="static")
     with pytest.raises(UserError, match="mode 'int4'"):
-        export.quantize_onnx(root / "fp32", root / "bad", mode="int4")
+        quantization.quantize_onnx(root / "fp32", root / "bad", mode="int4")
     with pytest.raises(UserError, match="no model.onnx"):
-        export.quantize_onnx(root / "hf", root / "bad")
+        quantization.quantize_onnx(root / "hf", root / "bad")
 
 
 def test_optimizer_falls_back_for_unsupported_model_type(exported, tmp_path):
@@ -168,8 +168,8 @@ def test_export_rejects_folder_without_config(tmp_path):
 def test_pyfunc_logs_loads_and_predicts(exported, texts):
     int8 = exported["int8"]
     with mlflow.start_run():
-        uri = export.log_onnx_pyfunc(int8, int8.parent, LABELS, MAX_LENGTH, ["great movie", "awful"],
-                                     pip_requirements=export.SERVING_PIP_REQUIREMENTS)
+        uri = runtime.log_onnx_pyfunc(int8, int8.parent, LABELS, MAX_LENGTH, ["great movie", "awful"],
+                                     pip_requirements=runtime.SERVING_PIP_REQUIREMENTS)
     model = mlflow.pyfunc.load_model(uri)
 
     out = model.predict(texts)
@@ -179,7 +179,7 @@ def test_pyfunc_logs_loads_and_predicts(exported, texts):
     np.testing.assert_allclose(out["score"], probs.max(axis=1))
     assert list(out["label"]) == [LABELS[i] for i in probs.argmax(axis=1)]
     # serving.py tokenizes with `tokenizers` alone; it must see exactly what OnnxClassifier sees
-    logits = export.OnnxClassifier(int8).predict_logits(texts, MAX_LENGTH)
+    logits = runtime.OnnxClassifier(int8).predict_logits(texts, MAX_LENGTH)
     np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(logits), dim=1).numpy(), atol=1e-5)
 
     # Same texts in the same batch, so the same answer. (Not the rows of `out`: dynamic INT8 picks

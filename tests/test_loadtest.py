@@ -8,7 +8,7 @@ import mlflow
 import pandas as pd
 import pytest
 
-from kd_sentiment import export
+from kd_sentiment import export, runtime
 from kd_sentiment.errors import UserError
 from kd_sentiment.loadtest import invocations_url, run_load_test, served
 
@@ -21,7 +21,7 @@ def test_served_model_under_concurrent_load_with_malformed_requests(tiny_model, 
     tiny_classifier(tiny_model, tmp_path / "hf")
     fp32 = export.export_onnx(tmp_path / "hf", tmp_path / "fp32")
     with mlflow.start_run():
-        uri = export.log_onnx_pyfunc(fp32, fp32.parent, LABELS, MAX_LENGTH, ["great movie", "awful"])
+        uri = runtime.log_onnx_pyfunc(fp32, fp32.parent, LABELS, MAX_LENGTH, ["great movie", "awful"])
     texts = pd.read_csv(DATA_DIR / "tweeteval_sentiment" / "test.csv", keep_default_na=False)["text"].iloc[:50].tolist()
 
     with served(uri, workers=2) as url:  # the same server `kd-sentiment loadtest` starts

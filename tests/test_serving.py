@@ -11,7 +11,7 @@ from pathlib import Path
 
 import mlflow
 
-from kd_sentiment import export
+from kd_sentiment import export, quantization, runtime
 
 from conftest import wait_until_ok
 from test_export import LABELS, tiny_classifier
@@ -53,9 +53,9 @@ def test_served_model_answers_good_requests_and_rejects_bad_ones(tiny_model, tmp
     tiny_classifier(tiny_model, tmp_path / "hf")
     export.export_onnx(tmp_path / "hf", tmp_path / "fp32")
     export.optimize_onnx(tmp_path / "fp32", tmp_path / "fused")
-    int8, _ = export.quantize_onnx(tmp_path / "fused", tmp_path / "int8")
+    int8, _ = quantization.quantize_onnx(tmp_path / "fused", tmp_path / "int8")
     with mlflow.start_run():
-        uri = export.log_onnx_pyfunc(int8, int8.parent, LABELS, MAX_LENGTH, ["great movie", "awful"])
+        uri = runtime.log_onnx_pyfunc(int8, int8.parent, LABELS, MAX_LENGTH, ["great movie", "awful"])
 
     port, log = free_port(), tmp_path / "server.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",

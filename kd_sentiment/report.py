@@ -15,7 +15,6 @@ import logging
 import math
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -25,6 +24,7 @@ from mlflow.exceptions import MlflowException
 
 from kd_sentiment import tracking
 from kd_sentiment.errors import UserError
+from kd_sentiment.schema import ReportArgs
 from kd_sentiment.stats import Difference, paired_difference
 
 log = logging.getLogger(__name__)
@@ -36,14 +36,6 @@ CLAIMS = {"teacher_model": "roberta-large (355M parameters)",
 
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
-
-
-@dataclass
-class ReportArgs:
-    config: str = "cpu"
-    datasets: str = "imdb,tweeteval"
-    out: str = "results/RESULTS.md"
-    readme: str = "README.md"  # its block between the results markers gets the per-dataset tables
 
 
 def update_readme(path: Path, tables: str, results_path: Path) -> None:
@@ -158,6 +150,41 @@ def seed_means(run_ids: list) -> dict[str, float]:
     return {key: float(np.mean([m[key] for m in metrics])) for key in SEED_MEANS}
 
 
+def student_rows(student: str, runs: dict, teacher_run: str, bench, big: int, teacher_metric: float,
+                 metric: str) -> tuple[list[str], list[tuple], dict]:
+    """One student's table rows (KD, its alpha=0 twin, INT8), the paired comparisons to compute
+    (title, runs a, runs b, logits a, logits b, key) and its key numbers."""
+    kd_runs, nokd_runs = runs["kd"], runs["nokd"]
+    selected = mlflow.get_run(runs["selected"])
+    kd_name = selected.data.tags["registered_model"]
+    kd = seed_means(kd_runs)
+    rows = [f"| {student} + KD (fp32) | {len(kd_runs)} | {selected.data.metrics['parameters'] / 1e6:.1f} | "
+            f"{pct(kd['test_accuracy'])} | {pct(kd['test_macro_recall'])} | {kd['test_ece']:.3f} | "
+            f"{kd['test_ece_after_ts']:.3f} | {speedup(bench, kd_name, 'torch_fp32', 1)} | "
+            f"{speedup(bench, kd_name, 'torch_fp32', big)} | | |"]
+    entry = {"kd": kd, "retention": kd[f"test_{metric}"] / teacher_metric, "seeds": len(kd_runs),
+             "speedup_b1": speedup(bench, kd_name, "torch_fp32", 1),
+             "init": selected.data.params.get("student_init", student)}
+    pairs = [(f"{student} + KD vs teacher", kd_runs, [teacher_run], "test_logits", "test_logits", "vs_teacher")]
+    if nokd_runs:
+        nokd = seed_means(nokd_runs)
+        rows.append(f"| {student} no KD (alpha=0) | {len(nokd_runs)} | (as above) | {pct(nokd['test_accuracy'])} | "
+                    f"{pct(nokd['test_macro_recall'])} | {nokd['test_ece']:.3f} | {nokd['test_ece_after_ts']:.3f} | "
+                    "(as above) | (as above) | | |")
+        pairs.append((f"{student} + KD vs no KD", kd_runs, nokd_runs, "test_logits", "test_logits", "kd_gain"))
+    if runs.get("quantize"):
+        q = mlflow.get_run(runs["quantize"])
+        m, int8_name = q.data.metrics, q.data.tags["registered_model"]
+        rows.append(f"| {student} + KD, INT8 (ONNX) | 1 | | {pct(m['onnx_int8_test_accuracy'])} | "
+                    f"{pct(m['onnx_int8_test_macro_recall'])} | {m['onnx_int8_test_ece']:.3f} | | "
+                    f"{speedup(bench, int8_name, 'onnx_int8', 1)} | {speedup(bench, int8_name, 'onnx_int8', big)} | "
+                    f"{m['int8_accuracy_delta_points']:+.2f} | {pct(m['int8_agreement_with_fp32'])}% |")
+        pairs.append((f"{student} INT8 vs its fp32 parent", [runs["quantize"]], [runs["quantize"]],
+                      "test_logits_onnx_int8", "test_logits_torch_fp32", "int8_change"))
+        entry.update(int8=m, int8_speedup_b1=speedup(bench, int8_name, "onnx_int8", 1))
+    return rows, pairs, entry
+
+
 def dataset_section(dataset: str, parent) -> tuple[str, dict]:
     """Markdown for one dataset and the key numbers (for the comparison with the claims), every
     figure from the runs the pipeline's record names."""
@@ -195,34 +222,8 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
                                       == tp.get("test_fingerprint") for r in record["students"].values()
                                       if r.get("quantize"))}
     for student, runs in record["students"].items():
-        kd_runs, nokd_runs = runs["kd"], runs["nokd"]
-        selected = mlflow.get_run(runs["selected"])
-        kd_name = selected.data.tags["registered_model"]
-        kd = seed_means(kd_runs)
-        lines.append(f"| {student} + KD (fp32) | {len(kd_runs)} | {selected.data.metrics['parameters'] / 1e6:.1f} | "
-                     f"{pct(kd['test_accuracy'])} | {pct(kd['test_macro_recall'])} | {kd['test_ece']:.3f} | "
-                     f"{kd['test_ece_after_ts']:.3f} | {speedup(bench, kd_name, 'torch_fp32', 1)} | "
-                     f"{speedup(bench, kd_name, 'torch_fp32', big)} | | |")
-        entry = {"kd": kd, "retention": kd[f"test_{metric}"] / t[f"test_{metric}"], "seeds": len(kd_runs),
-                 "speedup_b1": speedup(bench, kd_name, "torch_fp32", 1),
-                 "init": selected.data.params.get("student_init", student)}
-        pairs = [(f"{student} + KD vs teacher", kd_runs, [record["teacher"]], "test_logits", "test_logits", "vs_teacher")]
-        if nokd_runs:
-            nokd = seed_means(nokd_runs)
-            lines.append(f"| {student} no KD (alpha=0) | {len(nokd_runs)} | (as above) | {pct(nokd['test_accuracy'])} | "
-                         f"{pct(nokd['test_macro_recall'])} | {nokd['test_ece']:.3f} | {nokd['test_ece_after_ts']:.3f} | "
-                         "(as above) | (as above) | | |")
-            pairs.append((f"{student} + KD vs no KD", kd_runs, nokd_runs, "test_logits", "test_logits", "kd_gain"))
-        if runs.get("quantize"):
-            q = mlflow.get_run(runs["quantize"])
-            m, int8_name = q.data.metrics, q.data.tags["registered_model"]
-            lines.append(f"| {student} + KD, INT8 (ONNX) | 1 | | {pct(m['onnx_int8_test_accuracy'])} | "
-                         f"{pct(m['onnx_int8_test_macro_recall'])} | {m['onnx_int8_test_ece']:.3f} | | "
-                         f"{speedup(bench, int8_name, 'onnx_int8', 1)} | {speedup(bench, int8_name, 'onnx_int8', big)} | "
-                         f"{m['int8_accuracy_delta_points']:+.2f} | {pct(m['int8_agreement_with_fp32'])}% |")
-            pairs.append((f"{student} INT8 vs its fp32 parent", [runs["quantize"]], [runs["quantize"]],
-                          "test_logits_onnx_int8", "test_logits_torch_fp32", "int8_change"))
-            entry.update(int8=m, int8_speedup_b1=speedup(bench, int8_name, "onnx_int8", 1))
+        rows, pairs, entry = student_rows(student, runs, record["teacher"], bench, big, t[f"test_{metric}"], metric)
+        lines += rows
         for title, a, b, name_a, name_b, key in pairs:
             diffs = paired(a, b, labels, num_labels, name_a, name_b)
             comparisons.append(f"| {title} | {shown(diffs['accuracy'])} | {shown(diffs['macro_recall'])} |")
@@ -433,7 +434,7 @@ def run(args: ReportArgs) -> str:
         sections.append(text)
     if not numbers:
         raise UserError(f"No finished '{args.config}' pipeline runs in {mlflow.get_tracking_uri()}; run "
-                        f"`kd-sentiment pipeline --config experiments/{args.config}.yaml` first.")
+                        f"the pipeline step with config experiments/{args.config}.yaml first.")
     out = Path(args.out)
     body = ["# Results", "",
             f"Generated by `kd-sentiment report --config {args.config}` from the MLflow runs of the `{args.config}` "

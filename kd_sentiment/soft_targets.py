@@ -10,16 +10,14 @@ model version gets a tag `soft_targets_run_id` pointing at it.
 from __future__ import annotations
 
 import logging
-import tempfile
 from pathlib import Path
 
-import mlflow
 import numpy as np
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kd_sentiment.data import fingerprint
-from kd_sentiment.tracking import STEP_TAG, find_runs, load_array
+from kd_sentiment.tracking import STEP_TAG, find_runs, load_array, log_array
 from kd_sentiment.train import predict_logits
 
 log = logging.getLogger(__name__)
@@ -64,10 +62,8 @@ def store_entries(version, max_length: int, run_id: str | None, experiment_id: s
             # server's select-then-insert can then fail the second insert of the same key (seen on
             # PostgreSQL). The retry updates the row the other wrote; either cache run is valid.
             client.set_model_version_tag(version.name, version.version, "soft_targets_run_id", run_id)
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, array in arrays.items():
-            np.save(Path(tmp) / name, array)
-            client.log_artifact(run_id, str(Path(tmp) / name), "soft_targets")
+    for name, array in arrays.items():
+        log_array(array, f"soft_targets/{name}", run_id)
     return run_id
 
 

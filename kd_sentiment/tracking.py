@@ -192,8 +192,9 @@ def log_splits(splits) -> None:
             mlflow.log_input(dataset, context=split)
 
 
-def log_array(array, artifact_path: str) -> None:
-    """Save a numpy array as the active run's artifact `artifact_path` (e.g. predictions/test_logits.npy)."""
+def log_array(array, artifact_path: str, run_id: str | None = None) -> None:
+    """Save a numpy array as the artifact `artifact_path` (e.g. predictions/test_logits.npy) of
+    `run_id`, or of the active run."""
     import tempfile
 
     import numpy as np
@@ -201,7 +202,10 @@ def log_array(array, artifact_path: str) -> None:
     folder, _, name = artifact_path.rpartition("/")
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / name, array)
-        mlflow.log_artifact(str(Path(tmp) / name), folder or None)
+        if run_id is None:
+            mlflow.log_artifact(str(Path(tmp) / name), folder or None)
+        else:
+            mlflow.MlflowClient().log_artifact(run_id, str(Path(tmp) / name), folder or None)
 
 
 def load_array(run_id: str, artifact_path: str):

@@ -70,7 +70,7 @@ def test_missing_teacher_alias_is_a_clear_error_and_registers_nothing(in_teacher
                   "models:/kd-sentiment-teacher-imdb@nosuchalias", "--max_train_samples", "100",
                   "--max_eval_samples", "50", cwd=in_teacher_home[0])
     assert out.returncode == 2 and "Traceback" not in out.stderr
-    assert "is not in the model registry" in out.stderr and "kd-sentiment teacher --dataset imdb" in out.stderr
+    assert "is not in the model registry" in out.stderr and "teacher step on dataset=imdb" in out.stderr
     assert {m.name for m in MlflowClient().search_registered_models()} == before
 
 
@@ -109,15 +109,14 @@ def test_soft_target_cache_survives_a_concurrent_tag_write(monkeypatch):
                 raise MlflowException("duplicate key value violates unique constraint")
             self.tags.append((name, version, key, value))
 
-        def log_artifact(self, run_id, path, folder):
-            self.artifacts.append((run_id, folder))
-
     monkeypatch.setattr(soft_targets, "MlflowClient", RacingClient)
+    monkeypatch.setattr(soft_targets, "log_array", lambda array, path, run_id: RacingClient.artifacts.append(
+        (run_id, path)))
     version = SimpleNamespace(name="kd-sentiment-teacher-imdb", version="1", source="s", run_id="r")
     run_id = soft_targets.store_entries(version, 64, None, "0", {"train-x.npy": np.zeros((2, 2))})
     assert run_id == "cache-run"
     assert RacingClient.tags[-1] == ("kd-sentiment-teacher-imdb", "1", "soft_targets_run_id", "cache-run")
-    assert RacingClient.artifacts == [("cache-run", "soft_targets")]
+    assert RacingClient.artifacts == [("cache-run", "soft_targets/train-x.npy")]
 
 
 def test_cut_students_start_from_the_teachers_pretrained_source(in_teacher_home, tiny_model, monkeypatch):

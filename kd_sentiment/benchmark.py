@@ -3,26 +3,36 @@
 Models: by default every registered version behind an alias whose `dataset` tag is the dataset
 (teacher, students, INT8 models), or an explicit list of `models:/` URIs. Backends: PyTorch fp32
 on the CPU for transformers models, and on a machine with a CUDA GPU also PyTorch fp32 and bf16 on
-the GPU (same texts; the copy of the logits to the host waits for the GPU, so timings are
-synchronised); ONNX Runtime INT8 for quantized models, plus ONNX fp32 from the fused fp32 graph
-their quantize run kept. Each (model, backend) is measured in a fresh subprocess, one after
-another with the same thread count, so peak memory is the model's own and no heap is shared.
+the GPU; ONNX Runtime INT8 for quantized models, plus ONNX fp32 from the fused fp32 graph their
+quantize run kept; and, for each quantized student, the peer baseline `optimum_int8`: what a user
+gets off the shelf from optimum (export, then `ORTQuantizer` with this CPU's dynamic preset, no
+fusion, no tuning), built here from the same fp32 parent.
 
-Per setting (batch size x {real text lengths, fixed length}): warm-up batches are discarded, then
-batches are timed until the median is stable or the time budget is spent; tokenization and model
-time are timed separately. Accuracy, macro-recall and ECE come from the same process, on the same
-evaluation texts for every model. Results: a CSV under results/benchmarks/, an MLflow table,
+How (kd_sentiment/timing.py has the statistics): each (model, backend) gets a long-lived process of
+its own (kd_sentiment/bench_worker.py) that imports only its runtime: ONNX rows never import torch.
+Every setting (batch size x {real text lengths, fixed length}) is measured in `rounds` rounds, the
+models interleaved within each round and setting (teacher, student A, student B, ..., then again),
+so drift over minutes hits every model alike. In each round a setting runs warm-up batches that are
+discarded, then timed batches until its share of `samples` or `time_budget` is spent. Per row: the
+pooled samples' p50/p95/p99 (a percentile resting on too few samples is left empty; `samples`
+says how many), throughput, and the speedup vs the fp32 teacher as the median of the per-round
+ratios with a distribution-free 95% interval; INT8 rows also against the peer baseline. The spread
+of each row's per-round medians is the run's measured noise. Memory: the process's resident memory
+with only the runtime imported (`runtime_rss_mb`) and what loading and running the model added on
+top (`model_rss_mb`), read before the accuracy pass, which runs last in the same process on the
+same evaluation texts for every model. Results: a CSV under results/benchmarks/, an MLflow table,
 figures (accuracy vs latency, speedup, reliability diagrams) and a Markdown summary.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -32,18 +42,17 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from kd_sentiment import calibration, tracking
+from kd_sentiment import calibration, timing, tracking
+from kd_sentiment.bench_worker import TORCH_BACKENDS
 from kd_sentiment.data import load_splits
 from kd_sentiment.errors import UserError
+from kd_sentiment.machine import cpu_features
 from kd_sentiment.schema import BenchmarkArgs
-from kd_sentiment.machine import cpu_features, peak_gpu_memory_mb
 
 log = logging.getLogger(__name__)
 
-WARMUP_BATCHES = 3
-# PyTorch backends: name -> (device, dtype). The GPU ones are measured only where CUDA is available.
-TORCH_BACKENDS = {"torch_fp32": ("cpu", "float32"), "torch_cuda_fp32": ("cuda", "float32"),
-                  "torch_cuda_bf16": ("cuda", "bfloat16")}
+WARMUP_BATCHES = 2  # per setting and round: the caches and clocks another process's turn left cold
+PEER = "optimum_int8"
 
 
 # ----------------------------------------------------------------------------- what to measure
@@ -54,11 +63,10 @@ class Target:
 
     name: str
     version: str
-    role: str          # teacher | distill | quantize
-    backend: str       # a TORCH_BACKENDS name | onnx_fp32 | onnx_int8
-    uri: str           # what the worker loads: models:/NAME/VERSION, or runs:/ID/onnx_fp32 for ONNX fp32
+    role: str          # teacher | distill | quantize | peer
+    backend: str       # a TORCH_BACKENDS name | onnx_fp32 | onnx_int8 | optimum_int8
+    uri: str           # models:/NAME/VERSION, runs:/ID/onnx_fp32 for ONNX fp32, the fp32 parent for the peer
     max_length: int
-    tokenizer_uri: str = ""  # ONNX backends: the fp32 export folder, which holds the full tokenizer
 
     @property
     def label(self) -> str:
@@ -77,16 +85,21 @@ def torch_backends() -> list[str]:
     return [name for name, (device, _) in TORCH_BACKENDS.items() if device == "cpu" or torch.cuda.is_available()]
 
 
-def targets_for(version, backends: list[str]) -> list[Target]:
-    """The targets of one registered version: each PyTorch backend of `backends`, or the ONNX ones."""
+def targets_for(version, backends: list[str], peer: bool) -> list[Target]:
+    """The targets of one registered version: each PyTorch backend of `backends`, or the ONNX ones
+    (and the peer baseline built from the same fp32 parent)."""
     role = version.tags.get("step", "distill")
     uri = f"models:/{version.name}/{version.version}"
     max_length = run_max_length(version.tags.get("run_id") or version.run_id)
     if role != "quantize":
         return [Target(version.name, version.version, role, backend, uri, max_length) for backend in backends]
-    fp32 = f"runs:/{version.tags['run_id']}/onnx_fp32"
-    return [Target(version.name, version.version, role, "onnx_fp32", fp32, max_length, fp32),
-            Target(version.name, version.version, role, "onnx_int8", uri, max_length, fp32)]
+    targets = [Target(version.name, version.version, role, "onnx_fp32", f"runs:/{version.tags['run_id']}/onnx_fp32",
+                      max_length),
+               Target(version.name, version.version, role, "onnx_int8", uri, max_length)]
+    if peer and version.tags.get("parent"):
+        targets.append(Target(version.name, version.version, "peer", PEER, f"models:/{version.tags['parent']}",
+                              max_length))
+    return targets
 
 
 def discover(args: BenchmarkArgs, dataset: str) -> list[Target]:
@@ -103,153 +116,258 @@ def discover(args: BenchmarkArgs, dataset: str) -> list[Target]:
                     versions.append(version)
     if not versions:
         raise UserError(f"No registered model with an alias for dataset '{dataset}'. Run the teacher/distill/"
-                        "quantize steps first, or pass models=models:/NAME@ALIAS,...")
+                        "quantize steps first, or set models to models:/NAME@ALIAS,...")
     order = {"teacher": 0, "distill": 1, "quantize": 2}
     versions.sort(key=lambda v: (order.get(v.tags.get("step"), 1), v.name, int(v.version)))
     backends = torch_backends()
-    return [t for v in versions for t in targets_for(v, backends)]
+    return [t for v in versions for t in targets_for(v, backends, args.peer)]
 
 
-# ----------------------------------------------------------------------------- the worker (own process)
+# ----------------------------------------------------------------------------- model files for the workers
 
-def load_backend(target: dict, threads: int, workdir: Path):
-    """(predict(encoded) -> logits ndarray, tokenizer, size_mb, parameters) for one target."""
-    if target["backend"] in TORCH_BACKENDS:
-        import torch
-
-        device, dtype = TORCH_BACKENDS[target["backend"]]
-        torch.set_num_threads(threads)
-        model, tokenizer = tracking.load_registered_classifier(target["uri"])
-        model.to(device=device, dtype=getattr(torch, dtype))
-        size = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20
-
-        def predict(encoded):
-            with torch.inference_mode():
-                logits = model(**{k: torch.from_numpy(v).to(device) for k, v in encoded.items()}).logits
-                return logits.float().cpu().numpy()  # the copy to the host waits for the GPU's kernels
-        return predict, tokenizer, size, sum(p.numel() for p in model.parameters())
-
-    import onnx
-
-    from kd_sentiment.runtime import OnnxClassifier
-
-    local = Path(mlflow.artifacts.download_artifacts(target["uri"], dst_path=str(workdir / "model")))
-    onnx_path = next(local.rglob("model.onnx"))
-    tokenizer_dir = mlflow.artifacts.download_artifacts(target["tokenizer_uri"], dst_path=str(workdir / "tokenizer"))
-    runner = OnnxClassifier(onnx_path, Path(tokenizer_dir), intra_op_num_threads=threads)
-    parameters = int(sum(np.prod(t.dims) for t in onnx.load(str(onnx_path)).graph.initializer))
-    return runner.run, runner.tokenizer, onnx_path.stat().st_size / 2**20, parameters
+def hf_folder(uri: str, dst: Path) -> Path:
+    """A registered transformers model as one plain folder (config, weights, tokenizer files) that
+    `from_pretrained` reads without MLflow."""
+    local = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst / "download")))
+    folder = dst / "hf"
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = next(p for p in local.rglob("config.json") if any(p.parent.glob("*.safetensors")))
+    tokenizer = next(p.parent for p in local.rglob("tokenizer_config.json"))
+    for source in (weights.parent, tokenizer):
+        for path in source.iterdir():
+            if path.is_file():
+                shutil.copy(path, folder / path.name)
+    return folder
 
 
-def time_setting(predict, tokenizer, texts: list[str], batch_size: int, padding, max_length: int,
-                 budget: float, min_batches: int, max_batches: int) -> dict:
-    """Latency of batches of consecutive real texts; tokenization and model timed separately."""
-    def batch(i):
-        start = (i * batch_size) % len(texts)
-        return (texts + texts)[start:start + batch_size]
+def onnx_files(model: Path, folder: Path) -> dict:
+    """The worker's "load" request for an ONNX graph: the graph, the fast tokenizer's tokenizer.json and
+    its padding token (from the served model's serving_config.json, else from the tokenizer files)."""
+    config = next(folder.rglob("serving_config.json"), None)
+    if config is not None:
+        pad = json.loads(config.read_text())
+        pad_token, pad_id = pad["pad_token"], pad["pad_id"]
+    else:
+        from kd_sentiment.models import load_tokenizer
 
-    tok_ms, model_ms = [], []
-    deadline = None
-    for i in range(WARMUP_BATCHES + max_batches):
-        t0 = time.perf_counter()
-        encoded = dict(tokenizer(batch(i), padding=padding, truncation=True, max_length=max_length, return_tensors="np"))
-        t1 = time.perf_counter()
-        predict(encoded)
-        t2 = time.perf_counter()
-        if i < WARMUP_BATCHES:
-            continue
-        deadline = deadline or t0 + budget
-        tok_ms.append(1000 * (t1 - t0))
-        model_ms.append(1000 * (t2 - t1))
-        n = len(model_ms)
-        if n >= min_batches:
-            # Stable: the median of all batches is within 2% of the median of the first half.
-            stable = abs(np.median(model_ms) - np.median(model_ms[: n // 2])) <= 0.02 * np.median(model_ms)
-            if stable or t2 > deadline:
-                break
-    total = np.array(tok_ms) + np.array(model_ms)
-    return {"batches": len(model_ms), "model_p50_ms": float(np.percentile(model_ms, 50)),
-            "model_p95_ms": float(np.percentile(model_ms, 95)), "model_p99_ms": float(np.percentile(model_ms, 99)),
-            "tokenize_p50_ms": float(np.percentile(tok_ms, 50)), "total_p50_ms": float(np.percentile(total, 50)),
-            "total_p99_ms": float(np.percentile(total, 99)),
-            "throughput_per_s": float(batch_size * len(total) / (total.sum() / 1000))}
+        tokenizer = load_tokenizer(str(model.parent))
+        pad_token, pad_id = tokenizer.pad_token, tokenizer.pad_token_id
+    return {"model": str(model), "tokenizer": str(next(folder.rglob("tokenizer.json"))), "pad_token": pad_token,
+            "pad_id": pad_id}
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory, in MB.
+def build_peer(parent_uri: str, dst: Path) -> Path:
+    """Plain optimum INT8 of `parent_uri`, as a user gets it off the shelf: ORTModel export, then
+    ORTQuantizer with the dynamic preset of this CPU (avx512_vnni / avx512 / avx2 / arm64) and its
+    defaults; no fusion, no node selection. Returns the quantized graph."""
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    On Linux, VmHWM from /proc/self/status: it starts afresh at exec. getrusage's ru_maxrss does
-    not: a subprocess starts with its parent's peak, so a benchmark launched by the pipeline after
-    training read the pipeline's 5.4 GB for every model. Elsewhere ru_maxrss (bytes on macOS).
-    """
+    from kd_sentiment import export, quantization
+
+    exported = export.export_onnx(hf_folder(parent_uri, dst), dst / "fp32")
+    preset = quantization.preset_name(cpu_features())
+    quantizer = ORTQuantizer.from_pretrained(exported.parent, file_name=export.ONNX_NAME)
+    config = getattr(AutoQuantizationConfig, preset)(is_static=False)
+    quantizer.quantize(config, save_dir=dst / "int8")
+    for path in exported.parent.iterdir():  # the tokenizer files beside the graph
+        if path.is_file() and path.suffix != ".onnx" and not (dst / "int8" / path.name).exists():
+            shutil.copy(path, dst / "int8" / path.name)
+    return next((dst / "int8").glob("*.onnx"))
+
+
+def load_request(target: Target, dst: Path) -> tuple[dict, int]:
+    """(the worker's "load" request, the model's parameter count) for `target`, its files under `dst`."""
+    dst.mkdir(parents=True)
+    if target.backend in TORCH_BACKENDS:
+        folder = hf_folder(target.uri, dst)
+        request = {"model": str(folder), "tokenizer": str(folder)}
+    else:
+        import onnx
+
+        if target.backend == PEER:
+            graph = build_peer(target.uri, dst)
+            folder = graph.parent
+        else:
+            folder = Path(mlflow.artifacts.download_artifacts(target.uri, dst_path=str(dst)))
+            graph = next(folder.rglob("*.onnx"))
+        request = onnx_files(graph, folder)
+        parameters = int(sum(np.prod(t.dims) for t in onnx.load(str(graph), load_external_data=False).graph.initializer))
+        return {**request, "max_length": target.max_length}, parameters
+    return {**request, "max_length": target.max_length}, 0
+
+
+# ----------------------------------------------------------------------------- the measuring processes
+
+class Worker:
+    """A long-lived measuring process for one target (kd_sentiment/bench_worker.py)."""
+
+    def __init__(self, target: Target, threads: int, log_path: Path):
+        self.target = target
+        self.stderr = open(log_path, "w+")  # the process's own output, shown if it fails
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
+        self.process = subprocess.Popen([sys.executable, "-m", "kd_sentiment.bench_worker", target.backend, str(threads)],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
+                                        env=env)
+        self.hello = self.read()
+
+    def read(self) -> dict:
+        line = self.process.stdout.readline()
+        answer = json.loads(line) if line else {"error": "the process ended"}
+        if "error" in answer:
+            self.stderr.seek(0)
+            raise RuntimeError(f"benchmark worker for {self.target.label}: {answer['error']}\n"
+                               f"{self.stderr.read()[-3000:]}")
+        return answer
+
+    def ask(self, **request) -> dict:
+        self.process.stdin.write(json.dumps(request) + "\n")
+        self.process.stdin.flush()
+        return self.read()
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            try:
+                self.process.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
+                self.process.stdin.close()
+                self.process.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+        self.stderr.close()
+
+
+def settings_of(batch_sizes: list[int], fixed_length: int) -> list[tuple[str, int, int | None]]:
+    """(setting, batch size, padded length or None for the batch's longest text)."""
+    return [(name, size, length) for size in batch_sizes
+            for name, length in (("real", None), (f"fixed{fixed_length}", fixed_length))]
+
+
+def measure_all(targets: list[Target], args: BenchmarkArgs, settings, threads: int, eval_texts: list[str],
+                bench_texts: list[str], tmp: Path) -> dict:
+    """Every target's timings per setting and round, memory, evaluation logits and load facts."""
+    workers, facts = {}, {}
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2 ** 20 if sys.platform == "darwin" else 1024)
-
-
-def worker(spec_path: str) -> None:
-    """Entry point of the measuring subprocess: reads a JSON spec, writes a JSON result beside it."""
-    spec = json.loads(Path(spec_path).read_text())
-    rss_before = peak_rss_mb()
-    with tempfile.TemporaryDirectory() as tmp:
-        predict, tokenizer, size_mb, parameters = load_backend(spec["target"], spec["threads"], Path(tmp))
-        max_length = spec["target"]["max_length"]
-        eval_logits = []
-        for start in range(0, len(spec["eval_texts"]), 64):
-            chunk = spec["eval_texts"][start:start + 64]
-            eval_logits.append(predict(dict(tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
-                                                      return_tensors="np"))))
-        settings = []
-        for batch_size in spec["batch_sizes"]:
-            for setting, padding, length in (("real", True, max_length),
-                                             (f"fixed{spec['fixed_length']}", "max_length", spec["fixed_length"])):
-                timing = time_setting(predict, tokenizer, spec["bench_texts"], batch_size, padding, length,
-                                      spec["time_budget"], spec["min_batches"], spec["max_batches"])
-                settings.append({"setting": setting, "batch_size": batch_size, **timing})
-    peak = peak_rss_mb()
-    device = TORCH_BACKENDS.get(spec["target"]["backend"], ("cpu", None))[0]
-    Path(spec["result_path"]).write_text(json.dumps({
-        "eval_logits": np.concatenate(eval_logits).tolist(), "settings": settings, "size_mb": size_mb,
-        "parameters": parameters, "peak_rss_mb": peak, "rss_before_load_mb": rss_before,
-        "peak_gpu_mb": peak_gpu_memory_mb(device) if device == "cuda" else None}))
+        for target in targets:
+            log.info("preparing %s ...", target.label)
+            request, parameters = load_request(target, tmp / f"model-{len(workers)}")
+            workers[target.label] = Worker(target, threads, tmp / f"worker-{len(workers)}.log")
+            loaded = workers[target.label].ask(cmd="load", **request)
+            facts[target.label] = {**workers[target.label].hello, **loaded,
+                                   "parameters": loaded["parameters"] or parameters}
+        times = {label: {s[0:2]: {} for s in settings} for label in workers}
+        per_round = math.ceil(args.samples / args.rounds)
+        for r, (name, size, length), label in timing.interleaved(list(workers), args.rounds, settings):
+            if not times[label][(name, size)] and label == next(iter(workers)) and r == 0:
+                log.info("measuring %s, batch %d: %d rounds", name, size, args.rounds)
+            times[label][(name, size)][r] = workers[label].ask(
+                cmd="time", texts=bench_texts, batch_size=size, length=length, warmup=WARMUP_BATCHES,
+                samples=per_round, budget_s=args.time_budget, min_samples=args.min_batches)
+        for label, worker in workers.items():  # memory first: the accuracy pass must not count
+            facts[label].update(worker.ask(cmd="memory"))
+            facts[label]["logits"] = np.asarray(worker.ask(cmd="evaluate", texts=eval_texts)["logits"])
+    finally:
+        for worker in workers.values():
+            worker.close()
+    return {"times": times, "facts": facts}
 
 
-def measure(target: Target, args: BenchmarkArgs, batch_sizes, threads, eval_texts, bench_texts, tmp: Path) -> dict:
-    spec_path, result_path = tmp / "spec.json", tmp / "result.json"
-    spec_path.write_text(json.dumps({
-        "target": asdict(target), "threads": threads, "batch_sizes": batch_sizes, "fixed_length": args.fixed_length,
-        "eval_texts": eval_texts, "bench_texts": bench_texts, "time_budget": args.time_budget,
-        "min_batches": args.min_batches, "max_batches": args.max_batches, "result_path": str(result_path)}))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri()}
-    code = "import sys; from kd_sentiment.benchmark import worker; worker(sys.argv[1])"
-    out = subprocess.run([sys.executable, "-c", code, str(spec_path)], env=env, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"benchmark worker for {target.label} failed:\n{out.stderr[-3000:]}")
-    return json.loads(result_path.read_text())
+# ----------------------------------------------------------------------------- statistics per row
+
+def speed_columns(times: dict, reference: dict | None, prefix: str) -> dict:
+    """`prefix` (a speedup vs `reference`, the median of per-round ratios) and its 95% interval."""
+    if reference is None:
+        return {prefix: math.nan, f"{prefix}_low": math.nan, f"{prefix}_high": math.nan}
+    ratios = timing.per_round_ratios({r: t["model_ms"] for r, t in reference.items()},
+                                     {r: t["model_ms"] for r, t in times.items()})
+    median, low, high = timing.median_interval(ratios)
+    return {prefix: median, f"{prefix}_low": low, f"{prefix}_high": high}
+
+
+def timing_columns(times: dict, batch_size: int) -> dict:
+    """Pooled percentiles (withheld below their sample floor), throughput and the round-to-round spread."""
+    model = [ms for t in times.values() for ms in t["model_ms"]]
+    tokenize = [ms for t in times.values() for ms in t["tokenize_ms"]]
+    total = np.array(model) + np.array(tokenize)
+    columns = {"samples": len(model), "rounds": len(times)}
+    for q in timing.PERCENTILES:
+        columns[f"model_p{q}_ms"] = timing.percentile(model, q)
+    columns.update(tokenize_p50_ms=timing.percentile(tokenize, 50), total_p50_ms=timing.percentile(total, 50),
+                   total_p99_ms=timing.percentile(total, 99),
+                   throughput_per_s=float(batch_size * len(total) / (total.sum() / 1000)),
+                   round_spread_pct=timing.round_spread_pct({r: t["model_ms"] for r, t in times.items()}))
+    return columns
+
+
+def reference_label(target: Target, targets: list[Target], role: str) -> str | None:
+    """The row a target's speedup is against: the fp32 teacher on the same device family (GPU rows
+    against the teacher's row of the same GPU backend, CPU rows against its CPU fp32 row), or, for
+    `role` peer, the peer baseline of the same quantized model."""
+    if role == "peer":
+        peer = [t for t in targets if t.backend == PEER and (t.name, t.version) == (target.name, target.version)]
+        return peer[0].label if peer else None
+    backend = target.backend if target.backend.startswith("torch_cuda") else "torch_fp32"
+    teacher = [t for t in targets if t.role == "teacher" and t.backend == backend]
+    return teacher[0].label if teacher else None
+
+
+def rows_of(targets: list[Target], measured: dict, settings, labels: np.ndarray, label_names: list[str],
+            threads: int) -> tuple[pd.DataFrame, dict]:
+    """One row per (target, setting): quality, timing statistics, speedups, memory; and the probabilities."""
+    rows, probs, cpu_name = [], {}, cpu_features()["model_name"]
+    for target in targets:
+        facts = measured["facts"][target.label]
+        quality = calibration.classification_metrics(facts["logits"], labels, label_names)
+        probs[target.label] = calibration.probabilities(facts["logits"])
+        teacher = reference_label(target, targets, "teacher")
+        peer = reference_label(target, targets, "peer") if target.backend == "onnx_int8" else None
+        for name, size, _ in settings:
+            times = measured["times"][target.label][(name, size)]
+            row = {"model": target.name, "version": target.version, "role": target.role, "backend": target.backend,
+                   "label": target.label, "setting": name, "batch_size": size, **timing_columns(times, size),
+                   **speed_columns(times, measured["times"][teacher][(name, size)] if teacher else None,
+                                   "speedup_vs_teacher"),
+                   **speed_columns(times, measured["times"][peer][(name, size)] if peer else None, "speedup_vs_peer"),
+                   "accuracy": quality["accuracy"], "macro_recall": quality["macro_recall"], "ece": quality["ece"],
+                   "size_mb": facts["size_mb"], "parameters": facts["parameters"],
+                   "runtime_rss_mb": facts["runtime_rss_mb"], "model_rss_mb": facts["peak_rss_mb"] - facts["runtime_rss_mb"],
+                   "peak_rss_mb": facts["peak_rss_mb"], "imports_torch": facts["imports_torch"],
+                   "peak_gpu_mb": facts["peak_gpu_mb"], "threads": threads, "cpu": cpu_name}
+            rows.append(row)
+    frame = pd.DataFrame(rows)
+    for metric in ("accuracy", "macro_recall"):  # INT8 vs the peer baseline, in points, on the same texts
+        peer_quality = frame[frame["backend"] == PEER].set_index(["model", "version", "setting", "batch_size"])[metric]
+        frame[f"{metric}_vs_peer_points"] = [
+            100 * (row[metric] - peer_quality.get((row["model"], row["version"], row["setting"], row["batch_size"]),
+                                                  math.nan)) if row["backend"] == "onnx_int8" else math.nan
+            for _, row in frame.iterrows()]
+    return frame, probs
 
 
 # ----------------------------------------------------------------------------- report
+
+def shown_speedup(row, prefix: str = "speedup_vs_teacher") -> str:
+    """`3.1x [2.9, 3.3]`, `3.1x` without an interval, `n/a` without a reference."""
+    if pd.isna(row[prefix]):
+        return "n/a"
+    interval = "" if pd.isna(row[f"{prefix}_low"]) else f" [{row[f'{prefix}_low']:.1f}, {row[f'{prefix}_high']:.1f}]"
+    return f"{row[prefix]:.1f}x{interval}"
+
 
 def summary_table(frame: pd.DataFrame, dataset: str) -> str:
     """Markdown: one row per model version and backend, smallest and largest batch at the fixed length."""
     metric = "macro_recall" if dataset == "tweeteval" else "accuracy"
     small, large = frame["batch_size"].min(), frame["batch_size"].max()
-    rows = [f"| model | backend | params (M) | size (MB) | {metric} | ECE | p50 ms (b={small}) | "
-            f"speedup b={small} | speedup b={large} |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = [f"| model | backend | params (M) | size (MB) | {metric} | ECE | p50 ms (b={small}) | p99 ms (b={small}) | "
+            f"samples (b={small}) | speedup b={small} | speedup b={large} | vs optimum INT8 b={small} | "
+            f"runtime MB | model MB |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     fixed = frame[frame["setting"].str.startswith("fixed")]
     for (model, version, backend), group in fixed.groupby(["model", "version", "backend"], sort=False):
-        b1 = group[group["batch_size"] == small]
-        b32 = group[group["batch_size"] == large]
-        first = group.iloc[0]
-        rows.append(f"| {model} v{version} | {backend} | {first['parameters'] / 1e6:.1f} | {first['size_mb']:.0f} | "
-                    f"{first[metric]:.4f} | {first['ece']:.4f} | {b1['model_p50_ms'].iloc[0]:.1f} | "
-                    f"{b1['speedup_vs_teacher'].iloc[0]:.1f}x | {b32['speedup_vs_teacher'].iloc[0]:.1f}x |")
+        one, many = group[group["batch_size"] == small].iloc[0], group[group["batch_size"] == large].iloc[0]
+        p99 = "n/a" if pd.isna(one["model_p99_ms"]) else f"{one['model_p99_ms']:.1f}"
+        rows.append(f"| {model} v{version} | {backend} | {one['parameters'] / 1e6:.1f} | {one['size_mb']:.0f} | "
+                    f"{one[metric]:.4f} | {one['ece']:.4f} | {one['model_p50_ms']:.1f} | {p99} | {one['samples']} | "
+                    f"{shown_speedup(one)} | {shown_speedup(many)} | {shown_speedup(one, 'speedup_vs_peer')} | "
+                    f"{one['runtime_rss_mb']:.0f} | {one['model_rss_mb']:.0f} |")
     return "\n".join(rows)
 
 
@@ -271,9 +389,12 @@ def figures(frame: pd.DataFrame, probs: dict, labels: np.ndarray, dataset: str) 
     fig, ax = plt.subplots(figsize=(8, 4))
     for offset, size in ((-0.2, frame["batch_size"].min()), (0.2, frame["batch_size"].max())):
         rows = frame[(frame["batch_size"] == size) & frame["setting"].str.startswith("fixed")]
-        ax.bar(np.arange(len(rows)) + offset, rows["speedup_vs_teacher"], width=0.4, label=f"batch {size}")
+        errors = [(rows["speedup_vs_teacher"] - rows["speedup_vs_teacher_low"]).fillna(0).clip(lower=0),
+                  (rows["speedup_vs_teacher_high"] - rows["speedup_vs_teacher"]).fillna(0).clip(lower=0)]
+        ax.bar(np.arange(len(rows)) + offset, rows["speedup_vs_teacher"], width=0.4, yerr=errors, capsize=2,
+               label=f"batch {size}")
         ax.set_xticks(np.arange(len(rows)), rows["label"], rotation=30, ha="right", fontsize=7)
-    ax.set(ylabel="speedup vs fp32 teacher", title=f"{dataset}: speedup (fixed length)")
+    ax.set(ylabel="speedup vs fp32 teacher", title=f"{dataset}: speedup (fixed length), 95% intervals over rounds")
     ax.legend()
     fig.tight_layout()
     tracking.log_figure(fig, "figures/speedup.png")
@@ -291,34 +412,16 @@ def run(args: BenchmarkArgs) -> pd.DataFrame:
     targets = discover(args, splits.name)
     eval_texts, labels = splits.test["text"].tolist(), splits.test["label"].to_numpy()
     bench_texts = splits.test["text"].sample(frac=1.0, random_state=args.seed).tolist()[:512]
+    settings = settings_of(batch_sizes, args.fixed_length)
 
     with tracking.step_run("benchmark", f"benchmark-{splits.name}"), tempfile.TemporaryDirectory() as tmp:
         cpu_name = cpu_features()["model_name"]
-        tracking.log_params({**asdict(args), "n_eval": len(eval_texts), "models_measured": len(targets)})
+        tracking.log_params({**asdict(args), "n_eval": len(eval_texts), "models_measured": len(targets),
+                             "warmup_batches": WARMUP_BATCHES})
         tracking.log_environment(threads)
-        rows, probs = [], {}
-        for target in targets:
-            log.info("measuring %s ...", target.label)
-            result = measure(target, args, batch_sizes, threads, eval_texts, bench_texts, Path(tmp))
-            logits = np.asarray(result["eval_logits"])
-            quality = calibration.classification_metrics(logits, labels, splits.label_names)
-            probs[target.label] = calibration.probabilities(logits)
-            for setting in result["settings"]:
-                rows.append({"model": target.name, "version": target.version, "role": target.role,
-                             "backend": target.backend, "label": target.label, **setting,
-                             "accuracy": quality["accuracy"], "macro_recall": quality["macro_recall"],
-                             "ece": quality["ece"], "size_mb": result["size_mb"], "parameters": result["parameters"],
-                             "peak_rss_mb": result["peak_rss_mb"],
-                             "model_rss_mb": result["peak_rss_mb"] - result["rss_before_load_mb"],
-                             "peak_gpu_mb": result["peak_gpu_mb"], "threads": threads, "cpu": cpu_name})
-        frame = pd.DataFrame(rows)
-        # Each row against the fp32 teacher on the same device: GPU rows against the teacher's GPU
-        # row of the same backend, CPU rows (PyTorch and ONNX) against the teacher's CPU fp32 row.
-        teacher = frame[frame["role"] == "teacher"].drop_duplicates(["backend", "setting", "batch_size"])
-        base = teacher.set_index(["backend", "setting", "batch_size"])["model_p50_ms"]
-        reference = [b if b.startswith("torch_cuda") else "torch_fp32" for b in frame["backend"]]
-        frame["speedup_vs_teacher"] = [base.get((r, s, b), np.nan) / p for r, s, b, p in
-                                       zip(reference, frame["setting"], frame["batch_size"], frame["model_p50_ms"])]
+        measured = measure_all(targets, args, settings, threads, eval_texts, bench_texts, Path(tmp))
+        frame, probs = rows_of(targets, measured, settings, labels, splits.label_names, threads)
+        noise = float(np.nanmedian(frame["round_spread_pct"])) if frame["round_spread_pct"].notna().any() else math.nan
 
         out_dir = Path(args.output_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -327,14 +430,18 @@ def run(args: BenchmarkArgs) -> pd.DataFrame:
         frame.to_csv(csv_path, index=False)
         markdown = summary_table(frame, splits.name)
         (out_dir / f"{splits.name}-{stamp}.md").write_text(
-            f"Machine: {cpu_name}, {os.cpu_count()} cores, {threads} threads; "
-            f"{len(eval_texts)} test texts.\n\n{markdown}\n")
+            f"Machine: {cpu_name}, {os.cpu_count()} cores, {threads} threads; {len(eval_texts)} test texts; "
+            f"{args.rounds} interleaved rounds; measured noise (median round-to-round spread of a row's p50): "
+            f"{noise:.1f}%.\n\n{markdown}\n")
         mlflow.log_artifact(str(csv_path), "benchmark")
         mlflow.log_text(markdown, "benchmark/summary.md")
         mlflow.log_table(frame, "benchmark/results.json")
+        mlflow.log_metric("noise_round_spread_pct", noise)
         figures(frame, probs, labels, splits.name)
         for _, row in frame[frame["setting"].str.startswith("fixed")].iterrows():
             key = f"{row['model'].removeprefix(f'{tracking.MODEL_PREFIX}-')}.v{row['version']}.{row['backend']}.b{row['batch_size']}"
-            mlflow.log_metrics({f"{key}.p50_ms": row["model_p50_ms"], f"{key}.speedup": row["speedup_vs_teacher"]})
-        log.info("%s\nwrote %s", markdown, csv_path)
+            mlflow.log_metrics({f"{key}.{column}": row[column] for column in (
+                "model_p50_ms", "speedup_vs_teacher", "speedup_vs_teacher_low", "speedup_vs_teacher_high")
+                if not pd.isna(row[column])})
+        log.info("%s\nmeasured noise %.1f%%; wrote %s", markdown, noise, csv_path)
     return frame

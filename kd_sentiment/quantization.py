@@ -20,7 +20,7 @@ from kd_sentiment.schema import QUANTIZATION_MODES
 CALIBRATION_METHODS = ("minmax", "percentile")
 
 
-def _preset(features: dict) -> str:
+def preset_name(features: dict) -> str:
     """The AutoQuantizationConfig preset for this CPU."""
     if features["arm64"]:
         return "arm64"
@@ -126,7 +126,7 @@ def quantize_onnx(onnx_dir: Path, out_dir: Path, mode: str = "dynamic", per_chan
     else:
         _quantize_dynamic(source, target, config)
     operators = [getattr(op, "value", op) for op in config.operators_to_quantize]
-    described = {"cpu": features["model_name"], "cpu_target": _preset(features), "mode": mode,
+    described = {"cpu": features["model_name"], "cpu_target": preset_name(features), "mode": mode,
                  "format": config.format.name, "per_channel": config.per_channel,
                  "reduce_range": config.reduce_range, "weights_dtype": config.weights_dtype.name,
                  "activations_dtype": config.activations_dtype.name, "operators_to_quantize": operators,
@@ -143,7 +143,7 @@ def _recipe(graph, source: Path, features: dict, static: bool, per_channel: bool
     """optimum's QuantizationConfig for this CPU's preset, with the nodes to quantize or keep float."""
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    preset = getattr(AutoQuantizationConfig, _preset(features))
+    preset = getattr(AutoQuantizationConfig, preset_name(features))
     if static:
         # Only the MatMuls `_static_matmuls` picks: with the preset's default operator list
         # (LayerNormalization, Gather, Where, ...) MiniLM agreed with fp32 on only 2 texts in 3.

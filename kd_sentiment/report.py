@@ -23,6 +23,7 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from kd_sentiment import tracking
+from kd_sentiment.benchmark import shown_speedup
 from kd_sentiment.errors import UserError
 from kd_sentiment.schema import ReportArgs
 from kd_sentiment.stats import Difference, paired_difference
@@ -85,30 +86,61 @@ def pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
-def speedup(frame: pd.DataFrame, model: str, backend: str, batch: int) -> str:
+def bench_row(frame: pd.DataFrame, model: str, backend: str, batch: int):
+    """The benchmark row of `model` in `backend` at `batch`, fixed length; None if not measured."""
     rows = frame[(frame["model"] == model) & (frame["backend"] == backend) & (frame["batch_size"] == batch)
                  & frame["setting"].str.startswith("fixed")]
-    return f"{rows['speedup_vs_teacher'].iloc[0]:.1f}x" if len(rows) else "n/a"
+    return rows.iloc[0] if len(rows) else None
+
+
+def speedup(frame: pd.DataFrame, model: str, backend: str, batch: int, versus: str = "speedup_vs_teacher") -> str:
+    """`3.1x [2.9, 3.3]`: the median per-round speedup and its 95% interval over the rounds."""
+    row = bench_row(frame, model, backend, batch)
+    return "n/a" if row is None or versus not in row else shown_speedup(row, versus)
+
+
+def ms(value: float, digits: int = 1) -> str:
+    return "n/a" if pd.isna(value) else f"{value:.{digits}f}"
 
 
 def latency_table(bench: pd.DataFrame, big: int) -> list[str]:
     """Real test texts (dynamic length), end to end: tokenizer + model, one text at a time, and the
-    peak resident memory each model's measuring process added (runtime included)."""
+    memory of each model's measuring process: its runtime alone and what the model added."""
     real = bench[bench["setting"] == "real"]
-    lines = [f"Real test texts, end to end (tokenize + model) in-process, batch 1; throughput at batch {big}; "
-             "memory: the peak resident memory each model's measuring process added by loading its runtime "
-             "(PyTorch or ONNX Runtime) and the model and running it:", "",
-             "| model | backend | p50 ms | p99 ms | of which tokenize (p50 ms) | texts/s at b=" + str(big)
-             + " | file MB | peak RSS added (MB) |", "|---|---|---|---|---|---|---|---|"]
+    lines = [f"Real test texts, end to end (tokenize + model) in-process, batch 1, pooled over the rounds (p99 only "
+             f"from 100 samples or more); throughput at batch {big}; memory: the resident memory of the measuring "
+             "process with only its runtime imported (PyTorch, or ONNX Runtime and `tokenizers`) and what loading "
+             "and running the model added on top:", "",
+             "| model | backend | p50 ms | p99 ms | samples | of which tokenize (p50 ms) | texts/s at b=" + str(big)
+             + " | file MB | runtime MB | model MB |", "|---|---|---|---|---|---|---|---|---|---|"]
     for (label, backend), group in real.groupby(["label", "backend"], sort=False):
         one, many = group[group["batch_size"] == 1], group[group["batch_size"] == big]
         if one.empty:
             continue
         r = one.iloc[0]
-        lines.append(f"| {label.split(' [')[0]} | {backend} | {r['total_p50_ms']:.1f} | {r['total_p99_ms']:.1f} | "
-                     f"{r['tokenize_p50_ms']:.2f} | "
+        lines.append(f"| {label.split(' [')[0]} | {backend} | {ms(r['total_p50_ms'])} | {ms(r['total_p99_ms'])} | "
+                     f"{r['samples']} | {ms(r['tokenize_p50_ms'], 2)} | "
                      + (f"{many['throughput_per_s'].iloc[0]:.0f}" if len(many) else "n/a")
-                     + f" | {r['size_mb']:.0f} | {r['model_rss_mb']:.0f} |")
+                     + f" | {r['size_mb']:.0f} | {r['runtime_rss_mb']:.0f} | {r['model_rss_mb']:.0f} |")
+    return lines
+
+
+def peer_lines(bench: pd.DataFrame, big: int, metric: str) -> list[str]:
+    """The project's INT8 model against plain optimum INT8 of the same fp32 parent, measured in the same run."""
+    lines = []
+    for _, row in bench[(bench["backend"] == "onnx_int8") & (bench["batch_size"] == 1)
+                        & bench["setting"].str.startswith("fixed")].iterrows():
+        if pd.isna(row["speedup_vs_peer"]):
+            continue
+        many = bench_row(bench, row["model"], "onnx_int8", big)
+        lines.append(f"- {row['label'].split(' [')[0]}: {shown_speedup(row, 'speedup_vs_peer')} as fast as plain "
+                     f"optimum INT8 at batch 1, {shown_speedup(many, 'speedup_vs_peer')} at batch {big}; "
+                     f"{metric.replace('_', '-')} {row[f'{metric}_vs_peer_points']:+.2f} points against it on the "
+                     "benchmark's test texts.")
+    if lines:
+        lines = ["The project's INT8 model against what a user gets off the shelf (optimum export + ORTQuantizer with "
+                 "this CPU's dynamic preset, no fusion), built from the same fp32 parent and measured in the same "
+                 "rounds (95% intervals over the rounds):", "", *lines]
     return lines
 
 
@@ -230,15 +262,18 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
             entry[key] = diffs[metric]
             numbers["widths"] += [d.high - d.low for d in diffs.values() if d]
         numbers["students"][student] = entry
-    lines += ["", *comparisons, "", *latency_table(bench, big)]
+    lines += ["", *comparisons, "", *latency_table(bench, big), "", *peer_lines(bench, big, metric)]
     bench_run = numbers["bench"]
     tags, params = bench_run.data.tags, bench_run.data.params
     lines += ["", f"Speed: batch 1 and {big} at a fixed {params.get('fixed_length')} tokens, model time only "
               f"(tokenization is measured apart in the CSV), {tags.get('machine.threads')} threads on "
               f"{tags.get('machine.cpu_model_name')} ({tags.get('machine.cpu_count')} cores, AVX-512 "
               f"{tags.get('machine.cpu_avx512')}, VNNI {tags.get('machine.cpu_vnni')}), benchmark run "
-              f"`{record['benchmark']}`. Each model was measured once in that run, so the speedups carry no "
-              "interval. Accuracy columns are on the test texts above (means over seeds where there are several)"
+              f"`{record['benchmark']}`: {params.get('rounds')} rounds, the models interleaved within each round, "
+              "speedups the median of the per-round ratios to the teacher with a distribution-free 95% interval "
+              f"over the rounds; measured noise (median round-to-round spread of a row's p50) "
+              f"{bench_run.data.metrics.get('noise_round_spread_pct', float('nan')):.1f}%. "
+              "Accuracy columns are on the test texts above (means over seeds where there are several)"
               + ("; the INT8 rows are measured in the quantize run on the same texts." if numbers["int8_same_texts"]
                  else "; the INT8 rows are measured in the quantize run, on other test texts than the rows above.")
               , ""]

@@ -314,8 +314,9 @@ class PromoteArgs:
 
 @dataclass
 class BenchmarkArgs:
-    """Measure every aliased model of the dataset (or the given models) in each backend it has, one
-    fresh process per model, and write results/benchmarks/*.csv."""
+    """Measure every aliased model of the dataset (or the given models) in each backend it has, plus plain
+    optimum INT8 of each quantized student (the peer baseline): every model in a long-lived process of
+    its own, in interleaved rounds; write results/benchmarks/*.csv."""
 
     dataset: str = param("tweeteval", DATASET_HELP)
     data_dir: str | None = param(None, DATA_DIR_HELP, read=optional_text)
@@ -325,9 +326,15 @@ class BenchmarkArgs:
     threads: int = param(0, "intra-op threads for every model (0: all cores)")
     max_eval_samples: int | None = param(1000, "stratified test subset for accuracy and ECE ('all' for everything)",
                                          read=optional_count)
-    time_budget: float = param(5.0, "seconds of timed batches per setting, at most")
-    min_batches: int = param(10, "timed batches per setting, at least")
-    max_batches: int = param(300, "timed batches per setting, at most")
+    # Six rounds: the smallest number whose lowest and highest per-round ratio bound the median
+    # speedup with at least 95% confidence (1 - 2/2^6 = 96.9%; five rounds give 93.75%).
+    rounds: int = param(6, "rounds of measurement; every model is measured once per round, in the same order, so "
+                           "drift hits all alike (speedup intervals need at least 6)")
+    samples: int = param(100, "timed batches per setting over all rounds, at most (p99 needs 100, p95 20)")
+    time_budget: float = param(2.0, "seconds of timed batches per setting and round, at most")
+    min_batches: int = param(2, "timed batches per setting and round, at least (even past time_budget)")
+    peer: bool = param(True, "also measure plain optimum INT8 (export + ORTQuantizer with this CPU's dynamic "
+                             "preset, no fusion) of every quantized student's fp32 parent, the same way")
     seed: int = param(42, "seed for the evaluation subset and text order")
     output_dir: str = param("results/benchmarks", "where the CSV and Markdown go")
 
@@ -339,7 +346,7 @@ class BenchmarkArgs:
             raise UserError(f"batch_sizes={self.batch_sizes!r}: use comma-separated integers, e.g. 1,8,32.") from None
         if not sizes or min(sizes) < 1:
             raise UserError(f"batch_sizes={self.batch_sizes!r}: every batch size must be at least 1.")
-        for name in ("fixed_length", "min_batches", "max_batches"):
+        for name in ("fixed_length", "rounds", "samples", "min_batches"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name}={getattr(self, name)}: must be at least 1.")
         if self.time_budget <= 0 or self.threads < 0:
@@ -404,21 +411,33 @@ class StudyArgs:
 
 @dataclass
 class LoadTestArgs:
-    """Start `mlflow models serve` for MODEL on a free 127.0.0.1 port, send a fixed number of
-    single-text requests from concurrent clients (some malformed), and log p50/p95/p99 latency,
-    throughput and errors."""
+    """Start `mlflow models serve` for MODEL on a free 127.0.0.1 port and load it with single-text
+    requests (some malformed): open loop at RATE requests per second (Poisson arrivals), or closed
+    loop from concurrent clients; log p50/p95/p99 latency with their sample count, throughput,
+    errors, timeouts and requests the bound cut off."""
 
     model: str = param(MISSING, "registry URI, e.g. models:/kd-sentiment-minilm-tweeteval-int8@champion")
     dataset: str = param("tweeteval", "where the request texts come from (its test split)")
     data_dir: str | None = param(None, DATA_DIR_HELP, read=optional_text)
-    clients: int = param(4, "concurrent clients")
-    requests_per_client: int = param(50, "requests each client sends")
+    rate: float = param(0.0, "open loop: requests per second on average, Poisson arrivals (0: closed loop)")
+    requests: int = param(500, "open loop: requests in all")
+    request_timeout_s: float = param(10.0, "open loop: a request unanswered this long counts as timed out")
+    clients: int = param(4, "closed loop: concurrent clients")
+    requests_per_client: int = param(50, "closed loop: requests each client sends")
     malformed_every: int = param(10, "every Nth request is malformed (0: none)")
     warmup_requests: int = param(5, "requests sent first, one at a time, and not timed (a fresh server's one-off costs)")
     # One server process runs requests one at a time (the scoring server's Python holds the GIL).
-    workers: int = param(1, "server worker processes (mlflow models serve --workers); concurrent clients need more than 1")
+    workers: int = param(1, "server worker processes (mlflow models serve --workers); concurrent requests need "
+                            "more than 1; each gets cores/workers ONNX Runtime threads")
     timeout_s: float = param(120.0, "hard stop for the whole test")
+    seed: int = param(42, "open loop: seed of the arrival times")
     output_dir: str = param("results/benchmarks", "where the serving CSV goes")
+
+    def validate(self) -> None:
+        if self.rate < 0:
+            raise UserError(f"rate={self.rate}: requests per second, or 0 for the closed loop.")
+        if self.workers < 1:
+            raise UserError(f"workers={self.workers}: at least 1.")
 
 
 @dataclass

@@ -1,34 +1,45 @@
-"""A bounded load test of a model server's `/invocations` endpoint (`mlflow models serve`).
+"""A bounded load test of a model server's `/invocations` endpoint (`mlflow models serve`), closed or open loop.
 
-`run_load_test` starts `clients` threads; each sends `requests_per_client` POSTs one after the
-other, each a single text as `{"inputs": [text]}` (texts taken round-robin). Every
-`malformed_every`-th request of a client is malformed instead, rotating through invalid JSON,
+Closed loop (`run_load_test`): `clients` threads each send `requests_per_client` POSTs one after the
+other, each a single text as `{"inputs": [text]}` (texts taken round-robin). A client waits for
+its answer before it sends again, so a slow server slows the offered load down with it: this
+measures how the server serves a fixed number of callers, and hides queueing.
+Open loop (`run_open_loop`): `requests` POSTs at `rate` per second on average, their send times
+drawn in advance from a Poisson process (exponential gaps, seeded), each sent at its time whatever
+happened to the ones before, as independent users would. Latency runs from the scheduled send
+time, so time a request waited on the client side counts too (no coordinated omission). A server
+that cannot hold the rate shows it as growing latency and timeouts.
+
+In both, every `malformed_every`-th request is malformed instead, rotating through invalid JSON,
 `{"inputs": [123]}` (not a string) and `{}` (no input): a healthy server rejects each with a 4xx.
-Latency is measured per request, from sending to the last byte of the answer; one connection per
-request (urllib), so it includes connecting, as a fresh client would see it. `warmup_requests`
-good requests go first, one at a time, before the clock starts: a fresh server pays one-off costs
-on its first requests (ONNX Runtime's first runs, lazy imports) that are not its steady latency.
-They are not counted, except that one not answered 200 with one prediction is an error.
+Latency is measured to the last byte of the answer; one connection per request (urllib), so it
+includes connecting, as a fresh client would see it. `warmup_requests` good requests go first, one
+at a time, before the clock starts (a fresh server's one-off costs); one not answered 200 with one
+prediction is an error.
 
-Bounded on every side: a fixed number of requests, and a hard stop at `timeout_s` (no request is
-started after it; requests in flight are given only the time left, and one cut off that way is
-not counted at all, neither as sent nor as an error). Only loopback servers
-(127.0.0.0/8, localhost, ::1) are accepted: this is a tool for a server you started yourself, not
-for someone else's.
+Bounded on every side, and nothing is dropped from the counts: a fixed number of requests; a hard
+stop at `timeout_s` (closed loop: no request starts after it, one cut off by it is counted in
+`cut_off`; open loop: a request not yet sent by then is counted in `unsent`); open loop also a
+per-request timeout, after which the request counts in `timeouts`, with the timeout as its latency
+(a lower bound) in the percentiles. Only loopback servers (127.0.0.0/8, localhost, ::1) are
+accepted: this is a tool for a server you started yourself, not for someone else's.
 
-Result, a dict of numbers (percentiles are None when no good request succeeded):
-  clients, requests (answered or failed), good_sent, ok (good requests answered 200 with one
-  prediction), errors (5xx, 2xx with a wrong payload, a good request answered 4xx, a malformed
-  request not answered 4xx, connection errors), malformed_sent, malformed_rejected_4xx,
-  p50_ms / p95_ms / p99_ms (latency of the ok requests), throughput_per_s (ok requests per second
-  of wall time), duration_s, stopped_at_timeout (1 if the hard stop cut the test short, else 0);
-  plus error_samples, the first few error descriptions (strings), for diagnosis.
+Result, a dict of numbers: mode, requests (answered or failed), good_sent, ok (good requests answered
+200 with one prediction), errors (5xx, 2xx with a wrong payload, a good request answered 4xx, a
+malformed request not answered 4xx, connection errors), malformed_sent, malformed_rejected_4xx,
+p50_ms / p95_ms / p99_ms over `latency_samples` good requests (a percentile with fewer samples than
+it needs, 20 for p95 and 100 for p99, is None), throughput_per_s (ok requests per second of wall
+time), duration_s, stopped_at_timeout; closed loop: clients, cut_off; open loop: rate, scheduled,
+unsent, timeouts, started_late (sent more than LATE_S after their time: the client itself could not
+keep up, so the offered rate was lower than asked); plus error_samples, the first few error
+descriptions, for diagnosis.
 """
 from __future__ import annotations
 
 import ipaddress
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -39,6 +50,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -49,6 +61,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
+from kd_sentiment import timing
 from kd_sentiment.errors import UserError
 from kd_sentiment.schema import LoadTestArgs
 
@@ -60,6 +73,8 @@ MALFORMED_BODIES = (
     b"{}",                              # JSON, but no input at all
 )
 ERROR_SAMPLES = 5
+LATE_S = 0.05           # open loop: sent this much after its time, the client itself could not keep up
+OPEN_LOOP_THREADS = 64  # open loop: requests in flight at most (more are sent late and counted as such)
 
 
 def invocations_url(url: str) -> str:
@@ -104,38 +119,89 @@ def _one_prediction(text: str) -> bool:
     return isinstance(predictions, list) and len(predictions) == 1
 
 
-def run_load_test(url: str, texts: list[str], clients: int = 4, requests_per_client: int = 50,
-                  malformed_every: int = 10, timeout_s: float = 60, warmup_requests: int = 0) -> dict:
-    """Load `url`'s /invocations with `clients` concurrent clients; see the module docstring."""
+class Tally:
+    """What the sending threads record: counts, good requests' latencies, the first errors."""
+
+    def __init__(self, **extra_counts):
+        self.lock = threading.Lock()
+        self.counts = dict.fromkeys(("requests", "good_sent", "ok", "errors", "malformed_sent",
+                                     "malformed_rejected_4xx"), 0) | extra_counts
+        self.latencies_ms: list[float] = []
+        self.error_samples: list[str] = []
+
+    def count(self, error: str | None = None, **increments) -> None:
+        with self.lock:
+            for key, n in increments.items():
+                self.counts[key] += n
+            if error is not None:
+                self.counts["errors"] += 1
+                if len(self.error_samples) < ERROR_SAMPLES:
+                    self.error_samples.append(error)
+
+    def answered(self, what: str, malformed: bool, status: int | None, answer: str, latency_ms: float) -> None:
+        """Record one request that got an answer (or a connection error)."""
+        if malformed:
+            rejected = status is not None and 400 <= status < 500
+            self.count(None if rejected else f"{what}: expected a 4xx, got {status} {answer[:200]!r}",
+                       requests=1, malformed_sent=1, malformed_rejected_4xx=int(rejected))
+        elif status == 200 and _one_prediction(answer):
+            with self.lock:
+                self.latencies_ms.append(latency_ms)
+            self.count(requests=1, good_sent=1, ok=1)
+        else:
+            self.count(f"{what}: {status} {answer[:200]!r}", requests=1, good_sent=1)
+
+    def summary(self, duration: float, **extra) -> dict:
+        with self.lock:
+            result = {**extra, **self.counts, "latency_samples": len(self.latencies_ms)}
+            for q in timing.PERCENTILES:
+                value = timing.percentile(self.latencies_ms, q)
+                result[f"p{q}_ms"] = None if math.isnan(value) else value
+            result.update(throughput_per_s=self.counts["ok"] / duration if duration > 0 else 0.0,
+                          duration_s=duration, error_samples=list(self.error_samples))
+        return result
+
+
+def body_of(texts: list[str], n: int, malformed_every: int, stream: int = 0, offset: int = 0) -> tuple[bytes, bool]:
+    """(body, malformed) of request `n` (counted from 0) of a stream: every `malformed_every`-th is
+    malformed, the kinds rotating (each stream starting at another kind), the others text offset + n."""
+    if malformed_every > 0 and (n + 1) % malformed_every == 0:
+        return MALFORMED_BODIES[(stream + (n + 1) // malformed_every - 1) % len(MALFORMED_BODIES)], True
+    return json.dumps({"inputs": [texts[(offset + n) % len(texts)]]}).encode(), False
+
+
+def check_arguments(url: str, texts: list[str], malformed_every: int, timeout_s: float, warmup_requests: int,
+                    **counts: int) -> str:
+    """The /invocations URL, or a UserError naming the bad argument."""
     target = invocations_url(url)
     if not texts or not all(isinstance(t, str) for t in texts):
         raise UserError("texts: need at least one text, and every item must be a string.")
-    if clients < 1 or requests_per_client < 1:
-        raise UserError(f"clients={clients}, requests_per_client={requests_per_client}: both must be at least 1.")
+    for name, value in counts.items():
+        if value < 1:
+            raise UserError(f"{name}={value}: must be at least 1.")
     if malformed_every < 0 or warmup_requests < 0:
         raise UserError(f"malformed_every={malformed_every}, warmup_requests={warmup_requests}: "
                         "must be 0 (none) or positive.")
     if not timeout_s > 0:
         raise UserError(f"timeout_s={timeout_s}: must be positive.")
+    return target
 
-    lock = threading.Lock()
-    counts = dict.fromkeys(("requests", "good_sent", "ok", "errors", "malformed_sent", "malformed_rejected_4xx"), 0)
-    latencies_ms: list[float] = []
-    error_samples: list[str] = []
 
-    def record(error: str | None = None, **increments) -> None:
-        with lock:
-            for key, n in increments.items():
-                counts[key] += n
-            if error is not None:
-                counts["errors"] += 1
-                if len(error_samples) < ERROR_SAMPLES:
-                    error_samples.append(error)
-
-    for k in range(warmup_requests):
+def warm_up(target: str, texts: list[str], n: int, timeout_s: float, tally: Tally) -> None:
+    for k in range(n):
         status, answer = _post(target, json.dumps({"inputs": [texts[k % len(texts)]]}).encode(), timeout=timeout_s)
         if not (status == 200 and _one_prediction(answer)):
-            record(f"warm-up request {k}: {status} {answer[:200]!r}")
+            tally.count(f"warm-up request {k}: {status} {answer[:200]!r}")
+
+
+def run_load_test(url: str, texts: list[str], clients: int = 4, requests_per_client: int = 50,
+                  malformed_every: int = 10, timeout_s: float = 60, warmup_requests: int = 0) -> dict:
+    """Closed loop: `clients` concurrent clients, each sending its next request when the last is
+    answered; see the module docstring."""
+    target = check_arguments(url, texts, malformed_every, timeout_s, warmup_requests, clients=clients,
+                             requests_per_client=requests_per_client)
+    tally = Tally(cut_off=0)
+    warm_up(target, texts, warmup_requests, timeout_s, tally)
     start = time.monotonic()
     deadline = start + timeout_s
     stopped = threading.Event()
@@ -146,29 +212,14 @@ def run_load_test(url: str, texts: list[str], clients: int = 4, requests_per_cli
             if left <= 0:
                 stopped.set()
                 return
-            malformed = malformed_every > 0 and (j + 1) % malformed_every == 0
-            if malformed:
-                body = MALFORMED_BODIES[(index + (j + 1) // malformed_every - 1) % len(MALFORMED_BODIES)]
-            else:
-                text = texts[(index * requests_per_client + j) % len(texts)]
-                body = json.dumps({"inputs": [text]}).encode()
+            body, malformed = body_of(texts, j, malformed_every, index, offset=index * requests_per_client)
             sent = time.monotonic()
             status, answer = _post(target, body, timeout=left)
-            latency_ms = 1000 * (time.monotonic() - sent)
-            what = f"client {index} request {j}: " + ("malformed" if malformed else "good")
             if status is None and time.monotonic() >= deadline:
-                stopped.set()  # cut off by the hard stop: not counted, the server may be just slow
+                stopped.set()  # cut off by the hard stop: counted as such, not as an error (the server may be slow)
+                tally.count(cut_off=1)
                 return
-            if malformed:
-                rejected = status is not None and 400 <= status < 500
-                record(None if rejected else f"{what}: expected a 4xx, got {status} {answer[:200]!r}",
-                       requests=1, malformed_sent=1, malformed_rejected_4xx=int(rejected))
-            elif status == 200 and _one_prediction(answer):
-                with lock:
-                    latencies_ms.append(latency_ms)
-                record(requests=1, good_sent=1, ok=1)
-            else:
-                record(f"{what}: {status} {answer[:200]!r}", requests=1, good_sent=1)
+            tally.answered(f"client {index} request {j}", malformed, status, answer, 1000 * (time.monotonic() - sent))
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True, name=f"load-client-{i}")
                for i in range(clients)]
@@ -176,17 +227,59 @@ def run_load_test(url: str, texts: list[str], clients: int = 4, requests_per_cli
         thread.start()
     for thread in threads:  # requests end by the deadline (their timeout is the time left); a little grace
         thread.join(timeout=max(0.0, deadline + 5 - time.monotonic()))
-    duration = time.monotonic() - start
+    stopped_at_timeout = int(stopped.is_set() or any(t.is_alive() for t in threads))
+    return tally.summary(time.monotonic() - start, mode="closed", clients=clients,
+                         stopped_at_timeout=stopped_at_timeout)
 
-    with lock:
-        result = {"clients": clients, **counts}
-        latencies = np.array(latencies_ms)
-        for q in (50, 95, 99):
-            result[f"p{q}_ms"] = float(np.percentile(latencies, q)) if len(latencies) else None
-        result.update(throughput_per_s=counts["ok"] / duration if duration > 0 else 0.0, duration_s=duration,
-                      stopped_at_timeout=int(stopped.is_set() or any(t.is_alive() for t in threads)),
-                      error_samples=list(error_samples))
-    return result
+
+def poisson_schedule(rate: float, requests: int, seed: int) -> np.ndarray:
+    """Send times (s from the start) of `requests` Poisson arrivals at `rate` per second."""
+    return np.cumsum(np.random.default_rng(seed).exponential(1 / rate, requests))
+
+
+def run_open_loop(url: str, texts: list[str], rate: float, requests: int = 500, malformed_every: int = 10,
+                  timeout_s: float = 120, warmup_requests: int = 0, request_timeout_s: float = 10,
+                  seed: int = 42) -> dict:
+    """Open loop: `requests` requests at Poisson times, `rate` per second on average, each sent at
+    its time however the others fare; see the module docstring."""
+    target = check_arguments(url, texts, malformed_every, timeout_s, warmup_requests, requests=requests)
+    if not rate > 0 or not request_timeout_s > 0:
+        raise UserError(f"rate={rate}, request_timeout_s={request_timeout_s}: both must be positive.")
+    tally = Tally(scheduled=requests, unsent=0, timeouts=0, started_late=0)
+    warm_up(target, texts, warmup_requests, request_timeout_s, tally)
+    schedule = poisson_schedule(rate, requests, seed)
+    start = time.monotonic()
+    deadline = start + timeout_s
+
+    def send(n: int) -> None:
+        due = start + schedule[n]
+        if time.monotonic() >= deadline:
+            tally.count(unsent=1)
+            return
+        if time.monotonic() - due > LATE_S:
+            tally.count(started_late=1)
+        body, malformed = body_of(texts, n, malformed_every)
+        status, answer = _post(target, body, timeout=max(0.001, min(request_timeout_s, deadline - time.monotonic())))
+        latency_ms = 1000 * (time.monotonic() - due)  # from the scheduled time: waiting on the client counts
+        if status is None and "timed out" in answer:
+            tally.count(timeouts=1, requests=1, good_sent=int(not malformed), malformed_sent=int(malformed))
+            if not malformed:
+                with tally.lock:
+                    tally.latencies_ms.append(max(latency_ms, 1000 * request_timeout_s))
+            return
+        tally.answered(f"request {n}", malformed, status, answer, latency_ms)
+
+    with ThreadPoolExecutor(max_workers=OPEN_LOOP_THREADS, thread_name_prefix="open-loop") as pool:
+        for n in range(requests):
+            wait = start + schedule[n] - time.monotonic()
+            if wait > 0:
+                time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+            if time.monotonic() >= deadline:
+                tally.count(unsent=requests - n)
+                break
+            pool.submit(send, n)
+    duration = time.monotonic() - start
+    return tally.summary(duration, mode="open", rate=rate, stopped_at_timeout=int(time.monotonic() >= deadline))
 
 
 # ----------------------------------------------------------------------------- the `loadtest` step
@@ -202,7 +295,10 @@ def served(model_uri: str, startup_s: float = 180, workers: int = 1):
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
                                "local", "-h", "127.0.0.1", "-p", str(port), "--workers", str(workers)], stdout=log, stderr=subprocess.STDOUT,
                               # The server execs uvicorn by name: put this environment's bin first on PATH.
+                              # MLFLOW_MODELS_WORKERS tells the served model how many processes share
+                              # the cores (serving.py gives each cores/workers ONNX Runtime threads).
                               env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+                                   "MLFLOW_MODELS_WORKERS": str(workers),
                                    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
                               start_new_session=True)
     try:
@@ -226,29 +322,52 @@ def served(model_uri: str, startup_s: float = 180, workers: int = 1):
 
 
 def run(args: LoadTestArgs) -> dict:
-    """Serve `args.model`, load it with real test texts, log the result and write a CSV row."""
+    """Serve `args.model`, load it with real test texts, log the result and write a CSV row. A test
+    in which no request succeeded is logged, then ends the step with a UserError (the run FAILED)."""
     from kd_sentiment import tracking
     from kd_sentiment.data import load_splits
 
+    args.validate()
     tracking.configure()
     version = tracking.resolve_version(args.model, needed_by="Quantize and promote a model first.")
     splits = load_splits(args.dataset, args.data_dir, max_eval_samples=1000)
     tracking.use_experiment(splits.name)
-    with tracking.step_run("loadtest", f"loadtest-{version.name}-v{version.version}"), \
+    mode = "open" if args.rate > 0 else "closed"
+    texts = splits.test["text"].tolist()
+    with tracking.step_run("loadtest", f"loadtest-{mode}-{version.name}-v{version.version}"), \
             served(args.model, workers=args.workers) as url:
-        tracking.log_params({**asdict(args), "model_version": version.version})
+        tracking.log_params({**asdict(args), "model_version": version.version, "mode": mode})
         tracking.log_environment()
-        result = run_load_test(url, splits.test["text"].tolist(), args.clients, args.requests_per_client,
-                               args.malformed_every, args.timeout_s, args.warmup_requests)
+        if mode == "open":
+            result = run_open_loop(url, texts, args.rate, args.requests, args.malformed_every, args.timeout_s,
+                                   args.warmup_requests, args.request_timeout_s, args.seed)
+        else:
+            result = run_load_test(url, texts, args.clients, args.requests_per_client, args.malformed_every,
+                                   args.timeout_s, args.warmup_requests)
         samples = result.pop("error_samples")
-        mlflow.log_metrics({k: float(v) for k, v in result.items() if v is not None})
+        mlflow.log_metrics({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
         mlflow.log_dict({"error_samples": samples}, "loadtest_errors.json")
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
         path = out / f"serving-{splits.name}-{stamp}.csv"
-        pd.DataFrame([{"model": version.name, "version": version.version, **result}]).to_csv(path, index=False)
+        pd.DataFrame([{"model": version.name, "version": version.version, "workers": args.workers, **result}]
+                     ).to_csv(path, index=False)
         mlflow.log_artifact(str(path), "loadtest")
-    log.info(f"{result['ok']} ok, {result['errors']} errors, {result['malformed_rejected_4xx']}/{result['malformed_sent']} "
-          f"malformed rejected; p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms; wrote {path}")
+        if result["ok"] == 0:
+            raise UserError(f"no request succeeded ({result['requests']} answered or failed, "
+                            f"{result.get('timeouts', 0)} timed out): {samples[0] if samples else 'no answer'}")
+    log.info(summary_line(result) + f"; wrote {path}")
     return result
+
+
+def summary_line(result: dict) -> str:
+    """One line: counts, then the percentiles with the number of samples they rest on."""
+    def shown(q):
+        value = result[f"p{q}_ms"]
+        return f"p{q} {value:.1f} ms" if value is not None else f"p{q} n/a"
+    extra = (f", {result['timeouts']} timed out, {result['unsent']} unsent, {result['started_late']} sent late"
+             if result["mode"] == "open" else f", {result['cut_off']} cut off")
+    return (f"{result['ok']} ok, {result['errors']} errors{extra}, {result['malformed_rejected_4xx']}/"
+            f"{result['malformed_sent']} malformed rejected; {shown(50)}, {shown(95)}, {shown(99)} over "
+            f"{result['latency_samples']} requests; {result['throughput_per_s']:.1f} ok/s")

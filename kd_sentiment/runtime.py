@@ -92,7 +92,8 @@ def log_onnx_pyfunc(onnx_path: Path, tokenizer_dir: Path, label_names: list[str]
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "serving_config.json"
         config.write_text(json.dumps({"label_names": list(label_names), "max_length": int(max_length),
-                                      "pad_token": tokenizer.pad_token, "pad_id": tokenizer.pad_token_id}))
+                                      "pad_token": tokenizer.pad_token, "pad_id": tokenizer.pad_token_id,
+                                      "intra_op_threads": 0}))  # 0: cores / server processes (serving.py)
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(SERVING_CODE),
             artifacts={"onnx": str(onnx_path), "tokenizer": str(tokenizer_file), "config": str(config)},

@@ -9,7 +9,14 @@ transformers): loading stays light and fast, and the model's environment needs n
 Artifacts read in `load_context`:
   onnx       the model.onnx to run (fp32, fused or INT8: any graph taking input_ids/attention_mask)
   tokenizer  the tokenizer.json of the model's fast tokenizer
-  config     a JSON file: {"label_names": [...], "max_length": N, "pad_token": "[PAD]", "pad_id": 0}
+  config     a JSON file: {"label_names": [...], "max_length": N, "pad_token": "[PAD]", "pad_id": 0,
+             "intra_op_threads": 0}
+
+ONNX Runtime threads per server process: $KD_SENTIMENT_ORT_THREADS if set, else the config's
+`intra_op_threads` if positive, else the cores divided among the server's processes
+($MLFLOW_MODELS_WORKERS, which `mlflow models serve` reads as its --workers too; 1 if unset). Left
+at ONNX Runtime's default (a thread per core in every process), `--workers 2` on two cores would
+run four busy threads on two cores and lose time to switching.
 
 Input: a list of strings, a Series, or a DataFrame (or dict of columns) holding the texts in a
 `text` column or in its only column. Through MLflow (`pyfunc.load_model`, `mlflow models serve`)
@@ -28,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 
 import mlflow
 import numpy as np
@@ -38,6 +46,17 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from tokenizers import Tokenizer
 
 BATCH_SIZE = 32
+THREADS_ENV = "KD_SENTIMENT_ORT_THREADS"
+
+
+def intra_op_threads(configured: int) -> int:
+    """ONNX Runtime threads for this server process (see the module docstring)."""
+    if os.environ.get(THREADS_ENV):
+        return max(1, int(os.environ[THREADS_ENV]))
+    if configured > 0:
+        return configured
+    workers = max(1, int(os.environ.get("MLFLOW_MODELS_WORKERS") or 1))
+    return max(1, (os.cpu_count() or 1) // workers)
 
 
 def _texts(model_input) -> list:
@@ -66,7 +85,9 @@ class OnnxSentimentModel(mlflow.pyfunc.PythonModel):
         with open(context.artifacts["config"]) as file:
             config = json.load(file)
         self.label_names = list(config["label_names"])
-        self.session = ort.InferenceSession(context.artifacts["onnx"], providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads(int(config.get("intra_op_threads", 0)))
+        self.session = ort.InferenceSession(context.artifacts["onnx"], options, providers=["CPUExecutionProvider"])
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.tokenizer = Tokenizer.from_file(context.artifacts["tokenizer"])
         self.tokenizer.enable_truncation(max_length=int(config["max_length"]))

@@ -5,12 +5,14 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import mlflow
+import numpy as np
 import pandas as pd
 import pytest
 
 from kd_sentiment import export, runtime
 from kd_sentiment.errors import UserError
-from kd_sentiment.loadtest import invocations_url, run_load_test, served
+from kd_sentiment import loadtest
+from kd_sentiment.loadtest import invocations_url, poisson_schedule, run_load_test, run_open_loop, served
 
 from conftest import DATA_DIR
 from test_export import LABELS, tiny_classifier
@@ -33,7 +35,8 @@ def test_served_model_under_concurrent_load_with_malformed_requests(tiny_model, 
     assert result["malformed_sent"] == 4 * 5  # every 5th of 25 per client, all three kinds rotated
     assert result["malformed_rejected_4xx"] == result["malformed_sent"]
     assert result["good_sent"] == 80 and result["ok"] == result["good_sent"]
-    assert 0 < result["p50_ms"] <= result["p95_ms"] <= result["p99_ms"]
+    assert 0 < result["p50_ms"] <= result["p95_ms"] and result["latency_samples"] == 80
+    assert result["p99_ms"] is None and result["cut_off"] == 0  # p99 needs 100 samples
     assert result["throughput_per_s"] > 0 and result["duration_s"] > 0
 
 
@@ -73,7 +76,7 @@ class _SlowHandler(BaseHTTPRequestHandler):
     def do_POST(self):
         body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
         self.bodies.append(body)
-        time.sleep(self.delay)
+        time.sleep(2.0 if b"slow" in body else self.delay)
         status, text = (500, b'{"error": "boom"}') if body == b"{}" else (200, b'{"predictions": [{"label": "x"}]}')
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
@@ -120,7 +123,7 @@ def test_hard_stop_at_timeout(fake_server):
     assert result["stopped_at_timeout"] == 1
     assert 2 <= result["requests"] < 2 * 1000
     assert result["errors"] == 0, result["error_samples"]  # slow is not broken: requests cut at the stop are not errors
-    assert result["ok"] == result["requests"]
+    assert result["ok"] == result["requests"] and 1 <= result["cut_off"] <= 2  # counted, not dropped
 
 
 def test_warmup_requests_are_sent_first_and_not_counted(fake_server):
@@ -130,3 +133,59 @@ def test_warmup_requests_are_sent_first_and_not_counted(fake_server):
                            malformed_every=0, timeout_s=20, warmup_requests=3)
     assert len(bodies) == 3 + 4 and result["requests"] == result["ok"] == 4 and result["errors"] == 0
     assert [json.loads(b)["inputs"] for b in bodies[:3]] == [["first"], ["second"], ["first"]]
+
+
+def test_open_loop_sends_every_request_and_counts_each_outcome(fake_server):
+    port = fake_server(0.0)
+    result = run_open_loop(f"http://127.0.0.1:{port}", ["x", "y"], rate=200, requests=60, malformed_every=6,
+                           timeout_s=30)
+    assert result["mode"] == "open" and result["scheduled"] == 60 and result["unsent"] == 0
+    assert result["requests"] == 60 and result["malformed_sent"] == 10 and result["good_sent"] == 50
+    assert result["ok"] == 50 and result["latency_samples"] == 50 and result["timeouts"] == 0
+    assert result["p50_ms"] is not None and result["p95_ms"] is not None and result["p99_ms"] is None  # < 100 samples
+    assert result["errors"] == 10  # the fake server rejects no malformed request with a 4xx
+
+
+def test_open_loop_timeouts_are_counted_and_kept_in_the_percentiles(fake_server):
+    port = fake_server(0.0)  # answers "slow" after 2 s, past the 0.3 s request timeout
+    result = run_open_loop(f"http://127.0.0.1:{port}", ["fast", "slow"], rate=50, requests=10, malformed_every=0,
+                           timeout_s=30, request_timeout_s=0.3)
+    assert result["timeouts"] == 5 and result["ok"] == 5 and result["requests"] == 10
+    assert result["latency_samples"] == 10  # the timed-out ones count, at the timeout (a lower bound)
+    assert result["errors"] == 0
+
+
+def test_open_loop_is_bounded_in_time_and_counts_what_it_did_not_send(fake_server):
+    port = fake_server(0.0)
+    result = run_open_loop(f"http://127.0.0.1:{port}", ["x"], rate=4, requests=40, malformed_every=0, timeout_s=1.0)
+    assert result["stopped_at_timeout"] == 1 and result["unsent"] > 0
+    assert result["requests"] + result["unsent"] == 40
+
+
+def test_arrivals_are_poisson_and_seeded():
+    gaps = np.diff(poisson_schedule(rate=100, requests=20000, seed=0), prepend=0)
+    assert abs(gaps.mean() - 0.01) < 0.0005 and abs(gaps.std() - 0.01) < 0.0005  # exponential: sd = mean
+    assert np.array_equal(poisson_schedule(5, 10, 1), poisson_schedule(5, 10, 1))
+
+
+def test_a_test_where_nothing_succeeded_fails_the_step(fake_server, monkeypatch):
+    """Every good request answered 500: the step logs what happened, then ends FAILED with one line."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from kd_sentiment import schema, tracking
+
+    port = fake_server(0.0)
+
+    @contextmanager
+    def fake_served(model_uri, workers=1):
+        yield f"http://127.0.0.1:{port}"
+
+    monkeypatch.setattr(tracking, "resolve_version", lambda uri, needed_by="": SimpleNamespace(name="m", version="1"))
+    monkeypatch.setattr(loadtest, "served", fake_served)
+    monkeypatch.setattr(loadtest, "_one_prediction", lambda text: False)  # every answer is a wrong payload
+    with pytest.raises(UserError, match="no request succeeded"):
+        loadtest.run(schema.LoadTestArgs(model="models:/m/1", rate=50, requests=20, malformed_every=0, timeout_s=30,
+                                         warmup_requests=0))
+    run = mlflow.search_runs(experiment_names=["kd-sentiment/tweeteval"], output_format="list")[0]
+    assert run.info.status == "FAILED" and run.data.metrics["ok"] == 0 and run.data.metrics["errors"] == 20

@@ -377,12 +377,12 @@ def figures(frame: pd.DataFrame, probs: dict, labels: np.ndarray, dataset: str) 
     import matplotlib.pyplot as plt
 
     metric = "macro_recall" if dataset == "tweeteval" else "accuracy"
-    b1 = frame[(frame["batch_size"] == 1) & frame["setting"].str.startswith("fixed")]
+    b1 = frame[(frame["batch_size"] == 1) & frame["setting"].str.startswith("fixed")].dropna(subset=["model_p50_ms"])
     fig, ax = plt.subplots(figsize=(7, 5))
     for _, row in b1.iterrows():
         ax.scatter(row["model_p50_ms"], row[metric])
         ax.annotate(row["label"], (row["model_p50_ms"], row[metric]), fontsize=7)
-    ax.set(xscale="log", xlabel="p50 latency, batch 1, fixed length (ms, log)", ylabel=metric,
+    ax.set(xscale="log" if len(b1) else "linear", xlabel="p50 latency, batch 1, fixed length (ms, log)", ylabel=metric,
            title=f"{dataset}: accuracy vs latency")
     tracking.log_figure(fig, "figures/pareto_accuracy_vs_latency.png")
 

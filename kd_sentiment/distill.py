@@ -11,9 +11,14 @@ student on the same data and budget with labels only: the baseline every KD resu
 start from the identical initialisation (same source, same seeded head), logged as `student_init`;
 a student cut from the teacher starts from the teacher's pre-trained source, never from the
 fine-tuned teacher unless `finetuned-teacher-layers:` says so (and never for the baseline).
+
+With a transfer set (`transfer_set`, kd_sentiment/transfer.py) the teacher also labels unlabelled
+texts, and the student trains on them beside the labelled ones with the KD loss alone (losses.py);
+their soft targets go through the same cache. The alpha=0 baseline refuses a transfer set.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from scipy.special import log_softmax
 
 from kd_sentiment import soft_targets, tracking
 from kd_sentiment.calibration import classification_metrics
+from kd_sentiment.data import load_splits
 from kd_sentiment.errors import UserError
 from kd_sentiment.models import (EVERY_OTHER, FINETUNED_TEACHER, TEACHER_SOURCE, encoder_layers, keep_layers,
                                  layer_indices, load_catalog, load_classifier, resolve, split_layers, with_layers)
@@ -31,6 +37,9 @@ from kd_sentiment.schema import DistillArgs
 from kd_sentiment.steps import (StepContext, checkpoint_location, fit_and_evaluate, log_step_params,
                                 publish, refuse_finished, set_up, slug)
 from kd_sentiment.teacher import registered_name as teacher_registered_name
+from kd_sentiment.transfer import TransferSet, load_transfer
+
+log = logging.getLogger(__name__)
 
 
 def teacher_uri(args: DistillArgs, dataset: str) -> str:
@@ -99,6 +108,16 @@ def build_student(student: str, ctx: StepContext, version, model_uri: str):
     return keep_layers(model, kept), tokenizer, f"{origin}, layers {','.join(map(str, kept))}"
 
 
+def load_transfer_set(args: DistillArgs, splits) -> TransferSet | None:
+    """The run's transfer set (texts checked for leakage against the whole dataset), or None."""
+    if not args.transfer_set:
+        return None
+    full = load_splits(args.dataset, args.data_dir, args.validation_size, seed=args.data_seed)
+    transfer = load_transfer(args.transfer_set, args.transfer_size, splits, full, args.data_seed)
+    log.info("transfer set %s: %d texts (%s)", transfer.source, len(transfer.texts), transfer.counts)
+    return transfer
+
+
 def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool) -> dict:
     """One student: its own MLflow run (nested under a parent for student=all)."""
     splits = ctx.splits
@@ -122,6 +141,9 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
         texts = {split: splits.split(split)["text"] for split in ("train", "test")}
         if args.train.alpha == 0:
             texts.pop("train")  # the baseline never sees the teacher
+        transfer = load_transfer_set(args, splits)
+        if transfer is not None:
+            texts["transfer"] = transfer.texts
         logits, hit, cache_run = soft_targets.teacher_logits(version, uri, texts, args.train.max_length,
                                                              args.train.batch_size * 2, ctx.accelerator, experiment_id)
         set_seed(args.train.seed)  # the KD student and its alpha=0 twin get the identical new head
@@ -135,8 +157,13 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
                             teacher_run_id=version.run_id)
             mlflow.set_tags({"teacher": f"{version.name}/{version.version}", "soft_targets_run_id": cache_run})
             mlflow.log_metric("soft_targets_cache_hit", int(hit))
-        soft_targets_train = logits["train"] * args.teacher_logit_scale if "train" in logits else None
-        result, metrics, test_logits = fit_and_evaluate(ctx, args, model, tokenizer, soft_targets_train)
+            if transfer is not None:
+                tracking.log_transfer(transfer, splits.name, len(splits.train))
+        scale = args.teacher_logit_scale
+        soft_targets_train = logits["train"] * scale if "train" in logits else None
+        result, metrics, test_logits = fit_and_evaluate(
+            ctx, args, model, tokenizer, soft_targets_train,
+            (transfer.texts, logits["transfer"] * scale) if transfer is not None else None)
         metrics.update(comparison_metrics(test_logits, logits["test"], splits.test["label"].to_numpy(),
                                           splits.label_names, metrics, args.teacher_logit_scale))
         if ctx.is_main:

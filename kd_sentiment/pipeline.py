@@ -11,11 +11,13 @@ Configuration (experiments/*.yaml), every section optional:
   catalog: experiments/catalog-offline.yaml
   data:      {<dataset>: {max_train_samples, max_eval_samples, validation_size}}
   teacher:   {model, epochs, lr, batch_size, max_length, ...}      (TrainConfig fields + model)
-  distill:   {students: [...], baseline: true, seeds: [42, 43, 44], epochs, lr, alpha, temperature, ...}
+  distill:   {students: [...], baseline: true, seeds: [42, 43, 44], transfer_set, transfer_size, epochs, lr,
+              alpha, temperature, ...}
 With several `seeds`, each student is trained with KD and as its alpha=0 baseline once per seed
 (one run each, on the same texts: the data subsets follow `data_seed`, not the training seed); every
 KD seed registers a version, and the one best on validation gets the alias and is quantized; its
-version's tag `seed_runs` links the others. The parent logs `pipeline_record.json`: which runs
+version's tag `seed_runs` links the others. With a `transfer_set`, each student is also trained
+with KD on the labelled texts alone (`kd_no_transfer`), so the set's gain is measured on its own. The parent logs `pipeline_record.json`: which runs
 served the teacher, each student's KD and baseline seeds, the selected one, its quantization and
 the benchmark (what the report reads).
   quantize:  {mode, per_channel, optimize_level, calibration_samples}
@@ -184,6 +186,32 @@ class Pipeline(StepRunner):
         self.common = {"dataset": args.dataset, "data_dir": args.data_dir, "catalog": config.get("catalog"),
                        **(config.get("data") or {}).get(args.dataset, {})}
 
+    def distill_student(self, student: str, section: dict, seeds: list[int], baseline: bool,
+                        teacher_uri: str) -> dict[str, list]:
+        """One student's distill runs, one per seed of each kind: `kd` (as configured; with one seed it
+        gets the alias), `nokd` (alpha=0: same student, data and budget, no teacher) and, when the
+        section has a transfer set, `kd_no_transfer` (KD on the labelled texts alone), the twins
+        registered without an alias under names of their own."""
+        dataset = self.args.dataset
+        transfer = bool(section.get("transfer_set"))
+        kinds = {"kd": {"alias": "champion" if len(seeds) == 1 else ""}}
+        if baseline:
+            kinds["nokd"] = {"alpha": 0.0, "transfer_set": "", "transfer_size": None, "alias": ""}
+        if transfer:
+            kinds["kd_no_transfer"] = {"transfer_set": "", "transfer_size": None, "alias": ""}
+        runs = {kind: [] for kind in kinds}
+        for seed in seeds:
+            suffix = f"-s{seed}" if len(seeds) > 1 else ""
+            for kind, overrides in kinds.items():
+                tail = "" if kind == "kd" else f"-{kind.replace('_', '-')}"
+                if kind != "kd":
+                    overrides = {**overrides, "name": tracking.registered_name(
+                        distill.student_name(student), dataset, kind.replace("_", "-"))}
+                args = schema.build(schema.DistillArgs, {**self.common, **section, "seed": seed, "student": student,
+                                                         "teacher": teacher_uri, **overrides})
+                runs[kind].append(self.step(f"distill-{student}{tail}{suffix}", distill.run, args, teacher_uri))
+        return runs
+
     def run(self) -> dict:
         cfg, dataset = self.config, self.args.dataset
         t_section = dict(cfg.get("teacher") or {})
@@ -197,23 +225,11 @@ class Pipeline(StepRunner):
         record = {"teacher": teacher_run.info.run_id, "students": {}}
         student_runs, models = {}, [teacher_uri]
         for student in students:
-            runs = {"kd": [], "nokd": []}
-            for seed in seeds:
-                suffix = f"-s{seed}" if len(seeds) > 1 else ""
-                kd = self.step(f"distill-{student}{suffix}", distill.run, schema.build(schema.DistillArgs, {
-                    **self.common, **d_section, "seed": seed, "student": student, "teacher": teacher_uri,
-                    "alias": "champion" if len(seeds) == 1 else ""}), teacher_uri)
-                runs["kd"].append(kd)
-                if baseline:  # same student, data and budget, no teacher; registered without an alias
-                    runs["nokd"].append(self.step(f"distill-{student}-nokd{suffix}", distill.run, schema.build(
-                        schema.DistillArgs, {**self.common, **d_section, "alpha": 0.0, "seed": seed, "student": student,
-                                             "teacher": teacher_uri, "alias": "", "name": tracking.registered_name(
-                                                 distill.student_name(student), dataset, "nokd")}), teacher_uri))
+            runs = self.distill_student(student, d_section, seeds, baseline, teacher_uri)
             selected = select_seed(runs["kd"]) if len(seeds) > 1 else runs["kd"][0]
             student_runs[student] = selected
             models.append(registered_uri(selected))
-            record["students"][student] = {"kd": [r.info.run_id for r in runs["kd"]],
-                                           "nokd": [r.info.run_id for r in runs["nokd"]],
+            record["students"][student] = {**{kind: [r.info.run_id for r in found] for kind, found in runs.items()},
                                            "selected": selected.info.run_id}
 
         q_section, margin = cfg.get("quantize") or {}, (cfg.get("promote") or {}).get("margin", 1.0)

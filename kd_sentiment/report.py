@@ -204,6 +204,16 @@ def student_rows(student: str, runs: dict, teacher_run: str, bench, big: int, te
                     f"{pct(nokd['test_macro_recall'])} | {nokd['test_ece']:.3f} | {nokd['test_ece_after_ts']:.3f} | "
                     "(as above) | (as above) | | |")
         pairs.append((f"{student} + KD vs no KD", kd_runs, nokd_runs, "test_logits", "test_logits", "kd_gain"))
+    plain = runs.get("kd_no_transfer") or []
+    if plain:  # the KD runs used a transfer set; these are their twins on the labelled texts alone
+        without = seed_means(plain)
+        n_transfer = selected.data.params.get("n_transfer", "?")
+        rows.append(f"| {student} + KD without the transfer set | {len(plain)} | (as above) | "
+                    f"{pct(without['test_accuracy'])} | {pct(without['test_macro_recall'])} | "
+                    f"{without['test_ece']:.3f} | {without['test_ece_after_ts']:.3f} | (as above) | (as above) | | |")
+        rows[0] = rows[0].replace(f"| {student} + KD (fp32) |", f"| {student} + KD + {n_transfer} transfer texts (fp32) |")
+        pairs.append((f"{student} + KD with vs without the transfer set", kd_runs, plain, "test_logits", "test_logits",
+                      "transfer_gain"))
     if runs.get("quantize"):
         q = mlflow.get_run(runs["quantize"])
         m, int8_name = q.data.metrics, q.data.tags["registered_model"]
@@ -300,6 +310,9 @@ def comparison(numbers: dict) -> str:
             if e.get("kd_gain"):
                 line += (f"; KD vs no KD {e['kd_gain'].points()} points of {metric}"
                          + ("" if e["kd_gain"].significant else " (not significant)"))
+            if e.get("transfer_gain"):
+                line += (f"; the transfer set {e['transfer_gain'].points()} points"
+                         + ("" if e["transfer_gain"].significant else " (not significant)"))
             if e.get("int8"):
                 change = e["int8_change"].points() if e.get("int8_change") else "n/a"
                 line += (f"; INT8 vs fp32 {change} points of {metric}, agreement "

@@ -253,7 +253,19 @@ class DistillArgs(StepArgs):
     # 1/T_cal distils from the temperature-scaled (calibrated) teacher, > 1 from a sharper one.
     teacher_logit_scale: float = param(1.0, "multiply the teacher's logits before softening (1/T_cal: the "
                                             "temperature-scaled teacher)")
+    transfer_set: str = param("", "unlabelled texts the teacher labels and the student learns from by the KD loss "
+                                  "alone, beside the labelled ones: train-unlabelled (the dataset's training texts "
+                                  "outside the labelled subset), or a .txt/.csv/.jsonl/.parquet file or folder of "
+                                  "them (a text column); empty: none")
+    transfer_size: int | None = param(None, "seeded sample of the transfer set ('all' for everything)",
+                                      read=optional_count)
     train: TrainConfig = nested(lambda: TrainConfig(alpha=0.5, temperature=2.0))
+
+    def validate(self) -> None:
+        super().validate()
+        if self.transfer_set and self.train.alpha == 0:
+            raise UserError(f"transfer_set={self.transfer_set!r} with alpha=0: the transfer set has no labels, only "
+                            "the teacher's, which alpha=0 never uses; leave transfer_set empty for the baseline.")
 
 
 QUANTIZATION_MODES = ("dynamic", "static")

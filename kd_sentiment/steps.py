@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -20,6 +21,7 @@ from kd_sentiment import tracking
 from kd_sentiment.data import Splits, load_splits
 from kd_sentiment.errors import UserError
 from kd_sentiment.evaluation import evaluate, log_evaluation
+from kd_sentiment.losses import UNLABELLED
 from kd_sentiment.machine import peak_gpu_memory_mb, reset_peak_gpu_memory
 from kd_sentiment.models import EVERY_OTHER, count_parameters, flops_per_example
 from kd_sentiment.schema import StepArgs
@@ -104,16 +106,24 @@ def log_step_params(ctx: StepContext, args: StepArgs, **params) -> None:
     tracking.log_splits(ctx.splits)
 
 
-def fit_and_evaluate(ctx: StepContext, args: StepArgs, model, tokenizer, teacher_logits=None):
+def fit_and_evaluate(ctx: StepContext, args: StepArgs, model, tokenizer, teacher_logits=None,
+                     transfer: tuple[list[str], np.ndarray] | None = None):
     """Train with the shared loop, then evaluate; logs per-epoch history and final metrics.
 
+    teacher_logits: soft targets of the labelled training texts. transfer: (texts, the teacher's
+    logits) of a transfer set, trained on beside the labelled texts with the KD loss alone: one pool,
+    so each length-grouped batch mixes the two in proportion to their numbers.
     Returns (TrainResult, metrics, test_logits); metrics carry `val_*`, `test_*`, calibration.
     """
     splits, acc = ctx.splits, ctx.accelerator
     run_id = mlflow.active_run().info.run_id if ctx.is_main else None
-    data = TrainData(splits.train["text"].tolist(), splits.train["label"].to_numpy(),
-                     splits.validation["text"].tolist(), splits.validation["label"].to_numpy(), splits.label_names,
-                     splits.selection_metric, teacher_logits)
+    texts, labels = splits.train["text"].tolist(), splits.train["label"].to_numpy()
+    if transfer is not None:
+        texts = texts + list(transfer[0])
+        labels = np.concatenate([labels, np.full(len(transfer[0]), UNLABELLED, dtype=labels.dtype)])
+        teacher_logits = np.concatenate([teacher_logits, transfer[1]])
+    data = TrainData(texts, labels, splits.validation["text"].tolist(), splits.validation["label"].to_numpy(),
+                     splits.label_names, splits.selection_metric, teacher_logits)
     result: TrainResult = train(model, tokenizer, data, args.train, acc,
                                 Checkpoints(ctx.output_dir, args.resume, {"mlflow_run_id": run_id}),
                                 log_metrics=mlflow.log_metrics if ctx.is_main else (lambda m, s: None))

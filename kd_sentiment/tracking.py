@@ -192,6 +192,22 @@ def log_splits(splits) -> None:
             mlflow.log_input(dataset, context=split)
 
 
+def log_transfer(transfer, dataset: str, n_labelled: int) -> None:
+    """A transfer set as params (source, size, fingerprint, its share of the training pool), its
+    drop counts as `transfer_*` metrics, and its texts as an `mlflow.data` input, context `transfer`."""
+    import pandas as pd
+
+    log_params({"transfer_source": transfer.source, "n_transfer": len(transfer.texts),
+                "transfer_fingerprint": transfer.fingerprint,
+                "transfer_fraction": round(len(transfer.texts) / (len(transfer.texts) + n_labelled), 4)})
+    mlflow.log_metrics({f"transfer_{k}": v for k, v in transfer.counts.items()})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        data = mlflow.data.from_pandas(pd.DataFrame({"text": transfer.texts}), source=transfer.source,
+                                       name=f"{dataset}-transfer-{len(transfer.texts)}")
+        mlflow.log_input(data, context="transfer")
+
+
 def log_array(array, artifact_path: str, run_id: str | None = None) -> None:
     """Save a numpy array as the artifact `artifact_path` (e.g. predictions/test_logits.npy) of
     `run_id`, or of the active run."""

@@ -32,3 +32,24 @@ def test_label_smoothing_applies_to_the_hard_label_term_only():
     assert torch.allclose(distillation_loss(s, y, t, T, 1.0, label_smoothing=eps), soft)
     expected = a * soft + (1 - a) * smoothed_ce
     assert torch.allclose(distillation_loss(s, y, t, T, a, label_smoothing=eps), expected, atol=1e-6)
+
+
+def test_unlabelled_transfer_examples_learn_from_the_teacher_alone():
+    """A transfer-set text (label UNLABELLED) gets T^2 KL with weight 1 and no hard-label term;
+    labelled texts in the same batch keep the mixed loss, averaged over all examples."""
+    from kd_sentiment.losses import UNLABELLED
+
+    s, t, y = torch.randn(8, 3), torch.randn(8, 3), torch.randint(0, 3, (8,))
+    y[5:] = UNLABELLED
+    T, a = 2.0, 0.3
+    p_t = F.softmax(t / T, -1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s / T, -1))).sum(-1)
+    ce = F.cross_entropy(s[:5], y[:5], reduction="none")
+    expected = (torch.cat([a * T * T * kl[:5] + (1 - a) * ce, T * T * kl[5:]])).mean()
+    assert torch.allclose(distillation_loss(s, y, t, T, a), expected, atol=1e-6)
+    try:
+        distillation_loss(s, y, None, T, 0.0)
+    except ValueError as err:
+        assert "alpha=0" in str(err)
+    else:
+        raise AssertionError("alpha=0 with unlabelled examples must be refused")

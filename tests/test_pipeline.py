@@ -203,3 +203,30 @@ def test_the_pipelines_own_distill_keys_are_checked(distill, expect, tmp_path):
                                         if not p.name.startswith("catalog")))
 def test_every_shipped_configuration_reads_under_the_schema(name):
     pipeline.load_config(str(Path(__file__).parents[1] / "experiments" / name))
+
+
+def test_a_transfer_set_trains_each_student_three_ways_and_the_report_compares_them(config, tmp_path):
+    """distill.transfer_set: the KD student learns from it, a KD twin without it and the alpha=0
+    baseline (which never uses it) are trained on the same labelled texts; the report gives the
+    transfer set's gain with its paired interval."""
+    cfg = yaml.safe_load(open(config))
+    cfg["distill"].update(transfer_set="train-unlabelled", transfer_size=300)
+    cfg["benchmark"].update(batch_sizes="1", rounds=1, samples=2, peer=False)
+    path = tmp_path / "transfer.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    pipeline.run(pipeline.PipelineArgs(config=str(path), dataset="imdb"))
+    parent = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list",
+                                filter_string="tags.`kd_sentiment.step` = 'pipeline'")[0]
+    student = report.artifact_json(parent.info.run_id, "pipeline_record.json")["students"]["teacher-layers:0"]
+    kd, plain, nokd = (mlflow.get_run(student[kind][0]) for kind in ("kd", "kd_no_transfer", "nokd"))
+    assert kd.data.params["n_transfer"] == "300" and kd.data.params["transfer_source"] == "train-unlabelled"
+    assert "n_transfer" not in plain.data.params and "n_transfer" not in nokd.data.params
+    assert plain.data.params["alpha"] == kd.data.params["alpha"] and nokd.data.params["alpha"] == "0.0"
+    assert plain.data.tags["registered_model"] == "kd-sentiment-cut-l0-imdb-kd-no-transfer"
+
+    report.run(report.ReportArgs(config="transfer", datasets="imdb", out=str(tmp_path / "R.md"),
+                                 readme=str(tmp_path / "none.md")))
+    text = (tmp_path / "R.md").read_text()
+    gain = next(line for line in text.splitlines() if "with vs without the transfer set" in line)
+    assert "[" in gain and "n/a" not in gain
+    assert "| teacher-layers:0 + KD + 300 transfer texts (fp32) |" in text

@@ -1,6 +1,6 @@
 """The benchmark's measuring process: one per (model, backend), alive for the whole benchmark.
 
-Started as `python -m kd_sentiment.bench_worker BACKEND THREADS`, it imports that backend's runtime
+Started as `python -m kd_sentiment.bench_worker BACKEND THREADS [RUNTIME]`, it imports that backend's runtime
 and nothing else (ONNX rows: onnxruntime, numpy and `tokenizers`, as the served model does, never
 torch or transformers; PyTorch rows: torch and transformers), measures its resident memory then,
 and answers commands, one JSON object per line on stdin, one JSON answer per line on stdout
@@ -59,18 +59,18 @@ class TorchModel:
 
 
 class OnnxModel:
-    """An ONNX Runtime session (CPU) and a `tokenizers` tokenizer: what the served model runs."""
+    """An ONNX graph in the runtime it is served with (ONNX Runtime, or OpenVINO in f32 or bf16) and a
+    `tokenizers` tokenizer: what the served model runs."""
 
     def __init__(self, threads: int, spec: dict):
         import numpy as np
-        import onnxruntime as ort
         from tokenizers import Tokenizer
 
+        from kd_sentiment.runtime import Session
+
         self.np = np
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(spec["model"], options, providers=["CPUExecutionProvider"])
-        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.session = Session(spec["model"], spec.get("runtime", "onnxruntime"), spec.get("precision", "f32"), threads)
+        self.inputs = set(self.session.input_names)
         self.tokenizer = Tokenizer.from_file(spec["tokenizer"])
         self.pad = {"pad_id": int(spec["pad_id"]), "pad_token": spec["pad_token"]}
         self.max_length = spec["max_length"]
@@ -86,13 +86,13 @@ class OnnxModel:
         return {k: self.np.array(v, dtype=self.np.int64) for k, v in feed.items() if k in self.inputs}
 
     def predict(self, feed):
-        return self.session.run(None, feed)[0]
+        return self.session.run(feed)
 
     def peak_gpu_mb(self):
         return None
 
 
-def serve(backend: str, threads: int, answer) -> None:
+def serve(backend: str, threads: int, answer, runtime: str = "onnxruntime") -> None:
     """Import the runtime, then answer commands from stdin until "exit"."""
     if backend in TORCH_BACKENDS:
         import torch  # noqa: F401  (the runtime, imported before the baseline memory is read)
@@ -101,6 +101,8 @@ def serve(backend: str, threads: int, answer) -> None:
         import numpy  # noqa: F401
         import onnxruntime  # noqa: F401
         import tokenizers  # noqa: F401
+        if runtime == "openvino":  # a model served by OpenVINO
+            import openvino  # noqa: F401
     from kd_sentiment import machine, timing
 
     runtime_rss = machine.rss_mb()
@@ -144,7 +146,7 @@ def main() -> None:
         protocol.write(json.dumps(message) + "\n")
 
     try:
-        serve(sys.argv[1], int(sys.argv[2]), answer)
+        serve(sys.argv[1], int(sys.argv[2]), answer, *sys.argv[3:4])
     except Exception as err:  # the parent shows it, with the model's name
         import traceback
 

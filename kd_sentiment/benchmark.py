@@ -85,6 +85,14 @@ def torch_backends() -> list[str]:
     return [name for name, (device, _) in TORCH_BACKENDS.items() if device == "cpu" or torch.cuda.is_available()]
 
 
+def served_backend(version) -> str:
+    """The backend name of a quantized version as it is served: onnx_int8 (ONNX Runtime), or
+    openvino_<precision> where quantize's search chose OpenVINO (tags `runtime`, `precision`)."""
+    if version.tags.get("runtime") == "openvino":
+        return f"openvino_{version.tags.get('precision', 'f32')}"
+    return "onnx_int8"
+
+
 def targets_for(version, backends: list[str], peer: bool) -> list[Target]:
     """The targets of one registered version: each PyTorch backend of `backends`, or the ONNX ones
     (and the peer baseline built from the same fp32 parent)."""
@@ -95,7 +103,7 @@ def targets_for(version, backends: list[str], peer: bool) -> list[Target]:
         return [Target(version.name, version.version, role, backend, uri, max_length) for backend in backends]
     targets = [Target(version.name, version.version, role, "onnx_fp32", f"runs:/{version.tags['run_id']}/onnx_fp32",
                       max_length),
-               Target(version.name, version.version, role, "onnx_int8", uri, max_length)]
+               Target(version.name, version.version, role, served_backend(version), uri, max_length)]
     if peer and version.tags.get("parent"):
         targets.append(Target(version.name, version.version, "peer", PEER, f"models:/{version.tags['parent']}",
                               max_length))
@@ -144,16 +152,17 @@ def onnx_files(model: Path, folder: Path) -> dict:
     """The worker's "load" request for an ONNX graph: the graph, the fast tokenizer's tokenizer.json and
     its padding token (from the served model's serving_config.json, else from the tokenizer files)."""
     config = next(folder.rglob("serving_config.json"), None)
+    served = {}
     if config is not None:
-        pad = json.loads(config.read_text())
-        pad_token, pad_id = pad["pad_token"], pad["pad_id"]
+        served = json.loads(config.read_text())
+        pad_token, pad_id = served["pad_token"], served["pad_id"]
     else:
         from kd_sentiment.models import load_tokenizer
 
         tokenizer = load_tokenizer(str(model.parent))
         pad_token, pad_id = tokenizer.pad_token, tokenizer.pad_token_id
     return {"model": str(model), "tokenizer": str(next(folder.rglob("tokenizer.json"))), "pad_token": pad_token,
-            "pad_id": pad_id}
+            "pad_id": pad_id, "runtime": served.get("runtime", "onnxruntime"), "precision": served.get("precision", "f32")}
 
 
 def build_peer(parent_uri: str, dst: Path) -> Path:
@@ -202,11 +211,12 @@ def load_request(target: Target, dst: Path) -> tuple[dict, int]:
 class Worker:
     """A long-lived measuring process for one target (kd_sentiment/bench_worker.py)."""
 
-    def __init__(self, target: Target, threads: int, log_path: Path):
+    def __init__(self, target: Target, threads: int, log_path: Path, runtime: str = "onnxruntime"):
         self.target = target
         self.stderr = open(log_path, "w+")  # the process's own output, shown if it fails
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        self.process = subprocess.Popen([sys.executable, "-m", "kd_sentiment.bench_worker", target.backend, str(threads)],
+        self.process = subprocess.Popen([sys.executable, "-m", "kd_sentiment.bench_worker", target.backend, str(threads),
+                                         runtime],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
                                         env=env)
         self.hello = self.read()
@@ -250,7 +260,8 @@ def measure_all(targets: list[Target], args: BenchmarkArgs, settings, threads: i
         for target in targets:
             log.info("preparing %s ...", target.label)
             request, parameters = load_request(target, tmp / f"model-{len(workers)}")
-            workers[target.label] = Worker(target, threads, tmp / f"worker-{len(workers)}.log")
+            workers[target.label] = Worker(target, threads, tmp / f"worker-{len(workers)}.log",
+                                           request.get("runtime", "onnxruntime"))
             loaded = workers[target.label].ask(cmd="load", **request)
             facts[target.label] = {**workers[target.label].hello, **loaded,
                                    "parameters": loaded["parameters"] or parameters}
@@ -319,11 +330,12 @@ def rows_of(targets: list[Target], measured: dict, settings, labels: np.ndarray,
         quality = calibration.classification_metrics(facts["logits"], labels, label_names)
         probs[target.label] = calibration.probabilities(facts["logits"])
         teacher = reference_label(target, targets, "teacher")
-        peer = reference_label(target, targets, "peer") if target.backend == "onnx_int8" else None
+        served = target.role == "quantize" and target.backend != "onnx_fp32"
+        peer = reference_label(target, targets, "peer") if served else None
         for name, size, _ in settings:
             times = measured["times"][target.label][(name, size)]
             row = {"model": target.name, "version": target.version, "role": target.role, "backend": target.backend,
-                   "label": target.label, "setting": name, "batch_size": size, **timing_columns(times, size),
+                   "served_int8": served, "label": target.label, "setting": name, "batch_size": size, **timing_columns(times, size),
                    **speed_columns(times, measured["times"][teacher][(name, size)] if teacher else None,
                                    "speedup_vs_teacher"),
                    **speed_columns(times, measured["times"][peer][(name, size)] if peer else None, "speedup_vs_peer"),
@@ -338,7 +350,7 @@ def rows_of(targets: list[Target], measured: dict, settings, labels: np.ndarray,
         peer_quality = frame[frame["backend"] == PEER].set_index(["model", "version", "setting", "batch_size"])[metric]
         frame[f"{metric}_vs_peer_points"] = [
             100 * (row[metric] - peer_quality.get((row["model"], row["version"], row["setting"], row["batch_size"]),
-                                                  math.nan)) if row["backend"] == "onnx_int8" else math.nan
+                                                  math.nan)) if row["served_int8"] else math.nan
             for _, row in frame.iterrows()]
     return frame, probs
 

@@ -242,6 +242,7 @@ def run_open_loop(url: str, texts: list[str], rate: float, requests: int = 500, 
                   seed: int = 42) -> dict:
     """Open loop: `requests` requests at Poisson times, `rate` per second on average, each sent at
     its time however the others fare; see the module docstring."""
+    # Nine parameters: the load's own knobs (rate, size, bounds, seed), as LoadTestArgs declares them.
     target = check_arguments(url, texts, malformed_every, timeout_s, warmup_requests, requests=requests)
     if not rate > 0 or not request_timeout_s > 0:
         raise UserError(f"rate={rate}, request_timeout_s={request_timeout_s}: both must be positive.")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def cpu_features() -> dict:
-    """This CPU's model name, architecture and the instruction sets that decide INT8 kernels.
+    """This CPU's model name, architecture and the instruction sets that decide INT8 and bf16 kernels.
 
     Flags come from /proc/cpuinfo (Linux); elsewhere they are reported False, which only makes
     quantization choose its most conservative x86 settings.
@@ -35,7 +35,19 @@ def cpu_features() -> dict:
             "avx2": "avx2" in flags,
             "avx512": {"avx512f", "avx512bw"} <= flags,
             "vnni": bool({"avx512_vnni", "avx_vnni"} & flags),
+            "avx512_bf16": "avx512_bf16" in flags,
+            "amx": bool({"amx_bf16", "amx_int8", "amx_tile"} & flags),
             "arm64": arch in ("arm64", "aarch64")}
+
+
+# The features that decide which runtime and precision is fastest and how INT8 computes: a model
+# validated on a CPU that differs in any of them is re-validated (or force-promoted) elsewhere.
+DECIDING_FEATURES = ("avx2", "avx512", "vnni", "avx512_bf16", "amx", "arm64")
+
+
+def bf16_capable(features: dict) -> bool:
+    """Native bf16 arithmetic on this CPU (AVX512_BF16 or AMX): where OpenVINO's bf16 pays off."""
+    return features["avx512_bf16"] or features["amx"]
 
 
 def gpu_driver() -> str:

@@ -24,6 +24,7 @@ from mlflow.tracking import MlflowClient
 
 from kd_sentiment import tracking
 from kd_sentiment.errors import UserError
+from kd_sentiment.machine import DECIDING_FEATURES, cpu_features
 from kd_sentiment.schema import PromoteArgs
 
 log = logging.getLogger(__name__)
@@ -93,13 +94,28 @@ def rollback_target(name: str, alias: str) -> str:
     return stack[-2]
 
 
+def hardware_differences(tags: dict) -> list[str]:
+    """The deciding CPU features (machine.DECIDING_FEATURES) in which this machine differs from the one
+    the version was validated on (its `validated_on.*` tags); empty for versions without them."""
+    here = cpu_features()
+    return [f"{k} {tags[f'validated_on.{k}']} there, {here[k]} here" for k in DECIDING_FEATURES
+            if f"validated_on.{k}" in tags and tags[f"validated_on.{k}"] != str(here[k])]
+
+
 def decide(version, args: PromoteArgs, rollback: bool) -> tuple[str, dict]:
-    """(decision, gate numbers) for moving the alias to `version`."""
+    """(decision, gate numbers) for moving the alias to `version`. A version validated on a CPU whose
+    deciding features differ from this one's is refused unless forced: which runtime and precision
+    is fastest, and how INT8 computes, depend on them."""
+    differences = hardware_differences(version.tags)
+    if differences and not args.force:
+        raise UserError(f"{args.name} version {version.version} was validated on {version.tags.get('validated_on.cpu')}"
+                        f" and this CPU differs ({'; '.join(differences)}): run quantize on this machine to choose and "
+                        "check a model for it, or set force to promote it anyway (recorded).")
     passed, numbers = gate(version.tags, args.margin)
     if not numbers and not args.force:
         raise UserError(f"{args.name} version {version.version} has no gate.* measurements against a parent (only "
                         "quantize writes them); nothing moved. Set force to promote it anyway.")
-    decision = "accepted" if passed else ("forced" if args.force else "refused")
+    decision = "accepted" if passed and not differences else ("forced" if args.force else "refused")
     if rollback and decision != "refused":
         decision = "rolled back" if passed else "rolled back (forced)"
     return decision, numbers
@@ -133,6 +149,7 @@ def run(args: PromoteArgs) -> bool:
             "promotion.split": version.tags.get("gate.split", ""),
             "promotion.agreement": version.tags.get("gate.agreement", ""),
             "promotion.alias_before": before, "promotion.alias_after": after,
+            "promotion.hardware": "; ".join(hardware_differences(version.tags)) or "as validated",
             **{f"promotion.{k}": str(v) for k, v in numbers.items()}}
     with tracking.step_run("promote", f"promote-{args.name}-v{version.version}-{args.alias}") as promotion:
         tracking.log_params({"name": args.name, "version": str(version.version), "alias": args.alias,

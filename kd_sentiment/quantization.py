@@ -18,6 +18,7 @@ from kd_sentiment.machine import cpu_features
 from kd_sentiment.schema import QUANTIZATION_MODES
 
 CALIBRATION_METHODS = ("minmax", "percentile")
+EMBEDDING_OPS = ("Gather", "EmbedLayerNormalization")  # the embedding lookups (fused: EmbedLayerNormalization)
 
 
 def preset_name(features: dict) -> str:
@@ -77,7 +78,7 @@ def _static_matmuls(graph) -> list[str]:
 def quantize_onnx(onnx_dir: Path, out_dir: Path, mode: str = "dynamic", per_channel: bool = True,
                   reduce_range: bool | None = None, calibration_texts: list[str] | None = None,
                   max_length: int = 128, calibration_method: str = "minmax",
-                  float_ffn_output: bool = False) -> tuple[Path, dict]:
+                  float_ffn_output: bool = False, float_embeddings: bool = False) -> tuple[Path, dict]:
     """INT8 post-training quantization of `onnx_dir/model.onnx` into `out_dir/model.onnx`, with
     optimum's AutoQuantizationConfig preset for this CPU (see `cpu_features`).
 
@@ -98,6 +99,7 @@ def quantize_onnx(onnx_dir: Path, out_dir: Path, mode: str = "dynamic", per_chan
 
     Returns the quantized model's path and a dict of the settings actually used, for logging.
     """
+    # Ten parameters: each is one knob of the recipe, documented above and logged in the result.
     import onnx
 
     source = onnx_file(onnx_dir)
@@ -117,7 +119,7 @@ def quantize_onnx(onnx_dir: Path, out_dir: Path, mode: str = "dynamic", per_chan
 
     features = cpu_features()
     float_nodes = _ffn_output_matmuls(graph) if static or float_ffn_output else []
-    config = _recipe(graph, source, features, static, per_channel, reduce_range, float_nodes)
+    config = _recipe(graph, source, features, static, per_channel, reduce_range, float_nodes, float_embeddings)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / ONNX_NAME
     if static:
@@ -130,7 +132,7 @@ def quantize_onnx(onnx_dir: Path, out_dir: Path, mode: str = "dynamic", per_chan
                  "format": config.format.name, "per_channel": config.per_channel,
                  "reduce_range": config.reduce_range, "weights_dtype": config.weights_dtype.name,
                  "activations_dtype": config.activations_dtype.name, "operators_to_quantize": operators,
-                 "float_ffn_output_nodes": float_nodes,
+                 "float_ffn_output_nodes": float_nodes, "float_embeddings": float_embeddings,
                  "quantized_ops": _int8_ops(target), "source": str(source)}
     if static:
         described.update(calibration_method=calibration_method, calibration_samples=len(calibration_texts),
@@ -139,8 +141,9 @@ def quantize_onnx(onnx_dir: Path, out_dir: Path, mode: str = "dynamic", per_chan
 
 
 def _recipe(graph, source: Path, features: dict, static: bool, per_channel: bool, reduce_range: bool | None,
-            float_nodes: list[str]):
-    """optimum's QuantizationConfig for this CPU's preset, with the nodes to quantize or keep float."""
+            float_nodes: list[str], float_embeddings: bool = False):
+    """optimum's QuantizationConfig for this CPU's preset, with the nodes to quantize or keep float
+    (float_embeddings: the embedding lookups, Gather and EmbedLayerNormalization, stay float)."""
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
     preset = getattr(AutoQuantizationConfig, preset_name(features))
@@ -153,6 +156,9 @@ def _recipe(graph, source: Path, features: dict, static: bool, per_channel: bool
         config = preset(is_static=True, per_channel=per_channel, operators_to_quantize=["MatMul"], nodes_to_quantize=nodes)
     else:
         config = preset(is_static=False, per_channel=per_channel, nodes_to_exclude=float_nodes)
+    if float_embeddings:
+        config.operators_to_quantize = [op for op in config.operators_to_quantize
+                                        if getattr(op, "value", op) not in EMBEDDING_OPS]
     # The vnni and arm64 presets fix reduce_range=False; an explicit choice still wins.
     config.reduce_range = (not features["vnni"] and not features["arm64"]) if reduce_range is None else reduce_range
     return config

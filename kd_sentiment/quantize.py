@@ -1,27 +1,35 @@
-"""The `quantize` step: a registered fp32 model -> ONNX -> fused graph -> INT8, checked and registered.
+"""The `quantize` step: a registered fp32 model -> ONNX -> the fastest deployable model within budget, checked and registered.
 
-The INT8 model is checked against its fp32 parent in the same run, on the same texts of the
-parent's own validation split (carved with the parent run's validation_size and seed) and of test:
-accuracy, macro-recall and ECE for PyTorch fp32, ONNX fp32 and ONNX INT8, prediction agreement and
-the largest logit difference INT8 vs fp32, and each file's size. The promotion gate's numbers
+`mode auto` (search.py) chooses, on this CPU and on validation texts, among ONNX Runtime INT8 recipes
+and OpenVINO (fp32, bf16, INT8); `mode dynamic` / `static` apply one fixed ONNX Runtime recipe. The
+chosen model is checked against its fp32 parent in the same run, on the same texts of the parent's
+own validation split (carved with the parent run's validation_size and seed) and of test: accuracy,
+macro-recall and ECE for PyTorch fp32, ONNX fp32 and the chosen model (`onnx_int8_*`), prediction
+agreement and the largest logit difference vs fp32, and each file's size. A temperature is fitted
+on validation for the chosen model's logits and served with it. The promotion gate's numbers
 (`gate.*` tags) come from validation only; test numbers are reported, never used to decide. It is
 logged as a pyfunc that takes raw text (kd_sentiment/serving.py) and registered as `<parent>-int8`
-with alias `candidate`; `promote` moves `champion` to it once it passes its gate (promote.py).
+with alias `candidate` and the hardware it was validated on; `promote` moves `champion` to it once
+it passes its gate (promote.py).
 """
 from __future__ import annotations
 
 import logging
+import os
 import tempfile
+from importlib.metadata import version as package_version
 from pathlib import Path
 
 import mlflow
 import numpy as np
+import pandas as pd
 
-from kd_sentiment import export, quantization, runtime, tracking
-from kd_sentiment.calibration import classification_metrics
+from kd_sentiment import export, quantization, runtime, search, tracking
+from kd_sentiment.calibration import classification_metrics, fit_temperature
 from kd_sentiment.data import load_splits
 from kd_sentiment.errors import UserError
 from kd_sentiment.evaluation import log_predictions
+from kd_sentiment.machine import DECIDING_FEATURES, cpu_features
 from kd_sentiment.schema import QuantizeArgs
 from kd_sentiment.train import predict_logits
 
@@ -71,8 +79,48 @@ def gate_tags(metrics: dict, dataset: str, n_texts: int) -> dict:
             "gate.agreement": f"{metrics['int8_val_agreement_with_fp32']:.6f}"}
 
 
+def deployable(args: QuantizeArgs, work: Path, onnx_fp32: Path, fused: Path, splits, texts: dict,
+               reference_val: np.ndarray, max_length: int) -> search.Candidate:
+    """The model to register: the fixed recipe of `args.mode`, or the search's choice (auto), which
+    logs every candidate (`quantize_candidates.json`, a figure) and refuses when none is in budget."""
+    calibration = splits.train["text"].sample(n=min(args.calibration_samples, len(splits.train)),
+                                              random_state=args.seed).tolist()
+    if args.mode != "auto":
+        # Static INT8 needs the unfused graph (see quantization.py); dynamic INT8 is fastest on the fused one.
+        source = onnx_fp32 if args.mode == "static" else fused
+        path, settings = quantization.quantize_onnx(
+            source.parent, work / "int8", args.mode, args.per_channel, args.reduce_range,
+            calibration if args.mode == "static" else None, max_length, float_ffn_output=args.float_ffn_output)
+        return search.Candidate(f"ort-{args.mode}", path, recipe=settings)
+    candidates = search.build(work / "candidates", onnx_fp32, fused, calibration, max_length, args.reduce_range)
+    search.validate(candidates, onnx_fp32.parent, texts["val"], splits.validation["label"].to_numpy(),
+                    splits.label_names, reference_val, max_length)
+    search.time_all(candidates, fused, onnx_fp32.parent, texts["val"], args.fixed_length, args.threads)
+    chosen = None
+    try:
+        chosen = search.choose(candidates, args.max_accuracy_drop, args.min_agreement)
+    finally:  # logged either way: a refusal shows which came closest
+        mlflow.log_table(pd.DataFrame(search.table(candidates)), "quantize_candidates.json")
+        tracking.log_figure(search.figure(candidates, chosen, splits.name), "figures/quantize_candidates.png")
+    log.info("quantize: chose %s (%s %s): speed x%.2f vs ONNX Runtime fp32, validation agreement %.4f",
+             chosen.name, chosen.runtime, chosen.precision, chosen.numbers["speed"], chosen.numbers["val_agreement"])
+    return chosen
+
+
+def hardware_tags(chosen: search.Candidate, threads: int) -> dict:
+    """What the model was validated on: its runtime and precision, the CPU's deciding features, the
+    runtimes' versions and the threads; promote compares them with the machine it runs on."""
+    features = cpu_features()
+    return {"runtime": chosen.runtime, "precision": chosen.precision, "recipe": chosen.name,
+            "validated_on.cpu": features["model_name"], "validated_on.threads": str(threads),
+            **{f"validated_on.{k}": str(features[k]) for k in DECIDING_FEATURES},
+            **{f"validated_on.{lib}": package_version(lib) for lib in ("onnxruntime", "openvino")}}
+
+
 def run(args: QuantizeArgs) -> dict:
-    """Export, fuse, quantize, check and register; returns the logged metrics."""
+    """Export, fuse, quantize (or search), check, calibrate and register; returns the logged metrics."""
+    # Long on purpose: the step in order (export, choose, check, calibrate, log, register) inside one
+    # MLflow run and one temporary folder; each stage is a call.
     args.validate()
     tracking.configure()
     parent = tracking.resolve_version(args.model, needed_by="Register one with the distill or teacher step first.")
@@ -96,7 +144,7 @@ def run(args: QuantizeArgs) -> dict:
                              "parent_name": parent.name, "parent_version": parent.version})
         # INT8 here is a CPU deployment target: export, quantization and the fp32 reference it is
         # compared with all run on the CPU, also on a machine with a GPU.
-        tracking.log_environment(device="cpu")
+        tracking.log_environment(threads=args.threads or os.cpu_count(), device="cpu")
         log.info("quantize: ONNX export, INT8 quantization and the PyTorch fp32 reference run on the CPU "
                  "(INT8 is a CPU deployment target)")
 
@@ -109,39 +157,43 @@ def run(args: QuantizeArgs) -> dict:
         onnx_fp32 = export.export_onnx(work / "fp32", work / "onnx")
         fused = (export.optimize_onnx(onnx_fp32.parent, work / "fused", args.optimize_level)
                  if args.optimize_level else onnx_fp32)
-        # Static INT8 needs the unfused graph (see quantization.py); dynamic INT8 is fastest on the fused one.
-        int8_source = onnx_fp32 if args.mode == "static" else fused
-        calibration = None
-        if args.mode == "static":
-            calibration = splits.train["text"].sample(n=min(args.calibration_samples, len(splits.train)),
-                                                      random_state=args.seed).tolist()
-        int8_path, settings = quantization.quantize_onnx(int8_source.parent, work / "int8", args.mode, args.per_channel,
-                                                   args.reduce_range, calibration, max_length,
-                                                   float_ffn_output=args.float_ffn_output)
-        mlflow.log_dict(settings, "quantization_config.json")
+        chosen = deployable(args, work, onnx_fp32, fused, splits, texts, logits["val"]["torch_fp32"], max_length)
+        mlflow.log_dict({"candidate": chosen.name, "runtime": chosen.runtime, "precision": chosen.precision,
+                         **chosen.recipe}, "quantization_config.json")
 
-        for backend, path in (("onnx_fp32", fused), ("onnx_int8", int8_path)):
-            runner = runtime.OnnxClassifier(path)
+        runners = {"onnx_fp32": runtime.OnnxClassifier(fused), "onnx_int8": chosen.runner(onnx_fp32.parent)}
+        for backend, runner in runners.items():
             for split in texts:
                 logits[split][backend] = runner.predict_logits(texts[split], max_length)
         metrics = {"size_mb_torch_fp32": sum(export.file_size_mb(p) for p in (work / "fp32").glob("*.safetensors")),
-                   "size_mb_onnx_fp32": export.file_size_mb(fused), "size_mb_onnx_int8": export.file_size_mb(int8_path)}
+                   "size_mb_onnx_fp32": export.file_size_mb(fused), "size_mb_onnx_int8": export.file_size_mb(chosen.path)}
         for split, frame in evaluated.items():
             metrics.update(comparison(split, logits[split], frame["label"].to_numpy(), splits.label_names))
+        # Calibrated probabilities: a temperature fitted on validation for the deployed model's own logits.
+        temperature = fit_temperature(logits["val"]["onnx_int8"], splits.validation["label"].to_numpy())
+        for split, frame in evaluated.items():
+            scaled = classification_metrics(logits[split]["onnx_int8"] / temperature, frame["label"].to_numpy(),
+                                            splits.label_names)
+            metrics[f"onnx_int8_{split}_ece_after_ts"] = scaled["ece"]
+        metrics["onnx_int8_temperature"] = temperature
         mlflow.log_metrics(metrics)
         # for paired comparisons in the report
         log_predictions({f"test_logits_{backend}": array for backend, array in logits["test"].items()}, splits.test)
         # The fused fp32 graph is kept too: the benchmark measures ONNX fp32 from it.
         mlflow.log_artifacts(str(fused.parent), "onnx_fp32")
 
-        model_uri = runtime.log_onnx_pyfunc(int8_path, int8_path.parent, splits.label_names, max_length,
-                                           texts["test"][:2])
+        model_uri = runtime.log_onnx_pyfunc(chosen.path, onnx_fp32.parent, splits.label_names, max_length,
+                                            texts["test"][:2], runtime=chosen.runtime, precision=chosen.precision,
+                                            temperature=temperature)
         version = tracking.register(model_uri, name, args.alias or None, {
             "step": "quantize", "parent": f"{parent.name}/{parent.version}", "parent_run_id": parent.run_id or "",
             "dataset": splits.name, "label_names": ",".join(splits.label_names), "mode": args.mode,
-            "run_id": mlflow.active_run().info.run_id, **gate_tags(metrics, splits.name, len(texts["val"]))})
-        mlflow.set_tags({"registered_model": name, "registered_version": version.version})
-        log.info(f"Registered {name} version {version.version} (INT8 {args.mode}); validation accuracy "
-              f"{metrics['onnx_int8_val_accuracy']:.4f} vs fp32 {metrics['torch_fp32_val_accuracy']:.4f}, "
-              f"agreement {metrics['int8_val_agreement_with_fp32']:.4f}")
+            "run_id": mlflow.active_run().info.run_id, **gate_tags(metrics, splits.name, len(texts["val"])),
+            **hardware_tags(chosen, args.threads or os.cpu_count())})
+        mlflow.set_tags({"registered_model": name, "registered_version": version.version, "runtime": chosen.runtime,
+                         "precision": chosen.precision, "recipe": chosen.name})
+        log.info(f"Registered {name} version {version.version} ({chosen.name}); validation accuracy "
+                 f"{metrics['onnx_int8_val_accuracy']:.4f} vs fp32 {metrics['torch_fp32_val_accuracy']:.4f}, "
+                 f"agreement {metrics['int8_val_agreement_with_fp32']:.4f}; temperature {temperature:.3f} "
+                 f"(validation ECE {metrics['onnx_int8_val_ece']:.4f} -> {metrics['onnx_int8_val_ece_after_ts']:.4f})")
     return metrics

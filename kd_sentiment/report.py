@@ -86,9 +86,13 @@ def pct(x: float) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
 
 
+SERVED = "served"  # as a backend below: the row of a quantized model as served, whatever runtime it runs on
+
+
 def bench_row(frame: pd.DataFrame, model: str, backend: str, batch: int):
-    """The benchmark row of `model` in `backend` at `batch`, fixed length; None if not measured."""
-    rows = frame[(frame["model"] == model) & (frame["backend"] == backend) & (frame["batch_size"] == batch)
+    """The benchmark row of `model` in `backend` (or SERVED) at `batch`, fixed length; None if not measured."""
+    chosen = frame["served_int8"].astype(bool) if backend == SERVED else frame["backend"] == backend
+    rows = frame[(frame["model"] == model) & chosen & (frame["batch_size"] == batch)
                  & frame["setting"].str.startswith("fixed")]
     return rows.iloc[0] if len(rows) else None
 
@@ -128,11 +132,11 @@ def latency_table(bench: pd.DataFrame, big: int) -> list[str]:
 def peer_lines(bench: pd.DataFrame, big: int, metric: str) -> list[str]:
     """The project's INT8 model against plain optimum INT8 of the same fp32 parent, measured in the same run."""
     lines = []
-    for _, row in bench[(bench["backend"] == "onnx_int8") & (bench["batch_size"] == 1)
+    for _, row in bench[bench["served_int8"].astype(bool) & (bench["batch_size"] == 1)
                         & bench["setting"].str.startswith("fixed")].iterrows():
         if pd.isna(row["speedup_vs_peer"]):
             continue
-        many = bench_row(bench, row["model"], "onnx_int8", big)
+        many = bench_row(bench, row["model"], SERVED, big)
         lines.append(f"- {row['label'].split(' [')[0]}: {shown_speedup(row, 'speedup_vs_peer')} as fast as plain "
                      f"optimum INT8 at batch 1, {shown_speedup(many, 'speedup_vs_peer')} at batch {big}; "
                      f"{metric.replace('_', '-')} {row[f'{metric}_vs_peer_points']:+.2f} points against it on the "
@@ -217,13 +221,14 @@ def student_rows(student: str, runs: dict, teacher_run: str, bench, big: int, te
     if runs.get("quantize"):
         q = mlflow.get_run(runs["quantize"])
         m, int8_name = q.data.metrics, q.data.tags["registered_model"]
-        rows.append(f"| {student} + KD, INT8 (ONNX) | 1 | | {pct(m['onnx_int8_test_accuracy'])} | "
+        rows.append(f"| {student} + KD, {q.data.tags.get('recipe', 'INT8')} (deployed) | 1 | | "
+                    f"{pct(m['onnx_int8_test_accuracy'])} | "
                     f"{pct(m['onnx_int8_test_macro_recall'])} | {m['onnx_int8_test_ece']:.3f} | | "
-                    f"{speedup(bench, int8_name, 'onnx_int8', 1)} | {speedup(bench, int8_name, 'onnx_int8', big)} | "
+                    f"{speedup(bench, int8_name, SERVED, 1)} | {speedup(bench, int8_name, SERVED, big)} | "
                     f"{m['int8_accuracy_delta_points']:+.2f} | {pct(m['int8_agreement_with_fp32'])}% |")
         pairs.append((f"{student} INT8 vs its fp32 parent", [runs["quantize"]], [runs["quantize"]],
                       "test_logits_onnx_int8", "test_logits_torch_fp32", "int8_change"))
-        entry.update(int8=m, int8_speedup_b1=speedup(bench, int8_name, "onnx_int8", 1))
+        entry.update(int8=m, int8_speedup_b1=speedup(bench, int8_name, SERVED, 1))
     return rows, pairs, entry
 
 
@@ -448,6 +453,7 @@ def calibration_section(out_dir: Path) -> str:
 def serving_section() -> str:
     """The latest load test of each served model at each number of clients (kd-sentiment loadtest),
     through real HTTP."""
+    # Long on purpose: one section's table and sentences, built in the order they are read.
     runs = tracking.find_runs("loadtest")
     if not runs:
         return ""

@@ -18,29 +18,64 @@ SERVING_PIP_REQUIREMENTS = [f"{lib}=={version(lib)}"
                             for lib in ("mlflow", "numpy", "pandas", "onnxruntime", "tokenizers")]
 
 
-class OnnxClassifier:
-    """An ONNX Runtime session (CPU) on a model.onnx plus the tokenizer saved beside it (or in
-    `tokenizer_dir`): the one runner quantize and benchmark measure with (serving.py keeps its own,
-    as it imports nothing of this package)."""
+RUNTIMES = ("onnxruntime", "openvino")
+PRECISIONS = ("f32", "bf16")  # what a runtime computes in; an INT8 graph's precision is in the graph
 
-    def __init__(self, model_path: Path, tokenizer_dir: Path | None = None, intra_op_num_threads: int = 0):
-        import onnxruntime as ort
 
-        from kd_sentiment.models import load_tokenizer
+class Session:
+    """One ONNX graph opened on the CPU by `runtime`: ONNX Runtime, or OpenVINO (which reads the same
+    ONNX file and computes in `precision`, bf16 on CPUs with AVX512_BF16 or AMX). `threads` 0 leaves
+    the runtime's default (a thread per core). Imports nothing of this package: the benchmark's
+    ONNX worker opens models with it without importing torch."""
 
+    def __init__(self, model_path: Path, runtime: str = "onnxruntime", precision: str = "f32", threads: int = 0):
+        if runtime not in RUNTIMES or precision not in PRECISIONS:
+            raise UserError(f"runtime={runtime!r}, precision={precision!r}: use one of {RUNTIMES} and {PRECISIONS}.")
         model_path = Path(model_path)
         if not model_path.is_file():
             raise UserError(f"{model_path}: ONNX model not found.")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_num_threads  # 0: onnxruntime's default, one per physical core
-        self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.num_labels = self.session.get_outputs()[0].shape[-1]
-        self.tokenizer = load_tokenizer(str(tokenizer_dir or model_path.parent))
+        if runtime == "openvino":
+            import openvino as ov
+
+            config = {"INFERENCE_PRECISION_HINT": precision, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+            self.compiled = ov.Core().compile_model(str(model_path), "CPU", config)
+            self.request = self.compiled.create_infer_request()
+            self.input_names = [port.get_any_name() for port in self.compiled.inputs]
+            self.num_labels = self.compiled.outputs[0].get_partial_shape()[-1].get_length()
+        else:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
+            self.input_names = [i.name for i in self.session.get_inputs()]
+            self.num_labels = self.session.get_outputs()[0].shape[-1]
+        self.runtime = runtime
+
+    def run(self, feed: dict) -> np.ndarray:
+        """Logits of one tokenized batch (int64 arrays by input name; extra names are ignored)."""
+        inputs = {name: np.asarray(feed[name], dtype=np.int64) for name in self.input_names}
+        if self.runtime == "openvino":
+            return np.array(self.request.infer(inputs)[self.compiled.outputs[0]])
+        return self.session.run(None, inputs)[0]
+
+
+class OnnxClassifier:
+    """A `Session` on a model.onnx plus the transformers tokenizer saved beside it (or in
+    `tokenizer_dir`): the one runner quantize measures with (the benchmark's worker and serving.py
+    tokenize with `tokenizers` instead, as they import no transformers)."""
+
+    def __init__(self, model_path: Path, tokenizer_dir: Path | None = None, intra_op_num_threads: int = 0,
+                 runtime: str = "onnxruntime", precision: str = "f32"):
+        from kd_sentiment.models import load_tokenizer
+
+        self.session = Session(model_path, runtime, precision, intra_op_num_threads)
+        self.input_names, self.num_labels = self.session.input_names, self.session.num_labels
+        self.tokenizer = load_tokenizer(str(tokenizer_dir or Path(model_path).parent))
 
     def run(self, encoded) -> np.ndarray:
         """Logits of one tokenized batch (arrays by input name, as the tokenizer returns them)."""
-        return self.session.run(None, {name: np.asarray(encoded[name], dtype=np.int64) for name in self.input_names})[0]
+        return self.session.run(encoded)
 
     def predict_logits(self, texts: list[str], max_length: int, batch_size: int = 32) -> np.ndarray:
         """Logits (N, K) for `texts`, in input order; texts longer than `max_length` tokens are truncated."""
@@ -58,14 +93,18 @@ class OnnxClassifier:
 
 
 def log_onnx_pyfunc(onnx_path: Path, tokenizer_dir: Path, label_names: list[str], max_length: int,
-                    input_example: list[str], pip_requirements: list[str] | None = None) -> str:
+                    input_example: list[str], pip_requirements: list[str] | None = None,
+                    runtime: str = "onnxruntime", precision: str = "f32", temperature: float = 1.0) -> str:
     """Log `onnx_path` as the served pyfunc (`kd_sentiment/serving.py`, as code) in the active run;
-    returns the model URI.
+    returns the model URI. `runtime` and `precision` say what serving opens the graph with
+    (OpenVINO's files come from the same ONNX graph; its package joins the requirements), and
+    `temperature` divides the logits before the softmax (fitted on validation: calibrated probabilities).
 
     This lives here, not in serving.py, because serving.py is executed whenever the model is loaded
     and must not import kd_sentiment or transformers; this side reads the tokenizer's pad token
     with transformers and hands serving.py plain files.
     """
+    # Nine parameters: the served model's files and the settings serving_config.json carries.
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
@@ -93,10 +132,12 @@ def log_onnx_pyfunc(onnx_path: Path, tokenizer_dir: Path, label_names: list[str]
         config = Path(tmp) / "serving_config.json"
         config.write_text(json.dumps({"label_names": list(label_names), "max_length": int(max_length),
                                       "pad_token": tokenizer.pad_token, "pad_id": tokenizer.pad_token_id,
-                                      "intra_op_threads": 0}))  # 0: cores / server processes (serving.py)
+                                      "intra_op_threads": 0,  # 0: cores / server processes (serving.py)
+                                      "runtime": runtime, "precision": precision, "temperature": float(temperature)}))
         info = mlflow.pyfunc.log_model(
             name="model", python_model=str(SERVING_CODE),
             artifacts={"onnx": str(onnx_path), "tokenizer": str(tokenizer_file), "config": str(config)},
             signature=signature, input_example=list(input_example),
-            pip_requirements=pip_requirements or SERVING_PIP_REQUIREMENTS)
+            pip_requirements=pip_requirements or SERVING_PIP_REQUIREMENTS + (
+                [f"openvino=={version('openvino')}"] if runtime == "openvino" else []))
     return info.model_uri

@@ -268,7 +268,7 @@ class DistillArgs(StepArgs):
                             "the teacher's, which alpha=0 never uses; leave transfer_set empty for the baseline.")
 
 
-QUANTIZATION_MODES = ("dynamic", "static")
+QUANTIZATION_MODES = ("dynamic", "static")  # the fixed ONNX Runtime recipes; quantize also takes "auto"
 
 
 @dataclass
@@ -282,8 +282,15 @@ class QuantizeArgs:
     max_eval_samples: int | None = param(2000, "stratified subsets of the parent's validation split (decides the "
                                                "gate) and of test (reported) for the fp32 vs INT8 check ('all' for "
                                                "everything)", read=optional_count)
-    mode: str = param("dynamic", "dynamic: activations quantized on the fly; static: ranges calibrated on train",
-                      choices=QUANTIZATION_MODES)
+    mode: str = param("auto", "auto: the fastest candidate (ONNX Runtime INT8 recipes, OpenVINO fp32/bf16/INT8) "
+                              "within max_accuracy_drop and min_agreement on validation, measured on this CPU; "
+                              "dynamic / static: the fixed ONNX Runtime recipe (activations quantized on the fly / "
+                              "ranges calibrated on train)", choices=("auto", *QUANTIZATION_MODES))
+    max_accuracy_drop: float = param(0.5, "auto: largest validation accuracy (and macro-recall) drop vs the fp32 "
+                                          "parent, in points (negative: a gain required)")
+    min_agreement: float = param(0.99, "auto: smallest share of validation predictions equal to the fp32 parent's")
+    fixed_length: int = param(128, "auto: tokens per text when timing candidates (the benchmark's fixed length)")
+    threads: int = param(0, "auto: threads when timing candidates (0: all cores)")
     per_channel: bool = param(True, "one weight scale per output channel")
     reduce_range: bool | None = param(None, "7-bit weights; 'auto' turns it on for x86 CPUs without VNNI, where "
                                             "full-range INT8 products can saturate", read=optional_boolean)
@@ -303,6 +310,8 @@ class QuantizeArgs:
                             "models:/kd-sentiment-minilm-tweeteval@champion.")
         if self.calibration_samples <= 0:
             raise UserError(f"calibration_samples={self.calibration_samples}: must be positive.")
+        if not 0 <= self.min_agreement <= 1:
+            raise UserError(f"min_agreement={self.min_agreement}: a share in [0, 1].")
         check_alias(self.alias)
 
 

@@ -10,7 +10,12 @@ Artifacts read in `load_context`:
   onnx       the model.onnx to run (fp32, fused or INT8: any graph taking input_ids/attention_mask)
   tokenizer  the tokenizer.json of the model's fast tokenizer
   config     a JSON file: {"label_names": [...], "max_length": N, "pad_token": "[PAD]", "pad_id": 0,
-             "intra_op_threads": 0}
+             "intra_op_threads": 0, "runtime": "onnxruntime", "precision": "f32", "temperature": 1.0}
+
+`runtime` is what `quantize` chose the graph for: ONNX Runtime, or OpenVINO (imported only then)
+computing in `precision` (f32 or bf16). Probabilities are softmax(logits / temperature), the
+temperature fitted on validation for this model's own logits (calibrated probabilities); the
+predicted label does not depend on it. Older models without these keys run as before.
 
 ONNX Runtime threads per server process: $KD_SENTIMENT_ORT_THREADS if set, else the config's
 `intra_op_threads` if positive, else the cores divided among the server's processes
@@ -85,10 +90,22 @@ class OnnxSentimentModel(mlflow.pyfunc.PythonModel):
         with open(context.artifacts["config"]) as file:
             config = json.load(file)
         self.label_names = list(config["label_names"])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads(int(config.get("intra_op_threads", 0)))
-        self.session = ort.InferenceSession(context.artifacts["onnx"], options, providers=["CPUExecutionProvider"])
-        self.input_names = {i.name for i in self.session.get_inputs()}
+        threads = intra_op_threads(int(config.get("intra_op_threads", 0)))
+        self.temperature = float(config.get("temperature", 1.0))
+        if config.get("runtime", "onnxruntime") == "openvino":
+            import openvino as ov
+
+            compiled = ov.Core().compile_model(context.artifacts["onnx"], "CPU", {
+                "INFERENCE_PRECISION_HINT": config.get("precision", "f32"), "INFERENCE_NUM_THREADS": threads})
+            request, output = compiled.create_infer_request(), compiled.outputs[0]
+            self.input_names = {port.get_any_name() for port in compiled.inputs}
+            self.run = lambda feed: np.array(request.infer(feed)[output])
+        else:
+            options = ort.SessionOptions()
+            options.intra_op_num_threads = threads
+            session = ort.InferenceSession(context.artifacts["onnx"], options, providers=["CPUExecutionProvider"])
+            self.input_names = {i.name for i in session.get_inputs()}
+            self.run = lambda feed: session.run(None, feed)[0]
         self.tokenizer = Tokenizer.from_file(context.artifacts["tokenizer"])
         self.tokenizer.enable_truncation(max_length=int(config["max_length"]))
         self.tokenizer.enable_padding(pad_id=int(config["pad_id"]), pad_token=config["pad_token"])
@@ -103,7 +120,7 @@ class OnnxSentimentModel(mlflow.pyfunc.PythonModel):
             feed = {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
                     "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
                     "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
-            logits[rows] = self.session.run(None, {k: v for k, v in feed.items() if k in self.input_names})[0]
+            logits[rows] = self.run({k: v for k, v in feed.items() if k in self.input_names})
         return logits
 
     def predict(self, context, model_input, params=None) -> pd.DataFrame:
@@ -118,7 +135,7 @@ class OnnxSentimentModel(mlflow.pyfunc.PythonModel):
         columns = ["label", "score"] + [f"prob_{name}" for name in self.label_names]
         if not texts:
             return pd.DataFrame(columns=columns)
-        logits = self._logits(texts)
+        logits = self._logits(texts) / self.temperature
         probs = np.exp(logits - logits.max(axis=1, keepdims=True))
         probs /= probs.sum(axis=1, keepdims=True)
         best = probs.argmax(axis=1)

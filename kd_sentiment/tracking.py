@@ -39,7 +39,8 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 STEP_TAG, STEP_KEY_TAG = "kd_sentiment.step", "kd_sentiment.step_key"
 STUDY_TAG, VARIANT_TAG = "kd_sentiment.study", "teacher_variant"
 MODEL_PREFIX = "kd-sentiment"  # every registered model of the project: kd-sentiment-<what>-<dataset>[-...]
-LIBRARIES = ("torch", "transformers", "accelerate", "mlflow", "datasets", "onnxruntime", "optimum", "optimum-onnx")
+LIBRARIES = ("torch", "transformers", "accelerate", "mlflow", "datasets", "onnxruntime", "openvino", "optimum",
+             "optimum-onnx")
 # Explicit requirements for logged models: inference alone would also pull in torchvision.
 MODEL_PIP_REQUIREMENTS = [f"{lib}=={version(lib)}" for lib in ("mlflow", "torch", "transformers", "tokenizers")] + \
     [f"{lib}=={version(lib)}" for lib in ("numpy", "pandas")]

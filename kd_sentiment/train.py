@@ -235,6 +235,7 @@ def train(model, tokenizer, data: TrainData, config: TrainConfig, accelerator: A
     log_metrics: called on the main process with (metrics, step) for per-step loss and per-epoch
     validation metrics (`history/val_*`, step = epoch; final `val_*` are the caller's).
     """
+    # Long on purpose: the one training loop, read top to bottom as in accelerate's nlp_example.py.
     config.validate()
     if config.alpha > 0 and data.teacher_logits is None:
         raise UserError("alpha > 0 needs the teacher's logits (soft targets).")

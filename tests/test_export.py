@@ -58,14 +58,14 @@ def exported(tiny_model, tmp_path_factory, texts):
 
 def test_cpu_features_reads_flags_and_survives_without_cpuinfo(monkeypatch):
     features = machine.cpu_features()
-    assert set(features) == {"model_name", "arch", "avx2", "avx512", "vnni", "arm64"}
-    assert all(isinstance(features[k], bool) for k in ("avx2", "avx512", "vnni", "arm64"))
+    assert set(features) == {"model_name", "arch", "avx2", "avx512", "vnni", "avx512_bf16", "amx", "arm64"}
+    assert all(isinstance(features[k], bool) for k in machine.DECIDING_FEATURES)
 
     def no_cpuinfo(self, *args, **kwargs):
         raise FileNotFoundError(self)
 
     monkeypatch.setattr(machine.Path, "read_text", no_cpuinfo)
-    assert machine.cpu_features()["vnni"] is False
+    assert machine.cpu_features()["vnni"] is False and machine.cpu_features()["avx512_bf16"] is False
 
 
 def test_fp32_onnx_matches_pytorch(exported, texts):

@@ -122,3 +122,75 @@ def test_every_promotion_is_a_run_with_history_and_rollback(registry, caplog):
     # The rollback popped v2: there is no holder before v1 to go back to.
     with pytest.raises(UserError, match="no recorded earlier holder"):
         promote.run(promote.PromoteArgs(name=INT8, alias="staging", rollback=True))
+
+
+def candidates(run_id: str):
+    """The quantize run's table of candidates (logged with mlflow.log_table)."""
+    import pandas as pd
+
+    table = mlflow.artifacts.load_dict(f"runs:/{run_id}/quantize_candidates.json")
+    return pd.DataFrame(table["data"], columns=table["columns"])
+
+
+def test_auto_mode_registers_the_fastest_candidate_within_budget_with_its_hardware(registry):
+    """--mode auto (the default): every candidate is measured on validation and logged; the version
+    is the fastest one within budget, tagged with the runtime, precision and CPU it was validated on,
+    and it serves probabilities scaled by the temperature fitted on validation."""
+    import json
+
+    import numpy as np
+
+    from kd_sentiment import runtime
+    from kd_sentiment.machine import DECIDING_FEATURES
+
+    client, metrics = registry
+    version = client.get_model_version_by_alias(INT8, "candidate")
+    run_id = version.tags["run_id"]
+    table = candidates(run_id)
+    assert {"ort-dynamic", "ort-static", "ort-dynamic-ffn-fp32", "openvino-f32", "openvino-int8"} <= set(table["candidate"])
+    within = table[table["within_budget"]]
+    assert version.tags["recipe"] == within.loc[within["speed"].idxmax(), "candidate"]
+    chosen = table[table["candidate"] == version.tags["recipe"]].iloc[0]
+    assert chosen["val_agreement"] >= 0.99 and chosen["val_accuracy_drop_points"] <= 0.5
+    assert (version.tags["runtime"], version.tags["precision"]) == (chosen["runtime"], chosen["precision"])
+    assert all(f"validated_on.{k}" in version.tags for k in DECIDING_FEATURES)
+    assert metrics["onnx_int8_temperature"] > 0 and 0 <= metrics["onnx_int8_val_ece_after_ts"] <= 1
+
+    folder = mlflow.artifacts.download_artifacts(f"models:/{INT8}/{version.version}")
+    config = json.loads(next(__import__("pathlib").Path(folder).rglob("serving_config.json")).read_text())
+    assert config["temperature"] == pytest.approx(metrics["onnx_int8_temperature"])
+    graph = next(__import__("pathlib").Path(folder).rglob("*.onnx"))
+    texts = ["a wonderful film", "boring and bad"]
+    run_fp32 = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/onnx_fp32")
+    logits = runtime.OnnxClassifier(graph, run_fp32, runtime=config["runtime"],
+                                    precision=config["precision"]).predict_logits(texts, 64) / config["temperature"]
+    expected = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    served = mlflow.pyfunc.load_model(f"models:/{INT8}/{version.version}").predict(texts)
+    assert np.allclose(served[["prob_negative", "prob_positive"]].to_numpy(), expected, atol=1e-4)
+
+
+def test_auto_mode_with_an_impossible_budget_registers_nothing(registry):
+    client, _ = registry
+    before = {v.version for v in client.search_model_versions(f"name = '{INT8}'")}
+    with pytest.raises(UserError, match="no candidate is within.*closest: .*points short"):
+        quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=100,
+                                           max_accuracy_drop=-50))
+    assert {v.version for v in client.search_model_versions(f"name = '{INT8}'")} == before
+    failed = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list",
+                                filter_string="tags.`kd_sentiment.step` = 'quantize'")[0]
+    assert failed.info.status == "FAILED"
+    assert len(candidates(failed.info.run_id)) >= 7
+
+
+def test_promote_refuses_a_version_validated_on_another_cpu_unless_forced(registry, monkeypatch):
+    from kd_sentiment.machine import cpu_features
+
+    client, _ = registry
+    version = client.get_model_version_by_alias(INT8, "candidate")
+    other = {**cpu_features(), "vnni": not cpu_features()["vnni"]}
+    monkeypatch.setattr(promote, "cpu_features", lambda: other)
+    with pytest.raises(UserError, match="this CPU differs .*vnni.*run quantize on this machine"):
+        promote.run(promote.PromoteArgs(name=INT8, version=str(version.version), alias="elsewhere"))
+    promote.run(promote.PromoteArgs(name=INT8, version=str(version.version), alias="elsewhere", force=True))
+    tags = client.get_model_version(INT8, version.version).tags
+    assert tags["promotion.decision"] == "forced" and "vnni" in tags["promotion.hardware"]

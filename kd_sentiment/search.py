@@ -1,0 +1,159 @@
+"""`quantize --mode auto`: the fastest deployable model on this CPU within an accuracy budget.
+
+Which runtime and precision wins depends on the CPU (VNNI, AVX512_BF16, AMX, or AVX2 only), so it is
+measured where the model will run, not fixed in code. Candidates, each an ONNX graph and the runtime
+that opens it:
+  ort-dynamic                 ONNX Runtime, dynamic INT8 of the fused graph (the fixed recipe of --mode dynamic)
+  ort-dynamic-per-tensor      the same with one weight scale per tensor
+  ort-dynamic-embeddings-fp32 the embedding lookups (Gather) kept float
+  ort-dynamic-ffn-fp32        the feed-forward output projections kept float (their outlier activations)
+  ort-static                  static QDQ INT8, activation ranges calibrated on train texts
+  openvino-f32                OpenVINO reading the unfused fp32 ONNX graph
+  openvino-bf16               the same computing in bf16 (only on CPUs with AVX512_BF16 or AMX)
+  openvino-int8               OpenVINO running the static QDQ graph (INT8 without NNCF)
+Each is measured on the **validation** texts against the PyTorch fp32 parent (agreement, accuracy
+and macro-recall change in points, ECE change) and timed in-process at batch 1 and 32 at a fixed
+length, in interleaved rounds, as a ratio to ONNX Runtime fp32 (the fused graph). The chosen one
+is the fastest (geometric mean of the two ratios) whose accuracy and macro-recall drop at most
+`max_accuracy_drop` points and whose agreement is at least `min_agreement`. Every candidate is
+logged: a table and an accuracy-vs-speed figure. Test texts are never looked at here.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from kd_sentiment import quantization, timing
+from kd_sentiment.calibration import classification_metrics
+from kd_sentiment.errors import UserError
+from kd_sentiment.machine import bf16_capable, cpu_features
+from kd_sentiment.runtime import OnnxClassifier
+
+log = logging.getLogger(__name__)
+
+TIMING_ROUNDS = 3        # interleaved rounds of the in-process timing (a ranking, not the benchmark's claim)
+TIMED_BATCHES = {1: 12, 32: 3}  # timed batches per batch size and round, after WARMUP_BATCHES
+WARMUP_BATCHES = 2
+
+
+@dataclass
+class Candidate:
+    """A deployable model: an ONNX graph, the runtime that opens it and what it computes in."""
+
+    name: str
+    path: Path
+    runtime: str = "onnxruntime"
+    precision: str = "f32"
+    recipe: dict = field(default_factory=dict)  # how the graph was made (quantization settings)
+    numbers: dict = field(default_factory=dict)  # its validation and speed measurements
+
+    def runner(self, tokenizer_dir: Path, threads: int = 0) -> OnnxClassifier:
+        return OnnxClassifier(self.path, tokenizer_dir, threads, self.runtime, self.precision)
+
+
+def build(work: Path, unfused: Path, fused: Path, calibration_texts: list[str], max_length: int,
+          reduce_range: bool | None) -> list[Candidate]:
+    """Every candidate this machine can run, their graphs written under `work`."""
+    def ort(name: str, source: Path, **recipe) -> Candidate:
+        path, settings = quantization.quantize_onnx(source.parent, work / name, reduce_range=reduce_range,
+                                                    max_length=max_length, **recipe)
+        return Candidate(name, path, recipe=settings)
+
+    static_texts = {"calibration_texts": calibration_texts}
+    candidates = [ort("ort-dynamic", fused), ort("ort-dynamic-per-tensor", fused, per_channel=False),
+                  ort("ort-dynamic-embeddings-fp32", fused, float_embeddings=True),
+                  ort("ort-dynamic-ffn-fp32", fused, float_ffn_output=True),
+                  ort("ort-static", unfused, mode="static", **static_texts)]
+    qdq = candidates[-1]
+    candidates += [Candidate("openvino-f32", unfused, "openvino", "f32", {"source": str(unfused)}),
+                   Candidate("openvino-int8", qdq.path, "openvino", "f32", {**qdq.recipe, "graph": "static QDQ"})]
+    if bf16_capable(cpu_features()):
+        candidates.insert(-1, Candidate("openvino-bf16", unfused, "openvino", "bf16", {"source": str(unfused)}))
+    return candidates
+
+
+def validate(candidates: list[Candidate], tokenizer_dir: Path, texts: list[str], labels: np.ndarray,
+             label_names: list[str], reference: np.ndarray, max_length: int) -> dict[str, np.ndarray]:
+    """Each candidate's validation logits, and its numbers against the fp32 parent's `reference`."""
+    parent = classification_metrics(reference, labels, label_names)
+    logits = {}
+    for candidate in candidates:
+        logits[candidate.name] = candidate.runner(tokenizer_dir).predict_logits(texts, max_length)
+        own = classification_metrics(logits[candidate.name], labels, label_names)
+        candidate.numbers.update(
+            val_agreement=float((logits[candidate.name].argmax(1) == reference.argmax(1)).mean()),
+            val_accuracy_drop_points=100 * (parent["accuracy"] - own["accuracy"]),
+            val_macro_recall_drop_points=100 * (parent["macro_recall"] - own["macro_recall"]),
+            val_ece_change=own["ece"] - parent["ece"], val_accuracy=own["accuracy"], val_macro_recall=own["macro_recall"])
+    return logits
+
+
+def time_all(candidates: list[Candidate], reference: Path, tokenizer_dir: Path, texts: list[str],
+             fixed_length: int, threads: int) -> None:
+    """Speed of each candidate relative to ONNX Runtime fp32 on `reference`, at batch 1 and 32 at
+    `fixed_length` tokens, in interleaved rounds: `speed_b1`, `speed_b32` (> 1: faster) and `speed`,
+    their geometric mean; the per-round medians are in `ms_b1`, `ms_b32`."""
+    baseline = Candidate("ort-fp32", reference)
+    runners = {c.name: c.runner(tokenizer_dir, threads) for c in [baseline, *candidates]}
+    tokenizer = runners[baseline.name].tokenizer
+    batches = {size: dict(tokenizer((texts * 32)[:size], padding="max_length", truncation=True,
+                                    max_length=fixed_length, return_tensors="np")) for size in TIMED_BATCHES}
+    times = {name: {size: {} for size in TIMED_BATCHES} for name in runners}
+    for r, size, name in timing.interleaved(list(runners), TIMING_ROUNDS, list(TIMED_BATCHES)):
+        _, model_ms = timing.time_batches(lambda i, b=batches[size]: b, runners[name].run, WARMUP_BATCHES,
+                                          TIMED_BATCHES[size], budget_s=math.inf)
+        times[name][size][r] = model_ms
+    for candidate in candidates:
+        for size in TIMED_BATCHES:
+            ratios = timing.per_round_ratios(times[baseline.name][size], times[candidate.name][size])
+            candidate.numbers[f"speed_b{size}"] = float(np.median(ratios))
+            candidate.numbers[f"ms_b{size}"] = float(np.median([np.median(v) for v in times[candidate.name][size].values()]))
+        candidate.numbers["speed"] = float(np.sqrt(candidate.numbers["speed_b1"] * candidate.numbers["speed_b32"]))
+
+
+def shortfall(candidate: Candidate, max_accuracy_drop: float, min_agreement: float) -> float:
+    """How far the candidate misses the budget (0: within it), in points."""
+    n = candidate.numbers
+    return max(0.0, n["val_accuracy_drop_points"] - max_accuracy_drop,
+               n["val_macro_recall_drop_points"] - max_accuracy_drop, 100 * (min_agreement - n["val_agreement"]))
+
+
+def choose(candidates: list[Candidate], max_accuracy_drop: float, min_agreement: float) -> Candidate:
+    """The fastest candidate within the budget; a UserError naming the closest one when none is."""
+    passing = [c for c in candidates if shortfall(c, max_accuracy_drop, min_agreement) == 0]
+    for c in candidates:
+        c.numbers["within_budget"] = c in passing
+    if not passing:
+        closest = min(candidates, key=lambda c: shortfall(c, max_accuracy_drop, min_agreement))
+        n = closest.numbers
+        raise UserError(f"no candidate is within max_accuracy_drop={max_accuracy_drop} points and min_agreement="
+                        f"{min_agreement} on validation; closest: {closest.name} (accuracy {-n['val_accuracy_drop_points']:+.2f}, "
+                        f"macro-recall {-n['val_macro_recall_drop_points']:+.2f} points vs fp32, agreement "
+                        f"{n['val_agreement']:.4f}), "
+                        f"{shortfall(closest, max_accuracy_drop, min_agreement):.2f} points short. Nothing registered.")
+    return max(passing, key=lambda c: c.numbers["speed"])
+
+
+def table(candidates: list[Candidate]) -> list[dict]:
+    return [{"candidate": c.name, "runtime": c.runtime, "precision": c.precision, **c.numbers} for c in candidates]
+
+
+def figure(candidates: list[Candidate], chosen: Candidate | None, dataset: str):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for c in candidates:
+        ax.scatter(c.numbers["speed"], -c.numbers["val_accuracy_drop_points"], marker="*" if c is chosen else "o",
+                   s=160 if c is chosen else 40)
+        ax.annotate(c.name, (c.numbers["speed"], -c.numbers["val_accuracy_drop_points"]), fontsize=7)
+    ax.axhline(0, color="grey", lw=0.5)
+    ax.set(xlabel="speed vs ONNX Runtime fp32 (geometric mean of batch 1 and 32)",
+           ylabel="validation accuracy change vs fp32 parent (points)",
+           title=f"{dataset}: quantize --mode auto candidates (star: chosen)")
+    return fig

@@ -43,8 +43,13 @@ def test_int8_checked_against_fp32_and_registered(registry):
                 assert 0 <= metrics[f"{backend}_{split}_{metric}"] <= 1
     assert metrics["onnx_fp32_max_abs_logit_diff"] < 1e-3       # same model, other runtime
     assert metrics["int8_agreement_with_fp32"] >= 0.9
-    assert metrics["size_mb_onnx_int8"] < metrics["size_mb_onnx_fp32"]
     version = client.get_model_version_by_alias(INT8, "candidate")
+    # The fixture runs --mode auto: the search may choose an INT8 graph (smaller) or OpenVINO on the
+    # float graph (the same weights, unfused), whichever is fastest within budget on this machine.
+    if version.tags["recipe"].startswith("ort-") or version.tags["recipe"] == "openvino-int8":
+        assert metrics["size_mb_onnx_int8"] < metrics["size_mb_onnx_fp32"]
+    else:
+        assert metrics["size_mb_onnx_int8"] == pytest.approx(metrics["size_mb_onnx_fp32"], rel=0.1)
     assert version.tags["parent"] == f"{PARENT}/1"
     # The gate is decided on the parent's own validation split (teacher_home's: 300 carved from
     # train, 200 of them evaluated), never on test.

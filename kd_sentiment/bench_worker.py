@@ -52,11 +52,6 @@ class TorchModel:
             logits = self.model(**{k: v.to(self.device) for k, v in encoded.items()}).logits
             return logits.float().cpu().numpy()  # the copy to the host waits for the GPU's kernels
 
-    def peak_gpu_mb(self):
-        if self.device != "cuda":
-            return None
-        return self.torch.cuda.max_memory_allocated() / 2**20
-
 
 class OnnxModel:
     """An ONNX graph in the runtime it is served with (ONNX Runtime, or OpenVINO in f32 or bf16) and a
@@ -87,9 +82,6 @@ class OnnxModel:
 
     def predict(self, feed):
         return self.session.run(feed)
-
-    def peak_gpu_mb(self):
-        return None
 
 
 def serve(backend: str, threads: int, answer, runtime: str = "onnxruntime") -> None:
@@ -127,7 +119,7 @@ def serve(backend: str, threads: int, answer, runtime: str = "onnxruntime") -> N
             answer({"tokenize_ms": tokenize_ms, "model_ms": model_ms})
         elif cmd == "memory":
             answer({"runtime_rss_mb": runtime_rss, "peak_rss_mb": machine.peak_rss_mb(),
-                    "peak_gpu_mb": model.peak_gpu_mb() if model else None})
+                    "peak_gpu_mb": machine.peak_gpu_memory_mb(model.device) if isinstance(model, TorchModel) else None})
         elif cmd == "evaluate":
             texts = request["texts"]
             logits = [model.predict(model.tokenize(texts[i:i + EVAL_BATCH], None)).tolist()

@@ -186,11 +186,12 @@ def build_peer(parent_uri: str, dst: Path) -> Path:
 
 
 def load_request(target: Target, dst: Path) -> tuple[dict, int]:
-    """(the worker's "load" request, the model's parameter count) for `target`, its files under `dst`."""
+    """(the worker's "load" request, the model's parameter count, or 0 where the worker counts them
+    itself) for `target`, its files under `dst`."""
     dst.mkdir(parents=True)
     if target.backend in TORCH_BACKENDS:
         folder = hf_folder(target.uri, dst)
-        request = {"model": str(folder), "tokenizer": str(folder)}
+        request, parameters = {"model": str(folder), "tokenizer": str(folder)}, 0
     else:
         import onnx
 
@@ -202,8 +203,7 @@ def load_request(target: Target, dst: Path) -> tuple[dict, int]:
             graph = next(folder.rglob("*.onnx"))
         request = onnx_files(graph, folder)
         parameters = int(sum(np.prod(t.dims) for t in onnx.load(str(graph), load_external_data=False).graph.initializer))
-        return {**request, "max_length": target.max_length}, parameters
-    return {**request, "max_length": target.max_length}, 0
+    return {**request, "max_length": target.max_length}, parameters
 
 
 # ----------------------------------------------------------------------------- the measuring processes

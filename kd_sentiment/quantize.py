@@ -164,7 +164,10 @@ def run(args: QuantizeArgs) -> dict:
         runners = {"onnx_fp32": runtime.OnnxClassifier(fused), "onnx_int8": chosen.runner(onnx_fp32.parent)}
         for backend, runner in runners.items():
             for split in texts:
-                logits[split][backend] = runner.predict_logits(texts[split], max_length)
+                if backend == "onnx_int8" and split == "val" and chosen.val_logits is not None:
+                    logits[split][backend] = chosen.val_logits  # measured by the search already
+                else:
+                    logits[split][backend] = runner.predict_logits(texts[split], max_length)
         metrics = {"size_mb_torch_fp32": sum(export.file_size_mb(p) for p in (work / "fp32").glob("*.safetensors")),
                    "size_mb_onnx_fp32": export.file_size_mb(fused), "size_mb_onnx_int8": export.file_size_mb(chosen.path)}
         for split, frame in evaluated.items():

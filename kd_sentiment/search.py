@@ -50,6 +50,7 @@ class Candidate:
     precision: str = "f32"
     recipe: dict = field(default_factory=dict)  # how the graph was made (quantization settings)
     numbers: dict = field(default_factory=dict)  # its validation and speed measurements
+    val_logits: np.ndarray | None = None  # its logits on the validation texts, once measured
 
     def runner(self, tokenizer_dir: Path, threads: int = 0) -> OnnxClassifier:
         return OnnxClassifier(self.path, tokenizer_dir, threads, self.runtime, self.precision)
@@ -77,19 +78,18 @@ def build(work: Path, unfused: Path, fused: Path, calibration_texts: list[str], 
 
 
 def validate(candidates: list[Candidate], tokenizer_dir: Path, texts: list[str], labels: np.ndarray,
-             label_names: list[str], reference: np.ndarray, max_length: int) -> dict[str, np.ndarray]:
-    """Each candidate's validation logits, and its numbers against the fp32 parent's `reference`."""
+             label_names: list[str], reference: np.ndarray, max_length: int) -> None:
+    """Each candidate's validation logits (`val_logits`, kept so the chosen one is not run again) and
+    its numbers against the fp32 parent's `reference`."""
     parent = classification_metrics(reference, labels, label_names)
-    logits = {}
     for candidate in candidates:
-        logits[candidate.name] = candidate.runner(tokenizer_dir).predict_logits(texts, max_length)
-        own = classification_metrics(logits[candidate.name], labels, label_names)
+        candidate.val_logits = candidate.runner(tokenizer_dir).predict_logits(texts, max_length)
+        own = classification_metrics(candidate.val_logits, labels, label_names)
         candidate.numbers.update(
-            val_agreement=float((logits[candidate.name].argmax(1) == reference.argmax(1)).mean()),
+            val_agreement=float((candidate.val_logits.argmax(1) == reference.argmax(1)).mean()),
             val_accuracy_drop_points=100 * (parent["accuracy"] - own["accuracy"]),
             val_macro_recall_drop_points=100 * (parent["macro_recall"] - own["macro_recall"]),
             val_ece_change=own["ece"] - parent["ece"], val_accuracy=own["accuracy"], val_macro_recall=own["macro_recall"])
-    return logits
 
 
 def time_all(candidates: list[Candidate], reference: Path, tokenizer_dir: Path, texts: list[str],

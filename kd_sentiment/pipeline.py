@@ -154,6 +154,8 @@ class StepRunner:
             step_fn(step_args)
         finished = tracking.find_runs(tags={tracking.STEP_KEY_TAG: key}, max_results=1)[0]
         self.step_runs[label] = finished.info.run_id
+        # Measured, so the next sizing of a configuration is not guessed (a reused step costs nothing).
+        mlflow.log_metric(f"step_seconds.{label}", (finished.info.end_time - finished.info.start_time) / 1000)
         return finished
 
 

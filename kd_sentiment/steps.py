@@ -122,6 +122,8 @@ def fit_and_evaluate(ctx: StepContext, args: StepArgs, model, tokenizer, teacher
         texts = texts + list(transfer[0])
         labels = np.concatenate([labels, np.full(len(transfer[0]), UNLABELLED, dtype=labels.dtype)])
         teacher_logits = np.concatenate([teacher_logits, transfer[1]])
+    if ctx.is_main:
+        mlflow.log_metrics(token_lengths(tokenizer, texts, args.train.max_length))
     data = TrainData(texts, labels, splits.validation["text"].tolist(), splits.validation["label"].to_numpy(),
                      splits.label_names, splits.selection_metric, teacher_logits)
     result: TrainResult = train(model, tokenizer, data, args.train, acc,
@@ -141,6 +143,14 @@ def fit_and_evaluate(ctx: StepContext, args: StepArgs, model, tokenizer, teacher
             mlflow.set_tag("resumed_from_step", str(result.resumed_from_step))
         log_evaluation(metrics, test_logits, splits, mlflow.active_run().info.run_name)
     return result, metrics, test_logits
+
+
+def token_lengths(tokenizer, texts: list[str], max_length: int) -> dict[str, float]:
+    """The training texts' length in tokens (p50/p90/p99/max) and the share `max_length` truncates:
+    what the next sizing of max_length (and of the time it costs) is read from."""
+    lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]])
+    return {**{f"train_tokens_p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)},
+            "train_tokens_max": float(lengths.max()), "train_truncated_share": float((lengths > max_length).mean())}
 
 
 def majority_floor(metrics: dict, selection_metric: str) -> str | None:

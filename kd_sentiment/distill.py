@@ -152,7 +152,8 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
             raise UserError(f"student {student} has {model.config.num_labels} outputs, the dataset "
                             f"{splits.num_labels} classes.")
         if ctx.is_main:
-            log_step_params(ctx, args, student=student, student_init=init, registered_name=name,
+            log_step_params(ctx, args, student=student, student_init=init, encoder_layers=len(encoder_layers(model)),
+                            registered_name=name,
                             teacher_name=version.name, teacher_version=version.version,
                             teacher_run_id=version.run_id)
             mlflow.set_tags({"teacher": f"{version.name}/{version.version}", "soft_targets_run_id": cache_run})

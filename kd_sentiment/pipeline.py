@@ -144,17 +144,19 @@ class StepRunner:
         if found:
             log.info("[pipeline] %s: reusing finished run %s", label, found[0].info.run_id)
             self.reused.append(label)
-            self.step_runs[label] = found[0].info.run_id
-            return found[0]
+            return self.record(label, found[0])
         if hasattr(step_args, "resume"):  # an interrupted training step continues from its checkpoint
             step_args.resume, step_args.output_dir = True, f"outputs/pipeline/{key}"
         log.info("[pipeline] %s: running", label)
         log.debug("[pipeline] %s: step key %s from %s", label, key, identity)
         with tracking.step_tags({**(tags or {}), tracking.STEP_KEY_TAG: key}):
             step_fn(step_args)
-        finished = tracking.find_runs(tags={tracking.STEP_KEY_TAG: key}, max_results=1)[0]
+        return self.record(label, tracking.find_runs(tags={tracking.STEP_KEY_TAG: key}, max_results=1)[0])
+
+    def record(self, label: str, finished):
+        """Note the step's run and log its wall time on the active (parent) run as `step_seconds.<label>`
+        (a reused step's from its original run): the next sizing of a configuration reads them."""
         self.step_runs[label] = finished.info.run_id
-        # Measured, so the next sizing of a configuration is not guessed (a reused step costs nothing).
         mlflow.log_metric(f"step_seconds.{label}", (finished.info.end_time - finished.info.start_time) / 1000)
         return finished
 

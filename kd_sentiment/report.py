@@ -36,6 +36,14 @@ CLAIMS = {"teacher_model": "roberta-large (355M parameters)",
           "int8_speedup": 15, "tweeteval_macro_recall_ceiling": (0.72, 0.74)}
 
 
+# The project's targets on this CPU (README, "Targets"); the report says met or not met for each, with its number.
+TEACHER_TARGETS = {"tweeteval": ("macro_recall", 0.70), "imdb": ("accuracy", 0.90)}
+RETENTION_TARGETS = ((6, 0.97), (3, 0.95))  # (encoder layers at least, share of the teacher's test metric kept)
+INT8_MIN_AGREEMENT, INT8_MAX_DROP_POINTS = 0.99, 0.5  # on test, against the fp32 parent
+SMALL_INT8_VS_TEACHER, SMALL_INT8_VS_PEER = 30.0, 1.3  # the 3-layer INT8 as served, at batch 1 and the largest
+IN_PROCESS_P50_MS = 5.0  # one tweet end to end (tokenize + model), in-process
+SERVED_P99_MS, SERVED_RATE, SERVED_WORKERS = 30.0, 100.0, 2  # through mlflow models serve, open loop
+
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
 
@@ -199,6 +207,7 @@ def student_rows(student: str, runs: dict, teacher_run: str, bench, big: int, te
             f"{kd['test_ece_after_ts']:.3f} | {speedup(bench, kd_name, 'torch_fp32', 1)} | "
             f"{speedup(bench, kd_name, 'torch_fp32', big)} | | |"]
     entry = {"kd": kd, "retention": kd[f"test_{metric}"] / teacher_metric, "seeds": len(kd_runs),
+             "layers": encoder_layers(selected),
              "speedup_b1": speedup(bench, kd_name, "torch_fp32", 1),
              "init": selected.data.params.get("student_init", student)}
     pairs = [(f"{student} + KD vs teacher", kd_runs, [teacher_run], "test_logits", "test_logits", "vs_teacher")]
@@ -228,8 +237,27 @@ def student_rows(student: str, runs: dict, teacher_run: str, bench, big: int, te
                     f"{m['int8_accuracy_delta_points']:+.2f} | {pct(m['int8_agreement_with_fp32'])}% |")
         pairs.append((f"{student} INT8 vs its fp32 parent", [runs["quantize"]], [runs["quantize"]],
                       "test_logits_onnx_int8", "test_logits_torch_fp32", "int8_change"))
-        entry.update(int8=m, int8_speedup_b1=speedup(bench, int8_name, SERVED, 1))
+        real = bench[(bench["model"] == int8_name) & bench["served_int8"].astype(bool) & (bench["batch_size"] == 1)
+                     & (bench["setting"] == "real")]
+        entry.update(int8=m, int8_speedup_b1=speedup(bench, int8_name, SERVED, 1), int8_name=int8_name,
+                     int8_version=q.data.tags["registered_version"], int8_recipe=q.data.tags.get("recipe", "INT8"),
+                     int8_rows={b: bench_row(bench, int8_name, SERVED, b) for b in (1, big)},
+                     int8_real_p50_ms=float(real["total_p50_ms"].iloc[0]) if len(real) else None)
     return rows, pairs, entry
+
+
+def encoder_layers(run) -> int | None:
+    """Encoder layers of the model a training run registered: its `encoder_layers` param, else the
+    `num_hidden_layers` of the logged model's config.json; None if neither can be read."""
+    if "encoder_layers" in run.data.params:
+        return int(run.data.params["encoder_layers"])
+    uri = f"models:/{run.data.tags['registered_model']}/{run.data.tags['registered_version']}/model/config.json"
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return int(json.loads(Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp)).read_text())
+                       ["num_hidden_layers"])
+    except (MlflowException, OSError, KeyError, ValueError):
+        return None
 
 
 def dataset_section(dataset: str, parent) -> tuple[str, dict]:
@@ -264,7 +292,7 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
                    "\"significant\" only where the interval excludes zero:", "",
                    "| comparison | accuracy | macro-recall |", "|---|---|---|"]
     numbers = {"teacher": teacher, "metric": metric, "students": {}, "bench": mlflow.get_run(record["benchmark"]),
-               "n_test": len(labels[0]), "widths": [],
+               "n_test": len(labels[0]), "widths": [], "big": big,
                "int8_same_texts": all(mlflow.get_run(r["quantize"]).data.params.get("test_fingerprint")
                                       == tp.get("test_fingerprint") for r in record["students"].values()
                                       if r.get("quantize"))}
@@ -292,7 +320,24 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
               + ("; the INT8 rows are measured in the quantize run on the same texts." if numbers["int8_same_texts"]
                  else "; the INT8 rows are measured in the quantize run, on other test texts than the rows above.")
               , ""]
-    return "\n".join(lines), numbers
+    return "\n".join(lines + cost_lines(parent, t, tp)), numbers
+
+
+def cost_lines(parent, t: dict, tp: dict) -> list[str]:
+    """What the pipeline cost, step by step (the next sizing reads these), and the teacher's training
+    texts' length in tokens (what max_length is sized from)."""
+    lines = []
+    if "train_tokens_p50" in t:
+        lines.append(f"Training texts' length in tokens (teacher's tokenizer): p50 {t['train_tokens_p50']:.0f}, p90 "
+                     f"{t['train_tokens_p90']:.0f}, p99 {t['train_tokens_p99']:.0f}, max {t['train_tokens_max']:.0f}; "
+                     f"max_length {tp['max_length']} truncates {pct(t['train_truncated_share'])}% of them.")
+    seconds = {k.removeprefix("step_seconds."): v for k, v in parent.data.metrics.items()
+               if k.startswith("step_seconds.")}
+    if seconds:
+        total = (parent.info.end_time - parent.info.start_time) / 60000 if parent.info.end_time else float("nan")
+        lines += ["", f"Wall time per step (the pipeline run: {total:.0f} min in all):", "", "| step | minutes |",
+                  "|---|---|", *(f"| {step} | {v / 60:.1f} |" for step, v in seconds.items())]
+    return [*lines, ""] if lines else []
 
 
 def comparison(numbers: dict) -> str:
@@ -340,6 +385,102 @@ def comparison(numbers: dict) -> str:
             f"({bench.get('machine.cpu_count')} cores), not against {CLAIMS['teacher_model']}; compare them with the "
             "claims as ratios to each setting's own teacher.", ""]
     return "\n".join(out)
+
+
+def verdict(met: bool | None) -> str:
+    return "not measured" if met is None else ("**met**" if met else "**not met**")
+
+
+def interval_of(row, column: str) -> tuple[str, float | None, float | None]:
+    """(`31.2x [28.0, 35.1]`, median, interval low) of a benchmark row's speedup column."""
+    if row is None or column not in row or pd.isna(row[column]):
+        return "n/a", None, None
+    low = None if pd.isna(row[f"{column}_low"]) else float(row[f"{column}_low"])
+    return shown_speedup(row, column), float(row[column]), low
+
+
+def student_targets(dataset: str, n: dict) -> list[str]:
+    """Retention, KD gain, INT8 and (for the 3-layer student) speed lines of one dataset."""
+    lines, metric, big = [], n["metric"], n["big"]
+    shown_metric = metric.replace("_", "-")
+    for student, e in n["students"].items():
+        layers = e["layers"]
+        need = next((share for at_least, share in RETENTION_TARGETS if layers is not None and layers >= at_least),
+                    RETENTION_TARGETS[-1][1])
+        lines.append(f"| {dataset} | {student} ({layers if layers is not None else '?'} layers) keeps >= "
+                     f"{pct(need)}% of the teacher's test {shown_metric} | {pct(e['retention'])}% | "
+                     f"{verdict(e['retention'] >= need)} |")
+        gain = e.get("kd_gain")
+        lines.append(f"| {dataset} | {student}: KD beats alpha=0, 95% interval above zero | "
+                     f"{gain.points() + ' points' if gain else 'n/a'} | {verdict(gain.low > 0 if gain else None)} |")
+        if not e.get("int8"):
+            continue
+        m = e["int8"]
+        agreement, drop = m["int8_agreement_with_fp32"], -m["int8_accuracy_delta_points"]
+        lines.append(f"| {dataset} | {student} INT8 ({e['int8_recipe']}): agreement with fp32 >= "
+                     f"{pct(INT8_MIN_AGREEMENT)}%, accuracy drop <= {INT8_MAX_DROP_POINTS} point (test) | "
+                     f"{pct(agreement)}%, {drop:+.2f} points | "
+                     f"{verdict(agreement >= INT8_MIN_AGREEMENT and drop <= INT8_MAX_DROP_POINTS)} |")
+        if layers is None or layers > 3:
+            continue
+        for column, need in (("speedup_vs_teacher", SMALL_INT8_VS_TEACHER), ("speedup_vs_peer", SMALL_INT8_VS_PEER)):
+            versus = "the fp32 teacher" if column == "speedup_vs_teacher" else "plain optimum INT8"
+            shown = [interval_of(e["int8_rows"][b], column) for b in (1, big)]
+            medians = [x[1] for x in shown]
+            met = None if None in medians else all(x >= need for x in medians)
+            extra = ""
+            if column == "speedup_vs_peer":
+                points = e["int8_rows"][1][f"{metric}_vs_peer_points"] if e["int8_rows"][1] is not None else None
+                if points is not None and not pd.isna(points):
+                    extra = f"; {shown_metric} {points:+.2f} points against it"
+                    met = met and points >= 0
+            lines.append(f"| {dataset} | {student} INT8 as served >= {need:g}x faster than {versus}, batch 1 and "
+                         f"{big} (median of per-round ratios, 95% interval) | {shown[0][0]} / {shown[1][0]}{extra} | "
+                         f"{verdict(met)} |")
+    return lines
+
+
+def registered_name_of(uri: str) -> str:
+    """`models:/NAME@alias` or `models:/NAME/3` -> NAME."""
+    return uri.removeprefix("models:/").split("@")[0].split("/")[0]
+
+
+def served_latency(name: str, version: str) -> tuple[float | None, int | None]:
+    """(p99 ms, requests) of the latest open-loop load test of version `version` of `name` at the
+    target's rate and workers."""
+    for run in tracking.find_runs("loadtest"):
+        p, m = run.data.params, run.data.metrics
+        if (registered_name_of(p.get("model", "")) == name and p.get("model_version") == version
+                and p.get("mode") == "open" and float(p.get("rate", 0)) == SERVED_RATE
+                and int(p.get("workers", 1)) == SERVED_WORKERS):
+            return m.get("p99_ms"), int(m.get("latency_samples", 0))
+    return None, None
+
+
+def targets_section(numbers: dict) -> str:
+    """Every target of the project against the runs above: met or not met, with its number."""
+    lines = ["## Targets", "", "Each target against the runs above (test texts; speed on the machine above), met or not:",
+             "", "| dataset | target | measured | verdict |", "|---|---|---|---|"]
+    for dataset, n in numbers.items():
+        if dataset in TEACHER_TARGETS:
+            metric, need = TEACHER_TARGETS[dataset]
+            value = n["teacher"].data.metrics[f"test_{metric}"]
+            lines.append(f"| {dataset} | teacher test {metric.replace('_', '-')} >= {pct(need)} | {pct(value)} | "
+                         f"{verdict(value >= need)} |")
+        lines += student_targets(dataset, n)
+    tweets = numbers.get("tweeteval")
+    for student, e in (tweets or {}).get("students", {}).items():
+        if not e.get("int8") or e["layers"] is None or e["layers"] > 3:
+            continue
+        p50 = e["int8_real_p50_ms"]
+        lines.append(f"| tweeteval | {student} INT8: a tweet end to end in-process (tokenize + model, batch 1) p50 <= "
+                     f"{IN_PROCESS_P50_MS:g} ms | {ms(p50, 2)} ms | {verdict(None if p50 is None else p50 <= IN_PROCESS_P50_MS)} |")
+        p99, requests = served_latency(e["int8_name"], e["int8_version"])
+        lines.append(f"| tweeteval | {student} INT8 through `mlflow models serve`, {SERVED_WORKERS} workers, open loop "
+                     f"at {SERVED_RATE:g} requests/s: p99 <= {SERVED_P99_MS:g} ms | "
+                     + (f"{p99:.1f} ms over {requests} requests" if p99 is not None else "no such load test") + " | "
+                     f"{verdict(None if p99 is None else p99 <= SERVED_P99_MS)} |")
+    return "\n".join(lines + [""])
 
 
 # What the calibration study holds fixed across its runs; the report says "same" only for what is.
@@ -450,29 +591,37 @@ def calibration_section(out_dir: Path) -> str:
                       "![calibration study](calibration_study.png)", "", verdict, ""])
 
 
+def load_of(params: dict) -> str:
+    """How a load test loaded the server: `open loop, 100 req/s x 1500` or `closed loop, 4 clients x 50`."""
+    if params.get("mode") == "open":
+        return f"open loop, {float(params['rate']):g} req/s x {params['requests']}"
+    return f"closed loop, {params['clients']} clients x {params['requests_per_client']}"
+
+
 def serving_section() -> str:
-    """The latest load test of each served model at each number of clients (kd-sentiment loadtest),
-    through real HTTP."""
-    # Long on purpose: one section's table and sentences, built in the order they are read.
+    """The latest load test of each served model under each load (kd-sentiment loadtest), through real HTTP."""
     runs = tracking.find_runs("loadtest")
     if not runs:
         return ""
     latest = {}
     for run in runs:
-        params = run.data.params
-        latest.setdefault((params["model"], int(params["clients"]), int(params.get("workers", 1))), run)
+        p = run.data.params
+        latest.setdefault((p["model"], p.get("model_version", ""), load_of(p), int(p.get("workers", 1))), run)
     lines = ["## Serving through `mlflow models serve`", "",
              "One tweet per request, real test texts, some requests malformed on purpose (they must get a 4xx); "
-             "latency per request from the client (a new connection each; the warm-up requests before are not "
-             "timed), loopback only, on the machine above.", "",
-             "| model | server workers | clients x requests | warm-up | ok | errors | malformed rejected | p50 ms | "
-             "p95 ms | p99 ms | req/s |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, _, workers), run in sorted(latest.items()):
-        m, p = run.data.metrics, run.data.params
-        lines.append(f"| {model} | {workers} | {p['clients']} x {p['requests_per_client']} | {p.get('warmup_requests', '0')} | "
-                     f"{m['ok']:.0f} | {m['errors']:.0f} | "
-                     f"{m['malformed_rejected_4xx']:.0f}/{m['malformed_sent']:.0f} | {m['p50_ms']:.1f} | "
-                     f"{m['p95_ms']:.1f} | {m['p99_ms']:.1f} | {m['throughput_per_s']:.1f} |")
+             "latency per request from the client, loopback only, on the machine above, the client on the same "
+             "cores. Open loop: requests sent at Poisson times whatever the server's state, latency counted from "
+             "each request's scheduled time, a timed-out request kept in the percentiles at the timeout (a lower "
+             "bound). Closed loop: each client sends its next request when the last is answered.", "",
+             "| model | version | server workers | load | ok | errors | timed out / unsent | malformed rejected | "
+             "p50 ms | p95 ms | p99 ms (samples) | ok/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, version, load, workers), run in sorted(latest.items()):
+        m = run.data.metrics
+        lost = f"{m.get('timeouts', 0):.0f} / {m.get('unsent', 0):.0f}" if "open" in load else f"cut off {m.get('cut_off', 0):.0f}"
+        lines.append(f"| {model} | {version} | {workers} | {load} | {m['ok']:.0f} | {m['errors']:.0f} | {lost} | "
+                     f"{m['malformed_rejected_4xx']:.0f}/{m['malformed_sent']:.0f} | {ms(m.get('p50_ms', math.nan))} | "
+                     f"{ms(m.get('p95_ms', math.nan))} | {ms(m.get('p99_ms', math.nan))} "
+                     f"({m.get('latency_samples', 0):.0f}) | {m['throughput_per_s']:.1f} |")
     return "\n".join(lines + [""])
 
 
@@ -493,7 +642,7 @@ def run(args: ReportArgs) -> str:
     body = ["# Results", "",
             f"Generated by `kd-sentiment report --config {args.config}` from the MLflow runs of the `{args.config}` "
             "pipeline (experiments/" + args.config + ".yaml); do not edit by hand.", "",
-            "## The study, measured", "", *sections, serving_section(), comparison(numbers),
+            "## The study, measured", "", *sections, serving_section(), targets_section(numbers), comparison(numbers),
             calibration_section(out.parent)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(body))

@@ -89,6 +89,15 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(bench_run.info.run_id, "figures")}
     assert {"figures/pareto_accuracy_vs_latency.png", "figures/speedup.png", "figures/reliability_diagrams.png"} <= artifacts
     assert bench_run.data.tags["machine.threads"] == "1"
+    # What the next sizing reads: each step's wall time on the pipeline run (reused ones from their
+    # original run), and the training texts' length in tokens on each training run.
+    last = max((r for r in runs if r.info.run_id in parents), key=lambda r: r.info.start_time)
+    seconds = {k.removeprefix("step_seconds."): v for k, v in last.data.metrics.items() if k.startswith("step_seconds.")}
+    assert set(seconds) == set(STEPS) and all(v > 0 for v in seconds.values())
+    step = {r.data.tags["kd_sentiment.step"]: r for r in children}
+    t = step["teacher"].data.metrics
+    assert 0 < t["train_tokens_p50"] <= t["train_tokens_p99"] <= t["train_tokens_max"]
+    assert t["train_truncated_share"] == pytest.approx(0.9, abs=0.1)  # IMDb reviews at 64 tokens
 
     # The report is generated from these runs: its numbers are theirs, and regenerating it gives the same file.
     readme = tmp_path / "README.md"
@@ -97,7 +106,11 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     args = report.ReportArgs(config="tiny", datasets="imdb", out=str(out), readme=str(readme))
     report.run(args)
     text = out.read_text()
-    step = {r.data.tags["kd_sentiment.step"]: r for r in children}
+    accuracy = step["teacher"].data.metrics["test_accuracy"]  # a target line computed from the run, verdict too
+    assert (f"| imdb | teacher test accuracy >= 90.0 | {100 * accuracy:.1f} | "
+            f"{'**met**' if accuracy >= 0.9 else '**not met**'} |") in text
+    assert "| imdb | teacher-layers:0 (1 layers) keeps >= 95.0% of the teacher's test accuracy |" in text
+    assert f"| teacher | {seconds['teacher'] / 60:.1f} |" in text
     teacher_row = next(line for line in text.splitlines() if line.startswith("| teacher ("))
     assert f"| {100 * step['teacher'].data.metrics['test_accuracy']:.1f} |" in teacher_row
     int8_row = next(line for line in text.splitlines() if "ort-dynamic (deployed)" in line)  # the recipe quantized with

@@ -75,10 +75,27 @@ def _static_matmuls(graph) -> list[str]:
             if node.op_type == "MatMul" and node.input[1] in weights and node.name not in ffn_output]
 
 
+def quantizable_nodes(graph, operators: list[str]) -> list[str]:
+    """Names of the nodes dynamic INT8 turns integer: of the preset's `operators`, Attention and
+    EmbedLayerNormalization, MatMul with a constant weight (products of two activations stay
+    float), Gather from a constant table. The units a sensitivity search keeps float one by one."""
+    weights = {tensor.name for tensor in graph.initializer}
+
+    def weighted(node) -> bool:
+        if node.op_type == "MatMul":
+            return len(node.input) > 1 and node.input[1] in weights
+        if node.op_type == "Gather":
+            return node.input[0] in weights
+        return node.op_type in ("Attention", "EmbedLayerNormalization")
+
+    return [node.name for node in graph.node if node.op_type in operators and weighted(node)]
+
+
 def quantize_onnx(onnx_dir: Path, out_dir: Path, mode: str = "dynamic", per_channel: bool = True,
                   reduce_range: bool | None = None, calibration_texts: list[str] | None = None,
                   max_length: int = 128, calibration_method: str = "minmax",
-                  float_ffn_output: bool = False, float_embeddings: bool = False) -> tuple[Path, dict]:
+                  float_ffn_output: bool = False, float_embeddings: bool = False,
+                  float_nodes: list[str] = (), only_nodes: list[str] = ()) -> tuple[Path, dict]:
     """INT8 post-training quantization of `onnx_dir/model.onnx` into `out_dir/model.onnx`, with
     optimum's AutoQuantizationConfig preset for this CPU (see `cpu_features`).
 
@@ -96,10 +113,12 @@ def quantize_onnx(onnx_dir: Path, out_dir: Path, mode: str = "dynamic", per_chan
     weights, which take a non-saturating path in current kernels; 7 bits keep accuracy whatever
     path runs, at little cost: MiniLM on 600 tweets kept its accuracy, agreement with fp32 went
     from 0.93 to 0.91.) VNNI and ARM64 accumulate in int32 and keep the full 8 bits.
+    float_nodes (dynamic): these nodes (by name) stay float too; only_nodes (dynamic): quantize these
+    alone (how search.py measures one node's sensitivity).
 
     Returns the quantized model's path and a dict of the settings actually used, for logging.
     """
-    # Ten parameters: each is one knob of the recipe, documented above and logged in the result.
+    # Twelve parameters: each is one knob of the recipe, documented above and logged in the result.
     import onnx
 
     source = onnx_file(onnx_dir)
@@ -118,8 +137,13 @@ def quantize_onnx(onnx_dir: Path, out_dir: Path, mode: str = "dynamic", per_chan
                         "(the folder export_onnx wrote). Use mode 'dynamic' for fused graphs.")
 
     features = cpu_features()
-    float_nodes = _ffn_output_matmuls(graph) if static or float_ffn_output else []
-    config = _recipe(graph, source, features, static, per_channel, reduce_range, float_nodes, float_embeddings)
+    if static and (float_nodes or only_nodes):
+        raise UserError("float_nodes and only_nodes are dynamic-mode choices; static mode picks its own nodes.")
+    ffn_nodes = _ffn_output_matmuls(graph) if static or float_ffn_output else []
+    config = _recipe(graph, source, features, static, per_channel, reduce_range, ffn_nodes + list(float_nodes),
+                     float_embeddings)
+    if only_nodes:
+        config.nodes_to_quantize = list(only_nodes)
     out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / ONNX_NAME
     if static:
@@ -132,7 +156,8 @@ def quantize_onnx(onnx_dir: Path, out_dir: Path, mode: str = "dynamic", per_chan
                  "format": config.format.name, "per_channel": config.per_channel,
                  "reduce_range": config.reduce_range, "weights_dtype": config.weights_dtype.name,
                  "activations_dtype": config.activations_dtype.name, "operators_to_quantize": operators,
-                 "float_ffn_output_nodes": float_nodes, "float_embeddings": float_embeddings,
+                 "float_ffn_output_nodes": ffn_nodes, "float_nodes": list(float_nodes),
+                 "float_embeddings": float_embeddings,
                  "quantized_ops": _int8_ops(target), "source": str(source)}
     if static:
         described.update(calibration_method=calibration_method, calibration_samples=len(calibration_texts),

@@ -7,6 +7,8 @@ that opens it:
   ort-dynamic-per-tensor      the same with one weight scale per tensor
   ort-dynamic-embeddings-fp32 the embedding lookups (Gather) kept float
   ort-dynamic-ffn-fp32        the feed-forward output projections kept float (their outlier activations)
+  ort-dynamic-sensitive-fp32  the nodes measured most sensitive kept float (`sensitive`; built only where
+                              ort-dynamic disagrees with fp32 on the training texts more than the budget allows)
   ort-static                  static QDQ INT8, activation ranges calibrated on train texts
   openvino-f32                OpenVINO reading the unfused fp32 ONNX graph
   openvino-bf16               the same computing in bf16 (only on CPUs with AVX512_BF16 or AMX)
@@ -38,6 +40,8 @@ log = logging.getLogger(__name__)
 TIMING_ROUNDS = 3        # interleaved rounds of the in-process timing (a ranking, not the benchmark's claim)
 TIMED_BATCHES = {1: 12, 32: 3}  # timed batches per batch size and round, after WARMUP_BATCHES
 WARMUP_BATCHES = 2
+SENSITIVITY_TEXTS = 200  # training texts (no labels needed) each node's sensitivity is measured on
+MAX_FLOAT_SHARE = 0.25   # the sensitivity search keeps at most this share of the quantizable nodes float
 
 
 @dataclass
@@ -57,7 +61,7 @@ class Candidate:
 
 
 def build(work: Path, unfused: Path, fused: Path, calibration_texts: list[str], max_length: int,
-          reduce_range: bool | None) -> list[Candidate]:
+          reduce_range: bool | None, min_agreement: float) -> list[Candidate]:
     """Every candidate this machine can run, their graphs written under `work`."""
     def ort(name: str, source: Path, **recipe) -> Candidate:
         path, settings = quantization.quantize_onnx(source.parent, work / name, reduce_range=reduce_range,
@@ -70,11 +74,63 @@ def build(work: Path, unfused: Path, fused: Path, calibration_texts: list[str], 
                   ort("ort-dynamic-ffn-fp32", fused, float_ffn_output=True),
                   ort("ort-static", unfused, mode="static", **static_texts)]
     qdq = candidates[-1]
+    sensitive_one = sensitive(work, fused, candidates[0], calibration_texts[:SENSITIVITY_TEXTS], max_length,
+                              reduce_range, min_agreement)
+    if sensitive_one:
+        candidates.insert(-1, sensitive_one)
     candidates += [Candidate("openvino-f32", unfused, "openvino", "f32", {"source": str(unfused)}),
                    Candidate("openvino-int8", qdq.path, "openvino", "f32", {**qdq.recipe, "graph": "static QDQ"})]
     if bf16_capable(cpu_features()):
         candidates.insert(-1, Candidate("openvino-bf16", unfused, "openvino", "bf16", {"source": str(unfused)}))
     return candidates
+
+
+def sensitive(work: Path, fused: Path, plain: Candidate, texts: list[str], max_length: int,
+              reduce_range: bool | None, min_agreement: float) -> Candidate | None:
+    """ONNX Runtime dynamic INT8 of the fused graph with the nodes measured most sensitive kept float,
+    or None where the `plain` all-INT8 graph already agrees with fp32 on `texts` at `min_agreement`.
+
+    Measured on training texts (never validation, which judges the result): each quantizable node is
+    quantized alone and its sensitivity is the mean squared difference of the logits from fp32. The k
+    most sensitive stay float, k the smallest of 1, 2, 4, ... (at most MAX_FLOAT_SHARE of the nodes) at
+    which the rest agrees with fp32 on `texts` at `min_agreement`; the largest k tried otherwise.
+    """
+    import onnx
+
+    def logits(path: Path) -> np.ndarray:
+        return OnnxClassifier(path, fused.parent).predict_logits(texts, max_length)
+
+    reference = logits(fused)
+
+    def agreement(path: Path) -> float:
+        return float((logits(path).argmax(1) == reference.argmax(1)).mean())
+
+    if agreement(plain.path) >= min_agreement:
+        return None
+
+    def quantized(name: str, **recipe) -> tuple[Path, dict]:
+        return quantization.quantize_onnx(fused.parent, work / name, reduce_range=reduce_range,
+                                          max_length=max_length, **recipe)
+
+    graph = onnx.load(str(fused), load_external_data=False).graph
+    nodes = quantization.quantizable_nodes(graph, plain.recipe["operators_to_quantize"])
+    error = {}
+    for node in nodes:
+        path, _ = quantized("sensitivity-probe", only_nodes=[node])
+        error[node] = float(np.mean((logits(path) - reference) ** 2))
+    ranked = sorted(nodes, key=error.get, reverse=True)
+    most, k = max(1, int(MAX_FLOAT_SHARE * len(nodes))), 1
+    while True:
+        path, recipe = quantized("ort-dynamic-sensitive-fp32", float_nodes=ranked[:k])
+        train_agreement = agreement(path)
+        if train_agreement >= min_agreement or k >= most:
+            break
+        k = min(2 * k, most)
+    log.info("sensitivity search: %d of %d nodes kept float, agreement with fp32 on %d training texts %.3f",
+             k, len(nodes), len(texts), train_agreement)
+    return Candidate("ort-dynamic-sensitive-fp32", path, recipe={
+        **recipe, "sensitivity_texts": len(texts), "sensitivity_train_agreement": train_agreement,
+        "sensitivity_mse": {node: error[node] for node in ranked}})
 
 
 def validate(candidates: list[Candidate], tokenizer_dir: Path, texts: list[str], labels: np.ndarray,

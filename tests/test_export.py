@@ -123,6 +123,37 @@ def assert_close_to_fp32(logits, reference, mean: float, worst: float):
     assert (logits.argmax(axis=1) == reference.argmax(axis=1)).mean() >= 0.9
 
 
+def test_the_sensitivity_search_keeps_the_nodes_that_move_the_logits_most_float(exported, texts):
+    """search.sensitive: each quantizable node quantized alone, ranked by how far it moves the logits
+    from fp32; the most sensitive stay float in the candidate; nothing is built where plain INT8
+    already agrees with fp32 on the texts."""
+    from kd_sentiment import search
+
+    root, fused = exported["root"], exported["fused"]
+    plain = search.Candidate("ort-dynamic", exported["int8"], recipe=exported["described"])
+    assert search.sensitive(root / "s0", fused, plain, texts, MAX_LENGTH, None, min_agreement=0.0) is None
+
+    # An agreement no graph reaches: the search keeps its largest number of float nodes.
+    found = search.sensitive(root / "s1", fused, plain, texts, MAX_LENGTH, None, min_agreement=1.01)
+    graph = onnx.load(str(fused)).graph
+    nodes = quantization.quantizable_nodes(graph, exported["described"]["operators_to_quantize"])
+    assert set(found.recipe["sensitivity_mse"]) == set(nodes) and len(nodes) >= 8
+    kept = found.recipe["float_nodes"]
+    assert len(kept) == max(1, int(search.MAX_FLOAT_SHARE * len(nodes)))
+
+    # Measured again here: the node whose lone quantization moves the logits most is kept float.
+    reference = runtime.OnnxClassifier(fused).predict_logits(texts, MAX_LENGTH)
+    moved = {}
+    for node in nodes:
+        path, _ = quantization.quantize_onnx(fused.parent, root / "probe", only_nodes=[node])
+        moved[node] = float(np.mean((runtime.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH) - reference) ** 2))
+    assert max(moved, key=moved.get) in kept
+    assert min(moved, key=moved.get) not in kept
+    # ... and stays float in the graph: its name is still a float MatMul/Attention/Gather there.
+    out = {node.name: node.op_type for node in onnx.load(str(found.path)).graph.node}
+    assert all(out.get(name) in ("MatMul", "Attention", "Gather", "EmbedLayerNormalization") for name in kept)
+
+
 def test_static_int8_calibrates_loads_and_runs(exported, texts):
     root = exported["root"]
     calibration = list(pd.read_csv(DATA_DIR / "tweeteval_sentiment" / "validation.csv",

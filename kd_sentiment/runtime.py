@@ -108,7 +108,6 @@ def log_onnx_pyfunc(onnx_path: Path, tokenizer_dir: Path, label_names: list[str]
     import mlflow
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, Schema
-    from mlflow.types.schema import AnyType
 
     from kd_sentiment.models import load_tokenizer
 
@@ -119,13 +118,11 @@ def log_onnx_pyfunc(onnx_path: Path, tokenizer_dir: Path, label_names: list[str]
     if tokenizer.pad_token_id is None:
         raise UserError(f"{tokenizer_dir}: the tokenizer has no padding token, which batching needs; "
                         "set tokenizer.pad_token before saving the model.")
-    # Input: one unnamed column of Any, not of string. With a string column, MLflow's scoring server
-    # converts `{"inputs": [1, null]}` to the texts "1" and "None" (numpy str cast) before the model
-    # sees them; with Any the JSON values arrive as sent and serving.py rejects every non-string
-    # with a 400 naming its position. Unnamed, so a plain list, a Series and a DataFrame with any
-    # single column (`inputs`, `dataframe_split`, `dataframe_records`) all pass enforcement.
+    # Input: one unnamed column of strings, as serving.py's `predict(model_input: list[str])` declares.
+    # Its type hint makes MLflow check each item strictly (a number or null is a 400 naming its
+    # position); a string column without the hint would cast `[1, null]` to the texts "1" and "None".
     signature = ModelSignature(
-        inputs=Schema([ColSpec(AnyType())]),
+        inputs=Schema([ColSpec("string")]),
         outputs=Schema([ColSpec("string", "label"), ColSpec("double", "score")] +
                        [ColSpec("double", f"prob_{name}") for name in label_names]))
     with tempfile.TemporaryDirectory() as tmp:

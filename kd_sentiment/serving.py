@@ -23,15 +23,16 @@ ONNX Runtime threads per server process: $KD_SENTIMENT_ORT_THREADS if set, else 
 at ONNX Runtime's default (a thread per core in every process), `--workers 2` on two cores would
 run four busy threads on two cores and lose time to switching.
 
-Input: a list of strings, a Series, or a DataFrame (or dict of columns) holding the texts in a
-`text` column or in its only column. Through MLflow (`pyfunc.load_model`, `mlflow models serve`)
-the signature is one unnamed column, so MLflow passes on the first column of a DataFrame and drops
-any others. Output: a DataFrame, one row per text in input order, with `label` (the predicted
-name), `score` (its probability) and `prob_<label>` for every label.
-
-Items that are not strings (numbers, booleans, null, objects) are rejected with the position of
-the first one: an MlflowException with INVALID_PARAMETER_VALUE, which the scoring server answers
-with HTTP 400. An empty or blank text is not an error; it is predicted like any other text (the
+Input: texts. The signature declares them (one unnamed column of strings, from the `list[str]` type
+hint of `predict`). `mlflow models serve` takes them as `{"inputs": [...]}` (MLflow accepts no other
+payload for a typed model, and its 400 says so); `pyfunc.load_model(...).predict` takes a list, or a
+DataFrame of one column, which MLflow turns into that list. MLflow checks every item against the hint
+strictly before the model runs: a number, boolean, null or object is rejected with its value and
+type (an MlflowException with INVALID_PARAMETER_VALUE: HTTP 400); a string column in the signature
+alone would have cast `[1, null]` to the texts "1" and "None". Called directly, the model also takes
+a Series or a DataFrame with a `text` column and checks the items itself. Output: a DataFrame, one
+row per text in input order, with `label` (the predicted name), `score` (its probability) and
+`prob_<label>` for every label. An empty or blank text is not an error; it is predicted like any other text (the
 model sees only its special tokens). Texts longer than max_length tokens are truncated. With a
 dynamically quantized graph, activation scales are chosen per batch, so a text's probabilities
 can move slightly with the other texts of its request.
@@ -123,7 +124,7 @@ class OnnxSentimentModel(mlflow.pyfunc.PythonModel):
             logits[rows] = self.run({k: v for k, v in feed.items() if k in self.input_names})
         return logits
 
-    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+    def predict(self, context, model_input: list[str], params=None) -> pd.DataFrame:
         texts = _texts(model_input)
         for position, text in enumerate(texts):
             if not isinstance(text, str):

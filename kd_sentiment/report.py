@@ -391,12 +391,11 @@ def verdict(met: bool | None) -> str:
     return "not measured" if met is None else ("**met**" if met else "**not met**")
 
 
-def interval_of(row, column: str) -> tuple[str, float | None, float | None]:
-    """(`31.2x [28.0, 35.1]`, median, interval low) of a benchmark row's speedup column."""
+def interval_of(row, column: str) -> tuple[str, float | None]:
+    """(`31.2x [28.0, 35.1]`, the median) of a benchmark row's speedup column."""
     if row is None or column not in row or pd.isna(row[column]):
-        return "n/a", None, None
-    low = None if pd.isna(row[f"{column}_low"]) else float(row[f"{column}_low"])
-    return shown_speedup(row, column), float(row[column]), low
+        return "n/a", None
+    return shown_speedup(row, column), float(row[column])
 
 
 def student_targets(dataset: str, n: dict) -> list[str]:

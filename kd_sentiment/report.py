@@ -483,7 +483,7 @@ def targets_section(numbers: dict) -> str:
 
 
 # What the calibration study holds fixed across its runs; the report says "same" only for what is.
-SAME_IN_STUDY = ("n_train", "n_test", "seed", "data_seed", "epochs", "lr", "batch_size", "max_length", "alpha")
+SAME_IN_STUDY = ("n_train", "n_test", "data_seed", "epochs", "lr", "batch_size", "max_length", "alpha")
 
 VARIANT_NOTES = {
     "raw": "the registered teacher as is",
@@ -492,25 +492,38 @@ VARIANT_NOTES = {
     "label-smoothed": "a teacher trained the same way with label smoothing",
     "trained-longer": "a teacher trained the same way for more epochs (best epoch by validation)",
 }
+STUDENT_MEANS = ("accuracy", "macro_recall", "student_ece")  # per (variant, T_kd): the mean over its seeds
 
 
 def calibration_runs() -> pd.DataFrame:
-    """The calibration study's distill runs: the newest per (teacher variant, T_kd), for the student
-    and dataset of the newest run."""
-    runs = tracking.find_runs("distill", tags={tracking.STUDY_TAG: "calibration"})
-    rows = pd.DataFrame([{"variant": r.data.tags[tracking.VARIANT_TAG], "T_kd": float(r.data.params["temperature"]),
+    """One row per (teacher variant, T_kd) of the newest finished calibration study: the run ids of
+    its seeds, the student's test metrics as their mean over the seeds, the teacher's (the same for
+    every seed). The study's own record (`study_steps.json`) names its runs, run now or reused."""
+    parents = tracking.find_runs("study", tags={tracking.STUDY_TAG: "calibration"}, max_results=1)
+    if not parents:
+        return pd.DataFrame()
+    steps = artifact_json(parents[0].info.run_id, "study_steps.json")
+    runs = [mlflow.get_run(run_id) for label, run_id in steps.items() if label.startswith("distill-")]
+    runs = pd.DataFrame([{"variant": r.data.tags[tracking.VARIANT_TAG], "T_kd": float(r.data.params["temperature"]),
                           "scale": float(r.data.params.get("teacher_logit_scale", 1.0)),
                           "teacher_macro_recall": r.data.metrics["teacher_test_macro_recall"],
                           "teacher_ece": r.data.metrics["teacher_scaled_test_ece"],
                           "accuracy": r.data.metrics["test_accuracy"], "macro_recall": r.data.metrics["test_macro_recall"],
                           "student_ece": r.data.metrics["test_ece"], "n_test": int(r.data.params["n_test"]),
-                          "run_id": r.info.run_id, "num_labels": int(r.data.params.get("num_labels", 0)),
+                          "run_id": r.info.run_id, "seed": int(r.data.params["seed"]),
+                          "num_labels": int(r.data.params.get("num_labels", 0)),
                           **{f"param.{k}": r.data.params.get(k) for k in SAME_IN_STUDY},
                           "student": r.data.params["student"], "dataset": r.data.params["dataset"]} for r in runs])
-    if rows.empty:
-        return rows
-    rows = rows[(rows["student"] == rows["student"].iloc[0]) & (rows["dataset"] == rows["dataset"].iloc[0])]
-    return rows.drop_duplicates(["variant", "T_kd"]).sort_values(["T_kd", "teacher_ece"])
+    if runs.empty:
+        return runs
+    groups = runs.groupby(["variant", "T_kd"], sort=False)
+    rows = groups.first().drop(columns=["run_id", "seed", *STUDENT_MEANS])
+    rows = rows.join(groups[list(STUDENT_MEANS)].mean()).join(groups["run_id"].agg(list).rename("run_ids"))
+    rows = rows.join(groups["seed"].agg(sorted).rename("seeds")).reset_index()
+    for key in SAME_IN_STUDY:  # a parameter that differs between any two runs is not "held fixed"
+        rows[f"param.{key}"] = groups[f"param.{key}"].agg(lambda v: v.iloc[0] if v.nunique(dropna=False) == 1
+                                                          else "differs").values
+    return rows.sort_values(["T_kd", "teacher_ece"]).reset_index(drop=True)
 
 
 def correlation(x: pd.Series, y: pd.Series) -> float:
@@ -533,28 +546,28 @@ def calibration_section(out_dir: Path) -> str:
             for r in group.itertuples():
                 ax.annotate(r.variant, (r.teacher_ece, getattr(r, column)), fontsize=7, xytext=(3, 3),
                             textcoords="offset points")
-    axes[0].set(xlabel="teacher ECE (soft targets as used)", ylabel="student macro-recall")
-    axes[1].set(xlabel="teacher ECE (soft targets as used)", ylabel="student ECE")
+    axes[0].set(xlabel="teacher ECE (soft targets as used)", ylabel="student macro-recall (mean over seeds)")
+    axes[1].set(xlabel="teacher ECE (soft targets as used)", ylabel="student ECE (mean over seeds)")
     axes[0].legend()
     fig.tight_layout()
     out_dir.mkdir(parents=True, exist_ok=True)
     fig.savefig(out_dir / "calibration_study.png", dpi=120)
     plt.close(fig)
 
-    n = rows["n_test"].iloc[0]
-    first = predictions(rows["run_id"].iloc[0])
-    labels = (tracking.load_array(rows["run_id"].iloc[0], "predictions/test_labels.npy"), first[1]) if first else None
+    n, first = rows["n_test"].iloc[0], rows["run_ids"].iloc[0][0]
+    got = predictions(first)
+    labels = (tracking.load_array(first, "predictions/test_labels.npy"), got[1]) if got else None
     versus_raw = {}
     for r in rows.itertuples():
         raw = rows[(rows["variant"] == "raw") & (rows["T_kd"] == r.T_kd)]
         if r.variant != "raw" and len(raw) and labels is not None:
-            versus_raw[(r.variant, r.T_kd)] = paired([r.run_id], [raw["run_id"].iloc[0]], labels, r.num_labels,
+            versus_raw[(r.variant, r.T_kd)] = paired(r.run_ids, raw["run_ids"].iloc[0], labels, r.num_labels,
                                                      metrics=("macro_recall",))["macro_recall"]
-    table = ["| teacher variant | teacher macro-recall | teacher ECE | T_kd | teacher-side T (T_kd / scale) | "
+    table = ["| teacher variant | teacher macro-recall | teacher ECE | T_kd | teacher-side T (T_kd / scale) | seeds | "
              "student accuracy | student macro-recall | vs raw teacher, same T_kd (points, 95% interval) | "
-             "student ECE |", "|---|---|---|---|---|---|---|---|---|"]
+             "student ECE |", "|---|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {r.variant} | {pct(r.teacher_macro_recall)} | {r.teacher_ece:.3f} | {r.T_kd:g} | {r.T_kd / r.scale:.2f} | "
-              f"{pct(r.accuracy)} | {pct(r.macro_recall)} | "
+              f"{len(r.seeds)} | {pct(r.accuracy)} | {pct(r.macro_recall)} | "
               f"{'(reference)' if r.variant == 'raw' else shown(versus_raw.get((r.variant, r.T_kd)))} | "
               f"{r.student_ece:.3f} |" for r in rows.itertuples()]
     corr, ece_corr = correlation(rows["teacher_ece"], rows["macro_recall"]), correlation(rows["teacher_ece"], rows["student_ece"])
@@ -570,19 +583,24 @@ def calibration_section(out_dir: Path) -> str:
         verdict = (f"None of the {len(measured)} comparisons with the raw teacher at the same KD temperature has an "
                    "interval that excludes zero: these data show no detectable effect of teacher calibration on the "
                    "student's macro-recall. ")
-    verdict += (f"Over all {len(rows)} runs, the correlation of teacher ECE with student macro-recall is {corr:+.2f} "
-                f"and with student ECE {ece_corr:+.2f} (descriptive, not a test). Dividing the teacher's logits by "
-                "T_cal is the same as distilling the raw teacher at T_cal*T_kd on the teacher's side (the teacher-side "
-                "T column), so the rescaled variants test the KD temperature as much as calibration; the trained "
-                "variants change the teacher's accuracy along with its calibration (the teacher macro-recall column).")
-    same = [k for k in SAME_IN_STUDY if rows[f"param.{k}"].nunique(dropna=False) == 1 and rows[f"param.{k}"].iloc[0]]
-    differ = [k for k in SAME_IN_STUDY if rows[f"param.{k}"].nunique(dropna=False) > 1]
+    seeds = sorted({s for r in rows.itertuples() for s in r.seeds})
+    verdict += (f"Each interval resamples the test texts and each side's seeds (two-level bootstrap). Over the "
+                f"{len(rows)} (teacher, T_kd) means, the correlation of teacher ECE with student macro-recall is "
+                f"{corr:+.2f} and with student ECE {ece_corr:+.2f} (descriptive, not a test). Dividing the teacher's "
+                "logits by T_cal is the same as distilling the raw teacher at T_cal*T_kd on the teacher's side (the "
+                "teacher-side T column), so the rescaled variants test the KD temperature as much as calibration; the "
+                "trained variants change the teacher's accuracy along with its calibration (the teacher macro-recall "
+                "column).")
+    same = [k for k in SAME_IN_STUDY if rows[f"param.{k}"].nunique(dropna=False) == 1
+            and rows[f"param.{k}"].iloc[0] not in (None, "differs")]
+    differ = [k for k in SAME_IN_STUDY if k not in same]
     fixed = ", ".join(f"{k}={rows['param.' + k].iloc[0]}" for k in same)
     held = f"Held fixed across these runs (from their params): {fixed}" + (
         f"; differing: {', '.join(differ)}" if differ else "") + "."
     variants = [v for v in VARIANT_NOTES if v in set(rows["variant"])]
     return "\n".join(["## The calibration claim, tested on one dataset", "",
-                      f"Student `{rows['student'].iloc[0]}` on {rows['dataset'].iloc[0]}, {n} test texts; only the "
+                      f"Student `{rows['student'].iloc[0]}` on {rows['dataset'].iloc[0]}, {n} test texts, training "
+                      f"seeds {', '.join(map(str, seeds))} (the student columns are means over the seeds); only the "
                       "teacher and the KD temperature are meant to vary (`kd-sentiment study calibration`). " + held
                       + " Teachers: " + "; ".join(f"{v}: {VARIANT_NOTES[v]}" for v in variants)
                       + ". The teacher columns are measured on the same test texts, with the logits as used for the "

@@ -406,6 +406,8 @@ class StudyArgs:
     longer_epochs: int = param(3, "epochs of the trained-longer teacher")
     student: str = param("tinybert", "the student every variant distils (as distill's student)")
     temperatures: str = param("1,4", "the fixed KD temperature grid, comma-separated")
+    seeds: str = param("42,43,44", "training seeds, comma-separated: each teacher variant and T_kd is distilled once "
+                                   "per seed, and the report compares variants over the seeds")
     alpha: float = param(0.5, "weight of the soft-target loss")
     epochs: int = param(2, "student epochs")
     lr: float = param(8e-5, "student learning rate")
@@ -415,8 +417,8 @@ class StudyArgs:
     max_eval_samples: int | None = param(1000, "stratified subsets of validation and test ('all')",
                                          read=optional_count)
 
-    def validate(self) -> tuple[list[str], list[float]]:
-        """(variants, KD temperatures), or a UserError naming the parameter."""
+    def validate(self) -> tuple[list[str], list[float], list[int]]:
+        """(variants, KD temperatures, seeds), or a UserError naming the parameter."""
         variants = [v.strip() for v in self.variants.split(",") if v.strip()]
         unknown = sorted(set(variants) - set(STUDY_VARIANTS))
         if unknown or not variants:
@@ -427,7 +429,13 @@ class StudyArgs:
             raise UserError(f"temperatures={self.temperatures!r}: comma-separated numbers, e.g. 1,4.") from None
         if not temperatures or min(temperatures) <= 0:
             raise UserError(f"temperatures={self.temperatures!r}: at least one, each greater than 0.")
-        return variants, temperatures
+        try:
+            seeds = [int(s) for s in self.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise UserError(f"seeds={self.seeds!r}: comma-separated whole numbers, e.g. 42,43,44.") from None
+        if not seeds or len(set(seeds)) != len(seeds):
+            raise UserError(f"seeds={self.seeds!r}: at least one, each once.")
+        return variants, temperatures, seeds
 
 
 @dataclass

@@ -11,7 +11,9 @@ fixed and only the teacher's calibration changes, across a fixed grid of KD temp
   trained-longer  a teacher trained exactly like it for --longer_epochs epochs (the late checkpoint
                   to the registered teacher's early one; its best epoch by validation is kept)
 The first three share one teacher's ranking of the classes; the trained ones differ in accuracy too,
-which the report shows next to their ECE.
+which the report shows next to their ECE. Each (teacher, T_kd) is distilled once per training seed
+(--seeds; same texts, other initialisation and order), so a variant's difference from the raw
+teacher is measured against the spread between seeds, not one lucky run.
 Note: scaling the teacher's logits by 1/T_cal and distilling at T_kd gives the same soft targets as
 distilling the raw teacher at T_cal * T_kd; only the student's side (its logits divided by T_kd,
 the T_kd^2 weight) differs. So "calibrating the teacher" is largely a change of KD temperature,
@@ -23,7 +25,8 @@ interrupted one. Soft targets come from the MLflow cache, so each teacher is run
 `kd-sentiment report` turns the runs into a section of results/RESULTS.md.
 
   kd-sentiment study calibration --dataset tweeteval --student tinybert \
-      --catalog experiments/catalog-offline.yaml --max_train_samples 1500 --max_eval_samples 1000
+      --catalog experiments/catalog-offline.yaml --max_train_samples 1500 --max_eval_samples 1000 \
+      --seeds 42,43,44
 """
 from __future__ import annotations
 
@@ -39,7 +42,7 @@ from kd_sentiment.pipeline import StepRunner, registered_uri
 
 def run(args: StudyArgs) -> dict:
     """Run (or reuse) every teacher variant and distillation of the study; returns its step runs."""
-    variants, temperatures = args.validate()
+    variants, temperatures, seeds = args.validate()
     tracking.configure()
     tracking.use_experiment(args.dataset)
     teacher_uri = args.teacher or f"models:/{teacher.registered_name(args.dataset)}@champion"
@@ -64,16 +67,15 @@ def run(args: StudyArgs) -> dict:
                 alias="", train=replace(recipe, **changes[variant]), **data),
                 upstream=registered, tags={**study, tracking.VARIANT_TAG: variant})
             teachers[variant] = (registered_uri(run), 1.0)
-        for temperature in temperatures:
-            for variant in variants:
-                uri, scale = teachers[variant]
-                train = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                                    max_length=args.max_length, alpha=args.alpha, temperature=temperature,
-                                    checkpoint_every=0)
-                runner.step(f"distill-{variant}-T{temperature:g}", distill.run, DistillArgs(
-                    student=args.student, teacher=uri, teacher_logit_scale=scale, alias="",
-                    name=tracking.registered_name("calibration-study", args.dataset), train=train, **data),
-                    upstream=uri, tags={**study, tracking.VARIANT_TAG: variant})
+        for seed, temperature, variant in ((s, t, v) for s in seeds for t in temperatures for v in variants):
+            uri, scale = teachers[variant]
+            train = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed,
+                                max_length=args.max_length, alpha=args.alpha, temperature=temperature,
+                                checkpoint_every=0)
+            runner.step(f"distill-{variant}-T{temperature:g}-s{seed}", distill.run, DistillArgs(
+                student=args.student, teacher=uri, teacher_logit_scale=scale, alias="",
+                name=tracking.registered_name("calibration-study", args.dataset), train=train, **data),
+                upstream=uri, tags={**study, tracking.VARIANT_TAG: variant})
         mlflow.set_tag("reused_steps", ",".join(runner.reused) or "none")
         mlflow.log_dict(runner.step_runs, "study_steps.json")
     return runner.step_runs

@@ -125,6 +125,8 @@ FLAG_CASES = [
     ("temperature-zero", ["distill", "--temperature", "0"], ["temperature=0", "greater than 0"]),
     ("warmup-ratio-one", ["teacher", "--warmup_ratio", "1"], ["warmup_ratio=1", "[0, 1)"]),
     ("mixed-precision-unknown", ["teacher", "--mixed_precision", "fp8"], ["--mixed_precision", "invalid choice: 'fp8'"]),
+    ("study-seeds-text", ["study", "calibration", "--seeds", "42,x"], ["seeds='42,x'", "whole numbers"]),
+    ("study-seeds-repeated", ["study", "calibration", "--seeds", "7,7"], ["seeds='7,7'", "each once"]),
     ("benchmark-batch-size-zero", ["benchmark", "--batch_sizes", "0"], ["batch_sizes='0'", "at least 1"]),
     ("benchmark-batch-size-text", ["benchmark", "--batch_sizes", "1,big"], ["batch_sizes='1,big'", "integers"]),
     ("benchmark-time-budget-zero", ["benchmark", "--time_budget", "0"], ["time_budget", "positive"]),

@@ -1,13 +1,13 @@
 """`kd-sentiment study calibration` on the tiny teacher: every teacher variant distils the same
-student, trained variants are registered apart from the champion, a re-run reuses everything, and
-the report's calibration section is built from exactly those runs."""
+student once per seed, trained variants are registered apart from the champion, a re-run reuses
+everything, and the report's calibration section is built from exactly those runs, over the seeds."""
 import shutil
 
 import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd_sentiment import report
+from kd_sentiment import report, tracking
 from kd_sentiment.cli import main
 
 
@@ -17,7 +17,7 @@ def study(teacher_home, tiny_model, tmp_path, monkeypatch):
     shutil.copy(teacher_home[0] / "mlflow.db", tmp_path / "mlflow.db")
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     argv = ["study", "calibration", "--dataset", "imdb", "--student", str(tiny_model), "--temperatures", "2",
-            "--variants", "raw,calibrated,label-smoothed", "--label_smoothing", "0.2", "--epochs", "1",
+            "--variants", "raw,calibrated,label-smoothed", "--seeds", "7,8", "--label_smoothing", "0.2", "--epochs", "1",
             "--lr", "2e-3", "--batch_size", "32", "--max_length", "64", "--max_train_samples", "300",
             "--max_eval_samples", "100"]
     return lambda: main(argv)
@@ -31,8 +31,11 @@ def test_study_runs_each_variant_once_and_reports_them(study, tmp_path):
     by_step = {}
     for r in runs:
         by_step.setdefault(r.data.tags["kd_sentiment.step"], []).append(r)
-    distills = {r.data.tags["teacher_variant"]: r for r in by_step["distill"]}
-    assert set(distills) == {"raw", "calibrated", "label-smoothed"}
+    seeds = {(r.data.tags["teacher_variant"], r.data.params["seed"]) for r in by_step["distill"]}
+    assert len(by_step["distill"]) == 6 and seeds == {(v, s) for v in ("raw", "calibrated", "label-smoothed")
+                                                       for s in ("7", "8")}
+    distills = {r.data.tags["teacher_variant"]: r for r in by_step["distill"] if r.data.params["seed"] == "7"}
+    seed_8 = {r.data.tags["teacher_variant"]: r for r in by_step["distill"] if r.data.params["seed"] == "8"}
     assert all(r.info.status == "FINISHED" for r in runs)
 
     # The label-smoothed teacher copies the champion's recipe, with smoothing, under its own name.
@@ -55,8 +58,8 @@ def test_study_runs_each_variant_once_and_reports_them(study, tmp_path):
     study()  # a second run trains nothing
     parents = mlflow.search_runs(search_all_experiments=True, output_format="list", order_by=["attributes.start_time DESC"],
                                  filter_string="tags.`kd_sentiment.step` = 'study'")
-    assert parents[0].data.tags["reused_steps"].split(",") == [
-        "teacher-label-smoothed", "distill-raw-T2", "distill-calibrated-T2", "distill-label-smoothed-T2"]
+    assert parents[0].data.tags["reused_steps"].split(",") == ["teacher-label-smoothed"] + [
+        f"distill-{v}-T2-s{s}" for s in (7, 8) for v in ("raw", "calibrated", "label-smoothed")]
 
     section = report.calibration_section(tmp_path / "results")
     assert (tmp_path / "results" / "calibration_study.png").stat().st_size > 0
@@ -66,4 +69,51 @@ def test_study_runs_each_variant_once_and_reports_them(study, tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[2] == f"{calibrated.metrics['teacher_scaled_test_ece']:.3f}"
     assert cells[4] == f"{2 * t_cal:.2f}"  # the teacher-side temperature T_kd * T_cal
-    assert cells[6] == f"{100 * calibrated.metrics['test_macro_recall']:.1f}"
+    assert cells[5] == "2"  # seeds
+    mean = (calibrated.metrics["test_macro_recall"] + seed_8["calibrated"].data.metrics["test_macro_recall"]) / 2
+    assert cells[7] == f"{100 * mean:.1f}"
+    # against the raw teacher at the same T_kd, both sides over both seeds
+    raw_ids = [distills["raw"].info.run_id, seed_8["raw"].info.run_id]
+    labels = (tracking.load_array(raw_ids[0], "predictions/test_labels.npy"), report.predictions(raw_ids[0])[1])
+    versus_raw = report.paired([distills["calibrated"].info.run_id, seed_8["calibrated"].info.run_id], raw_ids, labels,
+                               int(raw.params["num_labels"]), metrics=("macro_recall",))["macro_recall"]
+    assert (versus_raw.seeds_a, versus_raw.seeds_b) == (2, 2) and cells[8] == versus_raw.points()
+
+
+def test_report_compares_each_variant_with_the_raw_teacher_over_both_sides_seeds(tmp_path):
+    """The section's student columns are means over a variant's seeds, and its interval against the raw
+    teacher pairs all seeds of both sides: runs with known predictions, so every number is known."""
+    import numpy as np
+
+    from kd_sentiment.stats import paired_difference
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    labels = np.arange(200) % 2
+    share_right = {("raw", 1): 0.6, ("raw", 2): 0.7, ("calibrated", 1): 0.8, ("calibrated", 2): 0.9}
+    predicted, steps = {}, {}
+    with mlflow.start_run(tags={tracking.STEP_TAG: "study", tracking.STUDY_TAG: "calibration"}):
+        for (variant, seed), share in share_right.items():
+            right = np.arange(200) < share * 200
+            predicted[variant, seed] = np.where(right, labels, 1 - labels)
+            with mlflow.start_run(nested=True, tags={tracking.STEP_TAG: "distill", tracking.STUDY_TAG: "calibration",
+                                                     tracking.VARIANT_TAG: variant}) as child:
+                mlflow.log_params({"temperature": 2.0, "teacher_logit_scale": 1.0, "n_test": 200, "seed": seed,
+                                   "num_labels": 2, "student": "tinybert", "dataset": "tweeteval",
+                                   "test_fingerprint": "same-texts", "n_train": 300, "epochs": 1})
+                recall = np.mean([(predicted[variant, seed] == labels)[labels == k].mean() for k in (0, 1)])
+                mlflow.log_metrics({"teacher_test_macro_recall": 0.9, "teacher_scaled_test_ece": 0.05,
+                                    "test_accuracy": share, "test_macro_recall": recall, "test_ece": 0.1 * seed})
+                tracking.log_array(np.eye(2)[predicted[variant, seed]], "predictions/test_logits.npy")
+                tracking.log_array(labels, "predictions/test_labels.npy")
+                steps[f"distill-{variant}-T2-s{seed}"] = child.info.run_id
+        mlflow.log_dict(steps, "study_steps.json")
+
+    section = report.calibration_section(tmp_path / "results")
+    row = next(line for line in section.splitlines() if line.startswith("| calibrated "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[5] == "2" and cells[6] == "85.0" and cells[9] == "0.150"  # seeds; means over them
+    expected = paired_difference([predicted["calibrated", 1], predicted["calibrated", 2]],
+                                 [predicted["raw", 1], predicted["raw", 2]], labels, "macro_recall", 2)
+    assert expected.estimate == pytest.approx(0.20)
+    assert cells[8] == expected.points()
+    assert "training seeds 1, 2" in section

@@ -495,15 +495,29 @@ VARIANT_NOTES = {
 STUDENT_MEANS = ("accuracy", "macro_recall", "student_ece")  # per (variant, T_kd): the mean over its seeds
 
 
+# The study parent's params that define one study: a later run with the same ones adds variants,
+# temperatures or seeds to it (the study reuses the finished runs), any other is a different study.
+STUDY_SETTING = ("dataset", "teacher_uri", "student", "max_train_samples", "max_eval_samples", "epochs", "lr",
+                 "batch_size", "max_length", "alpha", "label_smoothing", "longer_epochs")
+
+
+def study_distills() -> list:
+    """The distill runs of the newest finished calibration study, with those of every earlier finished
+    study of the same setting (STUDY_SETTING), the newest run of each step label (variant, T_kd,
+    seed) winning: each study's own record (`study_steps.json`) names its runs, run then or reused."""
+    parents = tracking.find_runs("study", tags={tracking.STUDY_TAG: "calibration"})
+    setting = {k: parents[0].data.params.get(k) for k in STUDY_SETTING} if parents else {}
+    steps = {}
+    for parent in reversed([p for p in parents if all(p.data.params.get(k) == v for k, v in setting.items())]):
+        steps.update(artifact_json(parent.info.run_id, "study_steps.json"))
+    return [mlflow.get_run(run_id) for label, run_id in steps.items() if label.startswith("distill-")]
+
+
 def calibration_runs() -> pd.DataFrame:
-    """One row per (teacher variant, T_kd) of the newest finished calibration study: the run ids of
-    its seeds, the student's test metrics as their mean over the seeds, the teacher's (the same for
-    every seed). The study's own record (`study_steps.json`) names its runs, run now or reused."""
-    parents = tracking.find_runs("study", tags={tracking.STUDY_TAG: "calibration"}, max_results=1)
-    if not parents:
-        return pd.DataFrame()
-    steps = artifact_json(parents[0].info.run_id, "study_steps.json")
-    runs = [mlflow.get_run(run_id) for label, run_id in steps.items() if label.startswith("distill-")]
+    """One row per (teacher variant, T_kd) of the newest calibration study (study_distills): the run
+    ids of its seeds in seed order, the student's test metrics as their mean over the seeds, the
+    teacher's (the same for every seed)."""
+    runs = study_distills()
     runs = pd.DataFrame([{"variant": r.data.tags[tracking.VARIANT_TAG], "T_kd": float(r.data.params["temperature"]),
                           "scale": float(r.data.params.get("teacher_logit_scale", 1.0)),
                           "teacher_macro_recall": r.data.metrics["teacher_test_macro_recall"],
@@ -516,10 +530,10 @@ def calibration_runs() -> pd.DataFrame:
                           "student": r.data.params["student"], "dataset": r.data.params["dataset"]} for r in runs])
     if runs.empty:
         return runs
-    groups = runs.groupby(["variant", "T_kd"], sort=False)
+    groups = runs.sort_values("seed", kind="stable").groupby(["variant", "T_kd"], sort=False)
     rows = groups.first().drop(columns=["run_id", "seed", *STUDENT_MEANS])
     rows = rows.join(groups[list(STUDENT_MEANS)].mean()).join(groups["run_id"].agg(list).rename("run_ids"))
-    rows = rows.join(groups["seed"].agg(sorted).rename("seeds")).reset_index()
+    rows = rows.join(groups["seed"].agg(list).rename("seeds")).reset_index()
     for key in SAME_IN_STUDY:  # a parameter that differs between any two runs is not "held fixed"
         rows[f"param.{key}"] = groups[f"param.{key}"].agg(lambda v: v.iloc[0] if v.nunique(dropna=False) == 1
                                                           else "differs").values
@@ -573,7 +587,10 @@ def calibration_section(out_dir: Path) -> str:
     corr, ece_corr = correlation(rows["teacher_ece"], rows["macro_recall"]), correlation(rows["teacher_ece"], rows["student_ece"])
     measured = {k: d for k, d in versus_raw.items() if d is not None}
     moved = [f"{v} at T_kd={t:g} ({d.points()})" for (v, t), d in measured.items() if d.significant]
-    if not measured:
+    if "raw" not in set(rows["variant"]):
+        verdict = ("This study has no run of the raw teacher, so no variant can be compared with it; the table is "
+                   "descriptive only. ")
+    elif not measured:
         verdict = ("These runs have no logged test predictions, so no variant can be compared with the raw teacher "
                    "with an interval; the table is descriptive only. ")
     elif moved:
@@ -593,7 +610,7 @@ def calibration_section(out_dir: Path) -> str:
                 "column).")
     same = [k for k in SAME_IN_STUDY if rows[f"param.{k}"].nunique(dropna=False) == 1
             and rows[f"param.{k}"].iloc[0] not in (None, "differs")]
-    differ = [k for k in SAME_IN_STUDY if k not in same]
+    differ = [k for k in SAME_IN_STUDY if (rows[f"param.{k}"] == "differs").any() or rows[f"param.{k}"].nunique() > 1]
     fixed = ", ".join(f"{k}={rows['param.' + k].iloc[0]}" for k in same)
     held = f"Held fixed across these runs (from their params): {fixed}" + (
         f"; differing: {', '.join(differ)}" if differ else "") + "."

@@ -25,11 +25,12 @@ interrupted one. Soft targets come from the MLflow cache, so each teacher is run
 `kd-sentiment report` turns the runs into a section of results/RESULTS.md.
 
   kd-sentiment study calibration --dataset tweeteval --student tinybert \
-      --catalog experiments/catalog-offline.yaml --max_train_samples 1500 --max_eval_samples 1000 \
-      --seeds 42,43,44
+      --catalog experiments/catalog-offline.yaml --max_train_samples 2000 --max_eval_samples 1500 \
+      --seeds 42,43,44   # the cpu pipeline's tweeteval sizes
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import mlflow
@@ -38,6 +39,7 @@ from kd_sentiment import distill, teacher, tracking
 from kd_sentiment.schema import TRAINED_VARIANTS, DistillArgs, StudyArgs, TeacherArgs, TrainConfig
 from kd_sentiment.pipeline import StepRunner, registered_uri
 
+log = logging.getLogger(__name__)
 
 
 def run(args: StudyArgs) -> dict:
@@ -49,6 +51,11 @@ def run(args: StudyArgs) -> dict:
     version = tracking.resolve_version(teacher_uri, needed_by="Register a teacher with the teacher step first.")
     teacher_run = mlflow.get_run(version.run_id)
     t_cal = teacher_run.data.metrics["temperature"]
+    for key in ("max_train_samples", "max_eval_samples"):  # a trained variant should differ in its recipe only
+        if str(getattr(args, key)) != teacher_run.data.params.get(key, "None"):
+            log.warning("study: --%s %s, the registered teacher had %s: the trained teacher variants see other texts "
+                        "than it; pass the teacher's sizes to compare recipes alone.", key, getattr(args, key),
+                        teacher_run.data.params.get(key))
     data = {"dataset": args.dataset, "data_dir": args.data_dir, "catalog": args.catalog,
             "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples}
     study = {tracking.STUDY_TAG: args.kind}

@@ -334,9 +334,13 @@ def cost_lines(parent, t: dict, tp: dict) -> list[str]:
     seconds = {k.removeprefix("step_seconds."): v for k, v in parent.data.metrics.items()
                if k.startswith("step_seconds.")}
     if seconds:
+        # A resumed pipeline's run took only what it ran; a reused step's time is its original run's.
+        reused = set(parent.data.tags.get("reused_steps", "none").split(",")) - {"none"}
         total = (parent.info.end_time - parent.info.start_time) / 60000 if parent.info.end_time else float("nan")
-        lines += ["", f"Wall time per step (the pipeline run: {total:.0f} min in all):", "", "| step | minutes |",
-                  "|---|---|", *(f"| {step} | {v / 60:.1f} |" for step, v in seconds.items())]
+        took = f"; this pipeline run took {total:.0f} min, reusing the {len(reused)} steps marked, run before it" if reused else ""
+        lines += ["", f"Wall time per step ({sum(seconds.values()) / 60:.0f} min summed over the steps{took}):", "",
+                  "| step | minutes |", "|---|---|",
+                  *(f"| {step}{' (reused)' if step in reused else ''} | {v / 60:.1f} |" for step, v in seconds.items())]
     return [*lines, ""] if lines else []
 
 

@@ -1,6 +1,7 @@
 """`kd-sentiment study calibration` on the tiny teacher: every teacher variant distils the same
 student once per seed, trained variants are registered apart from the champion, a re-run reuses
 everything, and the report's calibration section is built from exactly those runs, over the seeds."""
+import logging
 import shutil
 
 import mlflow
@@ -23,10 +24,15 @@ def study(teacher_home, tiny_model, tmp_path, monkeypatch):
     return lambda: main(argv)
 
 
-def test_study_runs_each_variant_once_and_reports_them(study, tmp_path, capsys):
-    study()
+def test_study_runs_each_variant_once_and_reports_them(study, tmp_path, caplog):
+    logger = logging.getLogger("kd_sentiment")  # the CLI's logger does not propagate to caplog's root handler
+    logger.addHandler(caplog.handler)
+    try:
+        study()
+    finally:
+        logger.removeHandler(caplog.handler)
     # its 300 training texts are not the teacher's 1500: the trained variants would see other texts
-    assert "--max_train_samples 300, the registered teacher had 1500" in capsys.readouterr().out
+    assert "--max_train_samples 300, the registered teacher had 1500" in caplog.text
     client = MlflowClient()
     runs = mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string="tags.`kd_sentiment.study` = 'calibration'")

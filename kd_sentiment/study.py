@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import replace
+from itertools import product
 
 import mlflow
 
@@ -74,7 +75,7 @@ def run(args: StudyArgs) -> dict:
                 alias="", train=replace(recipe, **changes[variant]), **data),
                 upstream=registered, tags={**study, tracking.VARIANT_TAG: variant})
             teachers[variant] = (registered_uri(run), 1.0)
-        for seed, temperature, variant in ((s, t, v) for s in seeds for t in temperatures for v in variants):
+        for seed, temperature, variant in product(seeds, temperatures, variants):
             uri, scale = teachers[variant]
             train = TrainConfig(epochs=args.epochs, lr=args.lr, batch_size=args.batch_size, seed=seed,
                                 max_length=args.max_length, alpha=args.alpha, temperature=temperature,

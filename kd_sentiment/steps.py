@@ -15,6 +15,7 @@ import mlflow
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import set_seed
 
 from kd_sentiment import tracking
@@ -61,6 +62,10 @@ def set_up(step: str, args: StepArgs, model_name: str, catalog: dict) -> StepCon
     tracking.configure()
     splits = load_splits(args.dataset, args.data_dir, args.validation_size, args.max_train_samples,
                          args.max_eval_samples, args.data_seed)
+    # The pipeline runs its steps in one process, and accelerate keeps one state per process that
+    # refuses a second Accelerator with another mixed precision or device (an fp32 teacher, then a bf16
+    # student): each step starts from its own. The process group (PartialState) is kept.
+    AcceleratorState._reset_state()
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.train.mixed_precision)
     reset_peak_gpu_memory(accelerator.device)  # this step's peak, not an earlier step's of the same process
     set_seed(args.train.seed)  # before any model is built: a new classifier head is randomly initialised

@@ -64,6 +64,28 @@ def test_alpha_zero_baseline_never_uses_teacher_for_training(in_teacher_home, ti
     assert MlflowClient().get_registered_model("kd-sentiment-baseline-imdb").aliases == {}
 
 
+def test_a_bf16_student_after_an_fp32_teacher_in_one_process(in_teacher_home, tiny_model):
+    """The pipeline runs every step in one process: a student in bf16 mixed precision after the fp32
+    teacher (trained in this process by the fixture) trains and evaluates in bf16 on the CPU, where
+    accelerate's one state per process would otherwise refuse it."""
+    from dataclasses import replace
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    Accelerator(cpu=True, mixed_precision="no")  # the state an fp32 teacher's step leaves in the process
+    args = distill_args(tiny_model, alpha=0.5, name="kd-sentiment-bf16-imdb", alias="")
+    try:
+        metrics = distill.run(replace(args, train=replace(args.train, epochs=1, mixed_precision="bf16")))
+        assert AcceleratorState().mixed_precision == "bf16"
+    finally:
+        AcceleratorState._reset_state()  # later tests' Accelerator(cpu=True) must not inherit bf16
+    (student,) = metrics.values()
+    assert "test_accuracy" in student  # trained and evaluated
+    assert tracking.find_runs("distill")[0].data.params["mixed_precision"] == "bf16"
+
+
 def test_missing_teacher_alias_is_a_clear_error_and_registers_nothing(in_teacher_home, tiny_model):
     before = {m.name for m in MlflowClient().search_registered_models()}
     out = run_cli("distill", "--student", str(tiny_model), "--dataset", "imdb", "--teacher",

@@ -33,6 +33,16 @@ def optional_boolean(text: str) -> bool | None:
     return None if str(text).strip().lower() in ("", "auto", "none") else boolean(text)
 
 
+def comma_separated(args, name: str, read: Callable[[str], Any], kind: str, example: str) -> list:
+    """The comma-separated values of the text parameter `args.<name>`, each read by `read`, or a
+    UserError naming the parameter, what its values must be (`kind`) and an `example`."""
+    text = getattr(args, name)
+    try:
+        return [read(value) for value in text.split(",") if value.strip()]
+    except ValueError:
+        raise UserError(f"{name}={text!r}: comma-separated {kind}, e.g. {example}.") from None
+
+
 def whole_number(text: str) -> int:
     """An integer; '3.0' is accepted too (a value a tool wrote as a float)."""
     try:
@@ -361,10 +371,7 @@ class BenchmarkArgs:
 
     def validate(self) -> list[int]:
         """The batch sizes, or a UserError naming the parameter."""
-        try:
-            sizes = [int(b) for b in self.batch_sizes.split(",") if b.strip()]
-        except ValueError:
-            raise UserError(f"batch_sizes={self.batch_sizes!r}: use comma-separated integers, e.g. 1,8,32.") from None
+        sizes = comma_separated(self, "batch_sizes", int, "integers", "1,8,32")
         if not sizes or min(sizes) < 1:
             raise UserError(f"batch_sizes={self.batch_sizes!r}: every batch size must be at least 1.")
         for name in ("fixed_length", "rounds", "samples", "min_batches"):
@@ -423,16 +430,10 @@ class StudyArgs:
         unknown = sorted(set(variants) - set(STUDY_VARIANTS))
         if unknown or not variants:
             raise UserError(f"variants={self.variants!r}: unknown {unknown}; choose from {', '.join(STUDY_VARIANTS)}.")
-        try:
-            temperatures = [float(t) for t in self.temperatures.split(",") if t.strip()]
-        except ValueError:
-            raise UserError(f"temperatures={self.temperatures!r}: comma-separated numbers, e.g. 1,4.") from None
+        temperatures = comma_separated(self, "temperatures", float, "numbers", "1,4")
         if not temperatures or min(temperatures) <= 0:
             raise UserError(f"temperatures={self.temperatures!r}: at least one, each greater than 0.")
-        try:
-            seeds = [int(s) for s in self.seeds.split(",") if s.strip()]
-        except ValueError:
-            raise UserError(f"seeds={self.seeds!r}: comma-separated whole numbers, e.g. 42,43,44.") from None
+        seeds = comma_separated(self, "seeds", int, "whole numbers", "42,43,44")
         if not seeds or len(set(seeds)) != len(seeds):
             raise UserError(f"seeds={self.seeds!r}: at least one, each once.")
         return variants, temperatures, seeds

@@ -417,6 +417,9 @@ def figures(frame: pd.DataFrame, probs: dict, labels: np.ndarray, dataset: str) 
 def run(args: BenchmarkArgs) -> pd.DataFrame:
     """Measure every target, write results/benchmarks/<dataset>-<time>.csv and log everything."""
     batch_sizes = args.validate()
+    if math.isnan(timing.median_interval(range(args.rounds))[1]):  # the test the intervals themselves apply
+        log.warning("rounds=%d: too few for a 95%% speedup interval (it needs at least 6); every interval "
+                    "will be empty (n/a in the report).", args.rounds)
     threads = args.threads or os.cpu_count()
     tracking.configure()
     splits = load_splits(args.dataset, args.data_dir, max_eval_samples=args.max_eval_samples, seed=args.seed)

@@ -1,12 +1,16 @@
 """The benchmark's summary table (the measurements themselves are checked in test_pipeline.py)."""
 import json
+import logging
 import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 
+from kd_sentiment import benchmark
 from kd_sentiment.benchmark import summary_table
+from kd_sentiment.schema import BenchmarkArgs
 from kd_sentiment.machine import peak_rss_mb
 
 
@@ -59,3 +63,22 @@ def test_an_onnx_worker_never_imports_torch():
     onnx, torch = worker_hello("onnx_int8"), worker_hello("torch_fp32")
     assert onnx["imports_torch"] is False and torch["imports_torch"] is True
     assert 0 < onnx["runtime_rss_mb"] < torch["runtime_rss_mb"]
+
+
+@pytest.mark.parametrize("rounds, warned", [(5, True), (6, False)])
+def test_too_few_rounds_for_a_speedup_interval_are_warned_before_measuring(rounds, warned, monkeypatch, caplog):
+    """Five rounds bound the median speedup with 93.75% only: the intervals come out empty, and the
+    user learns it before the measurement, not from an n/a in the report."""
+    def stop(*args, **kwargs):
+        raise RuntimeError("stopped before loading data")
+
+    monkeypatch.setattr(benchmark, "load_splits", stop)
+    logger = logging.getLogger("kd_sentiment")  # the CLI's logger does not propagate to caplog's root handler
+    logger.addHandler(caplog.handler)
+    try:
+        with pytest.raises(RuntimeError, match="stopped before"):
+            benchmark.run(BenchmarkArgs(rounds=rounds))
+    finally:
+        logger.removeHandler(caplog.handler)
+    assert any(r.levelname == "WARNING" and f"rounds={rounds}: too few" in r.getMessage()
+               for r in caplog.records) == warned

@@ -15,7 +15,7 @@ import mlflow
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
+from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 
 from kd_sentiment import tracking
@@ -56,17 +56,30 @@ class StepContext:
         return self.accelerator.is_main_process
 
 
+def step_accelerator(cpu: bool, mixed_precision: str) -> Accelerator:
+    """This step's Accelerator. The pipeline runs its steps in one process, and accelerate keeps one
+    state per process that refuses another mixed precision or `cpu` (an fp32 teacher, then a bf16
+    student); one process starts afresh, where a launch of several must keep them for every step."""
+    try:
+        return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    except ValueError as err:
+        if "already been initialized" not in str(err):
+            raise
+        if PartialState().num_processes > 1:  # its process group (and FSDP or DeepSpeed set-up) must stay
+            raise UserError(f"mixed_precision={mixed_precision!r}, cpu={cpu}: under a launch of several processes "
+                            "every step of the pipeline needs the same mixed_precision and cpu; set them alike in "
+                            "the config's teacher and distill sections.") from None
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
 def set_up(step: str, args: StepArgs, model_name: str, catalog: dict) -> StepContext:
     """Validate arguments, load the data, create the accelerator, find a checkpoint to resume."""
     args.validate()
     tracking.configure()
     splits = load_splits(args.dataset, args.data_dir, args.validation_size, args.max_train_samples,
                          args.max_eval_samples, args.data_seed)
-    # The pipeline runs its steps in one process, and accelerate keeps one state per process that
-    # refuses a second Accelerator with another mixed precision or device (an fp32 teacher, then a bf16
-    # student): each step starts from its own. The process group (PartialState) is kept.
-    AcceleratorState._reset_state()
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.train.mixed_precision)
+    accelerator = step_accelerator(args.cpu, args.train.mixed_precision)
     reset_peak_gpu_memory(accelerator.device)  # this step's peak, not an earlier step's of the same process
     set_seed(args.train.seed)  # before any model is built: a new classifier head is randomly initialised
     if accelerator.is_main_process:

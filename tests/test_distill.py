@@ -75,7 +75,7 @@ def test_a_bf16_student_after_an_fp32_teacher_in_one_process(in_teacher_home, ti
 
     AcceleratorState._reset_state()
     Accelerator(cpu=True, mixed_precision="no")  # the state an fp32 teacher's step leaves in the process
-    args = distill_args(tiny_model, alpha=0.5, name="kd-sentiment-bf16-imdb", alias="")
+    args = distill_args(tiny_model, alpha=0.5, name="kd-sentiment-bf16-imdb", alias="", cpu=True)
     try:
         metrics = distill.run(replace(args, train=replace(args.train, epochs=1, mixed_precision="bf16")))
         assert AcceleratorState().mixed_precision == "bf16"

@@ -20,6 +20,7 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pandas as pd
+import yaml
 from mlflow.exceptions import MlflowException
 
 from kd_sentiment import tracking
@@ -260,6 +261,40 @@ def encoder_layers(run) -> int | None:
         return None
 
 
+def config_drift(parent, dataset: str) -> list[str] | None:
+    """Where the configuration a pipeline run used (its logged pipeline_config.yaml, values read as
+    their flags read them) differs from its configuration file as that file is now (the run's
+    `config` param, from the working directory, read the same way), in the settings that reach
+    `dataset`: `section.key: ran X, now Y`; [] where none do, None where either cannot be read.
+    A report is quoted as what the configuration gives, so a section run from an older one says so."""
+    from kd_sentiment.pipeline import load_config  # the training steps behind it import torch: only here
+
+    path = parent.data.params.get("config") or ""
+    try:
+        now = load_config(path) if Path(path).is_file() else None
+        with tempfile.TemporaryDirectory() as tmp:
+            ran = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
+                run_id=parent.info.run_id, artifact_path="pipeline_config.yaml", dst_path=tmp)).read_text())
+    except (UserError, OSError, MlflowException, yaml.YAMLError):
+        return None
+    if not isinstance(now, dict) or not isinstance(ran, dict):
+        return None
+
+    def flat(config: dict) -> dict:
+        out = {}
+        for section, value in config.items():
+            if section == "data":  # only this dataset's subsets reach it
+                section, value = f"data.{dataset}", (value or {}).get(dataset, {})
+            if section == "catalog":  # resolved to a full path where it was read; the file it names is what counts
+                value = Path(value).name if value else value
+            out.update({f"{section}.{k}": v for k, v in value.items()} if isinstance(value, dict) else {section: value})
+        return out
+
+    ran, now = flat(ran), flat(now)
+    return [f"{key}: ran {ran.get(key, '(unset)')}, now {now.get(key, '(unset)')}"
+            for key in sorted(set(ran) | set(now)) if ran.get(key) != now.get(key)]
+
+
 def dataset_section(dataset: str, parent) -> tuple[str, dict]:
     """Markdown for one dataset and the key numbers (for the comparison with the claims), every
     figure from the runs the pipeline's record names."""
@@ -279,10 +314,17 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
              f"Data: {tp['n_train']} train / {tp['n_validation']} validation / {tp['n_test']} test texts "
              f"(stratified subsets, data seed {tp.get('data_seed', tp['seed'])}), max_length {tp['max_length']}. "
              f"Teacher: {tp['model']} ({t['parameters'] / 1e6:.1f}M parameters), {tp['epochs']} epoch(s) at lr "
-             f"{tp['lr']}, trained on {teacher.data.tags.get('device', 'an unrecorded device')}. Headline metric: "
-             f"{metric.replace('_', '-')}. Pipeline run `{parent.info.run_id}`.", "",
-             f"| model | seeds | params (M) | test accuracy | test macro-recall | ECE | ECE after TS | speedup b=1 | "
-             f"speedup b={big} | INT8 Δ acc (pts) | INT8 agreement |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"{tp['lr']}, trained on {teacher.data.tags.get('device', 'an unrecorded device')}. "
+             f"{precision_line(record)}Headline metric: {metric.replace('_', '-')}. Pipeline run "
+             f"`{parent.info.run_id}`.", ""]
+    drift, config = config_drift(parent, dataset), parent.data.params.get("config")
+    if drift is None:
+        lines += [f"(This pipeline's configuration could not be compared with {config or 'its file'} here.)", ""]
+    elif drift:
+        lines += [f"**This pipeline ran another version of {config} than the one here, so these are not the "
+                  "numbers that file gives now:** " + "; ".join(drift) + ".", ""]
+    lines += [f"| model | seeds | params (M) | test accuracy | test macro-recall | ECE | ECE after TS | speedup b=1 | "
+              f"speedup b={big} | INT8 Δ acc (pts) | INT8 agreement |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     teacher_name = teacher.data.tags["registered_model"]
     lines.append(f"| teacher ({tp['model']}, fp32) | 1 | {t['parameters'] / 1e6:.1f} | {pct(t['test_accuracy'])} | "
                  f"{pct(t['test_macro_recall'])} | {t['test_ece']:.3f} | {t['test_ece_after_ts']:.3f} | "
@@ -321,6 +363,24 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
                  else "; the INT8 rows are measured in the quantize run, on other test texts than the rows above.")
               , ""]
     return "\n".join(lines + cost_lines(parent, t, tp)), numbers
+
+
+def precision_line(record: dict) -> str:
+    """The precision PyTorch trained and evaluated the teacher and the students in, '' where both were
+    fp32: the `fp32` rows hold fp32 weights either way, but their test metrics were computed in it."""
+    def used(run_ids) -> list[str]:
+        found = {mlflow.get_run(r).data.params.get("mixed_precision", "no") for r in run_ids}
+        return [("fp32" if p == "no" else f"{p} mixed precision") for p in sorted(found)]
+
+    teacher = used([record["teacher"]])
+    students = used(r for found in record["students"].values() for kind in ("kd", "nokd", "kd_no_transfer")
+                    for r in found.get(kind, []))
+    if teacher == ["fp32"] and students in (["fp32"], []):
+        return ""
+    who = (" or ".join(teacher) if students in (teacher, []) else
+           f"{' or '.join(teacher)} for the teacher and {' or '.join(students)} for the students")
+    return (f"PyTorch training and evaluation ran in {who}, with fp32 weights; the ONNX, INT8 and benchmark "
+            "figures are in the precision their runtime names. ")
 
 
 def cost_lines(parent, t: dict, tp: dict) -> list[str]:

@@ -122,6 +122,17 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     assert out.read_text() == text
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("outro\n")
     assert "stale" not in readme.read_text() and teacher_row in readme.read_text()
+    assert "another version of" not in text
+    # The configuration file changes after the run: the section says its numbers are not what it gives now.
+    changed = yaml.safe_load(open(config))
+    changed["teacher"]["epochs"] = 2
+    changed["distill"]["transfer_size"] = "all"  # read as its flag reads it: the run's None, not a change
+    changed["teacher"]["lr"] = "2e-3"  # a float the YAML loader leaves a string: the same value
+    changed["data"]["tweeteval"] = {"max_train_samples": 10}  # another dataset's subsets: not this section's
+    Path(config).write_text(yaml.safe_dump(changed))
+    report.run(args)
+    assert ("**This pipeline ran another version of " + config + " than the one here, so these are not the numbers "
+            "that file gives now:** teacher.epochs: ran 1, now 2.") in out.read_text()
 
 
 def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(config, tmp_path):
@@ -130,6 +141,7 @@ def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(con
     a paired interval over texts and seeds."""
     cfg = yaml.safe_load(open(config))
     cfg["distill"]["seeds"] = [0, 1]
+    cfg["distill"]["mixed_precision"] = "bf16"  # after the fp32 teacher, in the same process
     cfg.pop("benchmark")
     cfg["benchmark"] = {"batch_sizes": "1", "rounds": 2, "samples": 2, "time_budget": 0.05, "min_batches": 1,
                         "peer": False, "max_eval_samples": 100, "threads": 1, "output_dir": str(tmp_path / "bench")}
@@ -143,6 +155,7 @@ def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(con
     kd = [mlflow.get_run(r) for r in student["kd"]]
     nokd = [mlflow.get_run(r) for r in student["nokd"]]
     assert [r.data.params["seed"] for r in kd] == ["0", "1"] == [r.data.params["seed"] for r in nokd]
+    assert {r.data.params["mixed_precision"] for r in kd + nokd} == {"bf16"}
     assert len({r.data.params["test_fingerprint"] for r in kd + nokd}) == 1  # the same test texts
     best = max(kd, key=lambda r: r.data.metrics["val_accuracy"])
     assert student["selected"] == best.info.run_id
@@ -159,6 +172,7 @@ def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(con
     text = (tmp_path / "R.md").read_text()
     kd_line = next(line for line in text.splitlines() if line.startswith("| teacher-layers:0 + KD vs no KD"))
     assert "[" in kd_line and "n/a" not in kd_line
+    assert "ran in fp32 for the teacher and bf16 mixed precision for the students, with fp32 weights" in text
     seeds_cell = next(line for line in text.splitlines() if line.startswith("| teacher-layers:0 + KD (fp32)"))
     assert seeds_cell.split("|")[2].strip() == "2"
     # Nothing typed for another configuration: the teacher, budget, hardware and noise are these runs'.

@@ -133,6 +133,7 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     report.run(args)
     assert ("**This pipeline ran another version of " + config + " than the one here, so these are not the numbers "
             "that file gives now:** teacher.epochs: ran 1, now 2.") in out.read_text()
+    assert "**imdb's rows come from a pipeline that ran another version of its configuration file**" in out.read_text()
 
 
 def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(config, tmp_path):

@@ -412,7 +412,7 @@ def comparison(numbers: dict) -> str:
            f"The original study claims (quoted, not measured here): a {CLAIMS['teacher_model']} teacher at about "
            + ", ".join(f"{pct(v)}% accuracy on {d}" for d, v in CLAIMS["teacher_accuracy"].items())
            + f"; students {', '.join(f'{s} {x}x' for s, x in CLAIMS['speedup'].items())} faster than it; INT8 "
-           f"{CLAIMS['int8_speedup']}x.", ""]
+           f"{CLAIMS['int8_speedup']}x.", "", *drift_notes(numbers)]
     for dataset, n in numbers.items():
         t, tp = n["teacher"].data.metrics, n["teacher"].data.params
         metric = n["metric"].replace("_", "-")
@@ -521,12 +521,23 @@ def served_latency(name: str, version: str) -> tuple[float | None, int | None]:
     return None, None
 
 
+def drift_notes(numbers: dict) -> list[str]:
+    """A paragraph for each dataset whose numbers are not what its configuration file gives now (or
+    whose configuration could not be compared with it), for the sections that quote them together."""
+    notes = []
+    for dataset, n in numbers.items():
+        if n["config_drift"] is None:
+            notes += [f"**{dataset}'s pipeline configuration could not be compared with its file here.**", ""]
+        elif n["config_drift"]:
+            notes += [f"**{dataset}'s rows come from a pipeline that ran another version of its configuration file** "
+                      "(its section lists the differences).", ""]
+    return notes
+
+
 def targets_section(numbers: dict) -> str:
     """Every target of the project against the runs above: met or not met, with its number."""
-    lines = ["## Targets", "", "Each target against the runs above (test texts; speed on the machine above), met or not:", ""]
-    lines += [f"**{dataset}'s rows come from a pipeline that ran another version of its configuration file** (its "
-              "section lists the differences)." for dataset, n in numbers.items() if n["config_drift"]]
-    lines += ["", "| dataset | target | measured | verdict |", "|---|---|---|---|"]
+    lines = ["## Targets", "", "Each target against the runs above (test texts; speed on the machine above), met or not:",
+             "", *drift_notes(numbers), "| dataset | target | measured | verdict |", "|---|---|---|---|"]
     for dataset, n in numbers.items():
         if dataset in TEACHER_TARGETS:
             metric, need = TEACHER_TARGETS[dataset]
@@ -712,9 +723,9 @@ def serving_section(numbers: dict) -> str:
     if not latest:
         return ""
     lines = ["## Serving through `mlflow models serve`", "",
-             "One tweet per request, real test texts, some requests malformed on purpose (they must get a 4xx); "
-             "latency per request from the client, loopback only, on the machine above, the client on the same "
-             "cores. Open loop: requests sent at Poisson times whatever the server's state, latency counted from "
+             "One test text of the model's dataset per request, some requests malformed on purpose (they must get "
+             "a 4xx); latency per request from the client, loopback only, on the machine above, the client on the "
+             "same cores. Open loop: requests sent at Poisson times whatever the server's state, latency counted from "
              "each request's scheduled time, a timed-out request kept in the percentiles at the timeout (a lower "
              "bound). Closed loop: each client sends its next request when the last is answered.", "",
              "| model | version | server workers | load | ok | errors | timed out / unsent | malformed rejected | "

@@ -1,0 +1,48 @@
+"""Report sections read from runs alone: here from hand-made MLflow runs, not a pipeline."""
+import mlflow
+import pytest
+
+from kd_sentiment import report, tracking
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
+    mlflow.set_experiment("kd-sentiment/tweeteval")
+    yield tmp_path
+    mlflow.set_tracking_uri(None)
+
+
+def load_test(version: str, p99: float) -> None:
+    """A finished open-loop load test of version `version` of the tinybert INT8 model."""
+    with mlflow.start_run(tags={tracking.STEP_TAG: "loadtest"}):
+        mlflow.log_params({"model": "models:/kd-sentiment-tinybert-tweeteval-int8@candidate", "model_version": version,
+                           "mode": "open", "rate": 100.0, "requests": 1500, "workers": 2})
+        mlflow.log_metrics({"ok": 1350, "errors": 0, "timeouts": 0, "unsent": 0, "malformed_rejected_4xx": 150,
+                            "malformed_sent": 150, "p50_ms": 10.0, "p95_ms": 20.0, "p99_ms": p99,
+                            "latency_samples": 1350, "throughput_per_s": 89.0})
+
+
+def numbers(version: str, drift) -> dict:
+    return {"tweeteval": {"config_drift": drift, "students": {"tinybert": {
+        "int8": {"int8_agreement_with_fp32": 0.997}, "int8_name": "kd-sentiment-tinybert-tweeteval-int8", "int8_version": version}}}}
+
+
+def test_serving_shows_the_deployed_version_only(store):
+    load_test("1", p99=176.5)  # an earlier pipeline's deployed version
+    load_test("2", p99=82.9)
+    text = report.serving_section(numbers("2", []))
+    rows = [line for line in text.splitlines() if line.startswith("| models:/")]
+    assert len(rows) == 1 and "| 2 | 2 | open loop, 100 req/s x 1500 |" in rows[0] and "82.9 (1350)" in rows[0]
+    assert report.serving_section(numbers("3", [])) == ""  # no load test of the deployed version: no section
+
+
+@pytest.mark.parametrize("drift, note", [
+    ([], None),
+    (["teacher.epochs: ran 1, now 2"], "**tweeteval's rows come from a pipeline that ran another version of its "
+                                        "configuration file**"),
+    (None, "**tweeteval's pipeline configuration could not be compared with its file here.**")])
+def test_targets_and_claims_say_when_a_section_is_not_what_its_config_gives(drift, note):
+    notes = "\n".join(report.drift_notes(numbers("2", drift)))
+    assert (note in notes) if note else notes == ""

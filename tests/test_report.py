@@ -5,17 +5,9 @@ import pytest
 from kd_sentiment import report, tracking
 
 
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
-    mlflow.set_experiment("kd-sentiment/tweeteval")
-    yield tmp_path
-    mlflow.set_tracking_uri(None)
-
-
 def load_test(version: str, p99: float) -> None:
     """A finished open-loop load test of version `version` of the tinybert INT8 model."""
+    mlflow.set_experiment("kd-sentiment/tweeteval")  # in the test's own store (conftest's _fresh_mlflow)
     with mlflow.start_run(tags={tracking.STEP_TAG: "loadtest"}):
         mlflow.log_params({"model": "models:/kd-sentiment-tinybert-tweeteval-int8@candidate", "model_version": version,
                            "mode": "open", "rate": 100.0, "requests": 1500, "workers": 2})
@@ -29,7 +21,7 @@ def numbers(version: str, drift) -> dict:
         "int8": {"int8_agreement_with_fp32": 0.997}, "int8_name": "kd-sentiment-tinybert-tweeteval-int8", "int8_version": version}}}}
 
 
-def test_serving_shows_the_deployed_version_only(store):
+def test_serving_shows_the_deployed_version_only():
     load_test("1", p99=176.5)  # an earlier pipeline's deployed version
     load_test("2", p99=82.9)
     text = report.serving_section(numbers("2", []))

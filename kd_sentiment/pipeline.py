@@ -5,7 +5,7 @@ Every step is a child run of one parent run. A step whose run already FINISHED w
 parameters, upstream models and code is reused instead of re-run (its key, a hash of those, is the
 tag `kd_sentiment.step_key`), so re-running an interrupted pipeline continues where it stopped; the
 parent lists reused steps in the tag `reused_steps`. Training steps also resume from their last
-checkpoint (in `outputs/pipeline/<key>`), in their original run.
+checkpoint (in `outputs/pipeline/<key>`), in their original run; a finished one's checkpoints are deleted.
 
 Configuration (experiments/*.yaml), every section optional:
   catalog: experiments/catalog-offline.yaml
@@ -30,10 +30,12 @@ import argparse
 import hashlib
 import json
 import logging
+import shutil
 from dataclasses import asdict
 from pathlib import Path
 
 import mlflow
+from accelerate import PartialState
 
 from kd_sentiment import benchmark, distill, promote, quantize, schema, teacher, tracking
 from kd_sentiment.errors import UserError
@@ -151,6 +153,8 @@ class StepRunner:
         log.debug("[pipeline] %s: step key %s from %s", label, key, identity)
         with tracking.step_tags({**(tags or {}), tracking.STEP_KEY_TAG: key}):
             step_fn(step_args)
+        if hasattr(step_args, "resume"):
+            drop_checkpoints(Path(step_args.output_dir))
         return self.record(label, tracking.find_runs(tags={tracking.STEP_KEY_TAG: key}, max_results=1)[0])
 
     def record(self, label: str, finished):
@@ -159,6 +163,16 @@ class StepRunner:
         self.step_runs[label] = finished.info.run_id
         mlflow.log_metric(f"step_seconds.{label}", (finished.info.end_time - finished.info.start_time) / 1000)
         return finished
+
+
+def drop_checkpoints(output_dir: Path) -> None:
+    """Delete a finished training step's checkpoints and best weights (about 1 GB for a 6-layer
+    student): its model is logged and registered, a re-run reuses the run, and a study's dozens of
+    runs would otherwise fill the disk. Every process has finished reading them first."""
+    state = PartialState()
+    state.wait_for_everyone()
+    if state.is_main_process:
+        shutil.rmtree(output_dir, ignore_errors=True)
 
 
 def registered_uri(run) -> str:

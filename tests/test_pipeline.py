@@ -58,6 +58,8 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     # Each step ran exactly once over the three attempts, always as a child of a pipeline run.
     assert len(children) == len(STEPS) and all(r.info.status == "FINISHED" for r in children)
     assert len({r.data.tags["kd_sentiment.step_key"] for r in children}) == len(STEPS)
+    # The training steps checkpointed under outputs/pipeline (cwd is tmp_path); finished, they left nothing.
+    assert (tmp_path / "outputs" / "pipeline").is_dir() and not any((tmp_path / "outputs" / "pipeline").iterdir())
 
     csv = sorted((tmp_path / "bench").glob("imdb-*.csv"))
     assert len(csv) == 1

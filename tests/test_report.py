@@ -5,11 +5,11 @@ import pytest
 from kd_sentiment import report, tracking
 
 
-def load_test(version: str, p99: float) -> None:
-    """A finished open-loop load test of version `version` of the tinybert INT8 model."""
+def load_test(version: str, p99: float, student: str = "tinybert") -> None:
+    """A finished open-loop load test of version `version` of a student's INT8 model."""
     mlflow.set_experiment("kd-sentiment/tweeteval")  # in the test's own store (conftest's _fresh_mlflow)
     with mlflow.start_run(tags={tracking.STEP_TAG: "loadtest"}):
-        mlflow.log_params({"model": "models:/kd-sentiment-tinybert-tweeteval-int8@candidate", "model_version": version,
+        mlflow.log_params({"model": f"models:/kd-sentiment-{student}-tweeteval-int8@candidate", "model_version": version,
                            "mode": "open", "rate": 100.0, "requests": 1500, "workers": 2})
         mlflow.log_metrics({"ok": 1350, "errors": 0, "timeouts": 0, "unsent": 0, "malformed_rejected_4xx": 150,
                             "malformed_sent": 150, "p50_ms": 10.0, "p95_ms": 20.0, "p99_ms": p99,
@@ -17,8 +17,10 @@ def load_test(version: str, p99: float) -> None:
 
 
 def numbers(version: str, drift) -> dict:
-    return {"tweeteval": {"config_drift": drift, "students": {"tinybert": {
-        "int8": {"int8_agreement_with_fp32": 0.997}, "int8_name": "kd-sentiment-tinybert-tweeteval-int8", "int8_version": version}}}}
+    """A report's numbers for tweeteval with tinybert's INT8 version `version` and minilm's version 1 deployed."""
+    return {"tweeteval": {"config_drift": drift, "students": {student: {
+        "int8": {"int8_agreement_with_fp32": 0.997}, "int8_name": f"kd-sentiment-{student}-tweeteval-int8",
+        "int8_version": v} for student, v in (("tinybert", version), ("minilm", "1"))}}}
 
 
 def test_serving_shows_the_deployed_version_only():
@@ -28,6 +30,11 @@ def test_serving_shows_the_deployed_version_only():
     rows = [line for line in text.splitlines() if line.startswith("| models:/")]
     assert len(rows) == 1 and "| 2 | 2 | open loop, 100 req/s x 1500 |" in rows[0] and "82.9 (1350)" in rows[0]
     assert report.serving_section(numbers("3", [])) == ""  # no load test of the deployed version: no section
+    # The serving target reads the same tests: tinybert's deployed version's, not the earlier one's nor
+    # minilm's (tested last).
+    load_test("1", p99=50.0, student="minilm")
+    assert report.served_latency(numbers("2", []), "kd-sentiment-tinybert-tweeteval-int8") == (82.9, 1350)
+    assert report.served_latency(numbers("3", []), "kd-sentiment-tinybert-tweeteval-int8") == (None, None)
 
 
 @pytest.mark.parametrize("drift, note", [

@@ -95,6 +95,14 @@ def majority_baseline(train_labels: np.ndarray, labels: np.ndarray, label_names:
                                                average="macro", zero_division=0))}
 
 
+def majority_floor(metrics: dict, selection_metric: str) -> str | None:
+    """Why a model does not beat the majority-class baseline on validation, or None if it does."""
+    own, floor = metrics[f"val_{selection_metric}"], metrics[f"val_majority_{selection_metric}"]
+    if own > floor:
+        return None
+    return f"not better than the majority class on validation ({selection_metric} {own:.4f} vs {floor:.4f})"
+
+
 def confusion(logits: np.ndarray, labels: np.ndarray, num_labels: int) -> np.ndarray:
     return confusion_matrix(labels, np.asarray(logits).argmax(axis=1), labels=list(range(num_labels)))
 

@@ -26,6 +26,7 @@ from mlflow.exceptions import MlflowException
 
 from kd_sentiment import tracking
 from kd_sentiment.benchmark import shown_speedup
+from kd_sentiment.calibration import majority_floor
 from kd_sentiment.errors import UserError
 from kd_sentiment.schema import ReportArgs
 from kd_sentiment.stats import Difference, paired_difference
@@ -197,9 +198,17 @@ SEED_MEANS = ("test_accuracy", "test_macro_recall", "test_ece", "test_ece_after_
 
 
 def seed_means(run_ids: list) -> dict[str, float]:
-    """The table's test metrics, each the mean over the runs (one per seed); each run read once."""
+    """The table's test metrics, each the mean over the runs (one per seed)."""
     metrics = [read_run(r).data.metrics for r in run_ids]
     return {key: float(np.mean([m[key] for m in metrics])) for key in SEED_MEANS}
+
+
+def seeds_cell(run_ids: list) -> str:
+    """The table's seeds column: how many runs, and how many of them did no better than the majority
+    class on validation (a run that predicts one class pulls the mean down and widens the intervals)."""
+    runs = [read_run(r) for r in run_ids]
+    floor = sum(majority_floor(r.data.metrics, r.data.params["selection_metric"]) is not None for r in runs)
+    return f"{len(runs)}" + (f" ({floor} no better than the majority class)" if floor else "")
 
 
 def student_rows(student: str, runs: dict, teacher_run: str, bench, big: int, teacher_metric: float,
@@ -210,7 +219,7 @@ def student_rows(student: str, runs: dict, teacher_run: str, bench, big: int, te
     selected = read_run(runs["selected"])
     kd_name = selected.data.tags["registered_model"]
     kd = seed_means(kd_runs)
-    rows = [f"| {student} + KD (fp32) | {len(kd_runs)} | {selected.data.metrics['parameters'] / 1e6:.1f} | "
+    rows = [f"| {student} + KD (fp32) | {seeds_cell(kd_runs)} | {selected.data.metrics['parameters'] / 1e6:.1f} | "
             f"{pct(kd['test_accuracy'])} | {pct(kd['test_macro_recall'])} | {kd['test_ece']:.3f} | "
             f"{kd['test_ece_after_ts']:.3f} | {speedup(bench, kd_name, 'torch_fp32', 1)} | "
             f"{speedup(bench, kd_name, 'torch_fp32', big)} | | |"]
@@ -221,7 +230,7 @@ def student_rows(student: str, runs: dict, teacher_run: str, bench, big: int, te
     pairs = [(f"{student} + KD vs teacher", kd_runs, [teacher_run], "test_logits", "test_logits", "vs_teacher")]
     if nokd_runs:
         nokd = seed_means(nokd_runs)
-        rows.append(f"| {student} no KD (alpha=0) | {len(nokd_runs)} | (as above) | {pct(nokd['test_accuracy'])} | "
+        rows.append(f"| {student} no KD (alpha=0) | {seeds_cell(nokd_runs)} | (as above) | {pct(nokd['test_accuracy'])} | "
                     f"{pct(nokd['test_macro_recall'])} | {nokd['test_ece']:.3f} | {nokd['test_ece_after_ts']:.3f} | "
                     "(as above) | (as above) | | |")
         pairs.append((f"{student} + KD vs no KD", kd_runs, nokd_runs, "test_logits", "test_logits", "kd_gain"))
@@ -229,7 +238,7 @@ def student_rows(student: str, runs: dict, teacher_run: str, bench, big: int, te
     if plain:  # the KD runs used a transfer set; these are their twins on the labelled texts alone
         without = seed_means(plain)
         n_transfer = selected.data.params.get("n_transfer", "?")
-        rows.append(f"| {student} + KD without the transfer set | {len(plain)} | (as above) | "
+        rows.append(f"| {student} + KD without the transfer set | {seeds_cell(plain)} | (as above) | "
                     f"{pct(without['test_accuracy'])} | {pct(without['test_macro_recall'])} | "
                     f"{without['test_ece']:.3f} | {without['test_ece_after_ts']:.3f} | (as above) | (as above) | | |")
         rows[0] = rows[0].replace(f"| {student} + KD (fp32) |", f"| {student} + KD + {n_transfer} transfer texts (fp32) |")

@@ -19,6 +19,7 @@ from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 
 from kd_sentiment import tracking
+from kd_sentiment.calibration import majority_floor
 from kd_sentiment.data import Splits, load_splits
 from kd_sentiment.errors import UserError
 from kd_sentiment.evaluation import evaluate, log_evaluation
@@ -169,14 +170,6 @@ def token_lengths(tokenizer, texts: list[str], max_length: int) -> dict[str, flo
     lengths = np.array([len(ids) for ids in tokenizer(texts, truncation=False, verbose=False)["input_ids"]])
     return {**{f"train_tokens_p{q}": float(np.percentile(lengths, q)) for q in (50, 90, 99)},
             "train_tokens_max": float(lengths.max()), "train_truncated_share": float((lengths > max_length).mean())}
-
-
-def majority_floor(metrics: dict, selection_metric: str) -> str | None:
-    """Why a model does not beat the majority-class baseline on validation, or None if it does."""
-    own, floor = metrics[f"val_{selection_metric}"], metrics[f"val_majority_{selection_metric}"]
-    if own > floor:
-        return None
-    return f"not better than the majority class on validation ({selection_metric} {own:.4f} vs {floor:.4f})"
 
 
 def publish(model, tokenizer, splits: Splits, registered_name: str, alias: str, tags: dict, max_length: int,

@@ -45,3 +45,16 @@ def test_serving_shows_the_deployed_version_only():
 def test_targets_and_claims_say_when_a_section_is_not_what_its_config_gives(drift, note):
     notes = "\n".join(report.drift_notes(numbers("2", drift)))
     assert (note in notes) if note else notes == ""
+
+
+def test_the_seeds_column_counts_the_runs_no_better_than_the_majority_class():
+    """A seed that predicts one class is named beside the count, not hidden in the mean."""
+    def training_run(val: float) -> str:
+        with mlflow.start_run() as run:
+            mlflow.log_param("selection_metric", "accuracy")
+            mlflow.log_metrics({"val_accuracy": val, "val_majority_accuracy": 0.5})
+        return run.info.run_id
+
+    learnt, collapsed = training_run(0.78), training_run(0.5)
+    assert report.seeds_cell([learnt, training_run(0.71)]) == "2"
+    assert report.seeds_cell([learnt, collapsed, training_run(0.5)]) == "3 (2 no better than the majority class)"

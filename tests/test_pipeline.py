@@ -177,7 +177,9 @@ def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(con
     assert "[" in kd_line and "n/a" not in kd_line
     assert "ran in fp32 for the teacher and bf16 mixed precision for the students, with fp32 weights" in text
     seeds_cell = next(line for line in text.splitlines() if line.startswith("| teacher-layers:0 + KD (fp32)"))
-    assert seeds_cell.split("|")[2].strip() == "2"
+    # a tiny model's seed may do no better than the majority class: the cell says how many did
+    floor = sum(r.data.metrics["val_accuracy"] <= r.data.metrics["val_majority_accuracy"] for r in kd)
+    assert seeds_cell.split("|")[2].strip() == "2" + (f" ({floor} no better than the majority class)" if floor else "")
     # Nothing typed for another configuration: the teacher, budget, hardware and noise are these runs'.
     for phrase in ("mpnet", "2-core", "±20%", "1.5-2 points", "~3 points", "same data, seed and budget"):
         assert phrase not in text.lower(), phrase

@@ -24,17 +24,20 @@ def numbers(version: str, drift) -> dict:
 
 
 def test_serving_shows_the_deployed_version_only():
+    def load_tests(version: str) -> dict:
+        return report.deployed_load_tests(numbers(version, []))
+
     load_test("1", p99=176.5)  # an earlier pipeline's deployed version
     load_test("2", p99=82.9)
-    text = report.serving_section(numbers("2", []))
+    text = report.serving_section(load_tests("2"))
     rows = [line for line in text.splitlines() if line.startswith("| models:/")]
     assert len(rows) == 1 and "| 2 | 2 | open loop, 100 req/s x 1500 |" in rows[0] and "82.9 (1350)" in rows[0]
-    assert report.serving_section(numbers("3", [])) == ""  # no load test of the deployed version: no section
+    assert report.serving_section(load_tests("3")) == ""  # no load test of the deployed version: no section
     # The serving target reads the same tests: tinybert's deployed version's, not the earlier one's nor
     # minilm's (tested last).
     load_test("1", p99=50.0, student="minilm")
-    assert report.served_latency(numbers("2", []), "kd-sentiment-tinybert-tweeteval-int8") == (82.9, 1350)
-    assert report.served_latency(numbers("3", []), "kd-sentiment-tinybert-tweeteval-int8") == (None, None)
+    assert report.served_latency(load_tests("2"), "kd-sentiment-tinybert-tweeteval-int8") == (82.9, 1350)
+    assert report.served_latency(load_tests("3"), "kd-sentiment-tinybert-tweeteval-int8") == (None, None)
 
 
 @pytest.mark.parametrize("drift, note", [

@@ -30,6 +30,7 @@ import argparse
 import hashlib
 import json
 import logging
+import re
 import shutil
 from dataclasses import asdict
 from pathlib import Path
@@ -128,6 +129,11 @@ def load_config(path: str) -> dict:
     return config
 
 
+# A step's label names a metric (`step_seconds.<label>`) and is listed comma-separated in `reused_steps`:
+# what MLflow refuses in a metric name (a student like `teacher-layers:0,1` has a comma) becomes `_`.
+NOT_IN_METRIC_NAME = re.compile(r"[^0-9A-Za-z_\-. :/]")
+
+
 class StepRunner:
     """Runs steps as child runs of the active run, reusing a finished identical one (also used by
     kd_sentiment/study.py)."""
@@ -140,6 +146,7 @@ class StepRunner:
     def step(self, label: str, step_fn, step_args, upstream: str = "", tags: dict | None = None):
         """Run `step_fn(step_args)` as a child run (with `tags`) unless an identical finished run
         exists; return that run."""
+        label = NOT_IN_METRIC_NAME.sub("_", label)
         identity = json.dumps([label, asdict(step_args), upstream, self.code], sort_keys=True, default=str)
         key = hashlib.sha256(identity.encode()).hexdigest()[:16]
         found = tracking.find_runs(tags={tracking.STEP_KEY_TAG: key}, max_results=1)

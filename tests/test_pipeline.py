@@ -264,3 +264,27 @@ def test_a_transfer_set_trains_each_student_three_ways_and_the_report_compares_t
     gain = next(line for line in text.splitlines() if "with vs without the transfer set" in line)
     assert "[" in gain and "n/a" not in gain
     assert "| teacher-layers:0 + KD + 300 transfer texts (fp32) |" in text
+
+
+def test_a_step_label_with_a_comma_still_logs_its_wall_time():
+    """A student like `teacher-layers:0,1` (smoke.yaml's) labels its steps with a comma, which MLflow
+    refuses in the `step_seconds.<label>` metric; the label is logged with `_` instead."""
+    from dataclasses import dataclass
+
+    from kd_sentiment import tracking
+
+    @dataclass
+    class Args:
+        seed: int = 42
+
+    def step(args):
+        with tracking.step_run("distill", "a comma student"):
+            pass
+
+    with mlflow.start_run() as parent:
+        runner = pipeline.StepRunner()
+        runner.step("distill-teacher-layers:0,1-s42", step, Args())
+        runner.step("distill-teacher-layers:0,1-s42", step, Args())  # reused: listed without a comma inside
+    metrics = mlflow.get_run(parent.info.run_id).data.metrics
+    assert "step_seconds.distill-teacher-layers:0_1-s42" in metrics
+    assert runner.reused == ["distill-teacher-layers:0_1-s42"]

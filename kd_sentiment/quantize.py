@@ -93,7 +93,7 @@ def deployable(args: QuantizeArgs, work: Path, onnx_fp32: Path, fused: Path, spl
             calibration if args.mode == "static" else None, max_length, float_ffn_output=args.float_ffn_output)
         return search.Candidate(f"ort-{args.mode}", path, recipe=settings)
     candidates = search.build(work / "candidates", onnx_fp32, fused, calibration, max_length, args.reduce_range,
-                              args.min_agreement)
+                              args.min_agreement, args.sensitivity_texts)
     search.validate(candidates, onnx_fp32.parent, texts["val"], splits.validation["label"].to_numpy(),
                     splits.label_names, reference_val, max_length)
     search.time_all(candidates, fused, onnx_fp32.parent, texts["val"], args.fixed_length, args.threads)

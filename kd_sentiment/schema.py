@@ -310,6 +310,9 @@ class QuantizeArgs:
                                           "float; their outlier activations cost INT8 the most accuracy (static "
                                           "mode always does)")
     calibration_samples: int = param(300, "static mode: seeded sample of train texts used for calibration")
+    sensitivity_texts: int = param(200, "auto: calibration texts each node's INT8 sensitivity is measured on, for "
+                                        "the candidate that keeps the most sensitive nodes float (one quantization "
+                                        "and pass per node: most of auto's time on a 6-layer model); 0 skips it")
     seed: int = param(42, "seed for the calibration sample (the evaluation subsets follow the parent run's seed)")
     name: str = param("", "registered name (empty: PARENT-int8)")
     alias: str = param("candidate", "alias for the new version ('' skips); promote moves champion")
@@ -320,6 +323,9 @@ class QuantizeArgs:
                             "models:/kd-sentiment-minilm-tweeteval@champion.")
         if self.calibration_samples <= 0:
             raise UserError(f"calibration_samples={self.calibration_samples}: must be positive.")
+        if not 0 <= self.sensitivity_texts <= self.calibration_samples:
+            raise UserError(f"sensitivity_texts={self.sensitivity_texts}: between 0 (no sensitivity search) and "
+                            f"calibration_samples={self.calibration_samples} (it measures on those texts).")
         if not 0 <= self.min_agreement <= 1:
             raise UserError(f"min_agreement={self.min_agreement}: a share in [0, 1].")
         check_alias(self.alias)

@@ -8,7 +8,8 @@ that opens it:
   ort-dynamic-embeddings-fp32 the embedding lookups (Gather) kept float
   ort-dynamic-ffn-fp32        the feed-forward output projections kept float (their outlier activations)
   ort-dynamic-sensitive-fp32  the nodes measured most sensitive kept float (`sensitive`; built only where
-                              ort-dynamic disagrees with fp32 on the training texts more than the budget allows)
+                              ort-dynamic disagrees with fp32 on the training texts more than the budget allows,
+                              and sensitivity_texts is not 0)
   ort-static                  static QDQ INT8, activation ranges calibrated on train texts
   openvino-f32                OpenVINO reading the unfused fp32 ONNX graph
   openvino-bf16               the same computing in bf16 (only on CPUs with AVX512_BF16 or AMX)
@@ -45,7 +46,6 @@ TIMING_ROUNDS = 3        # interleaved rounds of the in-process timing (a rankin
 # tokens, ran at ONNX Runtime fp32's speed while 1.7x faster at 128 tokens).
 TIMED = {"real_b1": (1, False, 24), "fixed_b1": (1, True, 12), "fixed_b32": (32, True, 3)}
 WARMUP_BATCHES = 2
-SENSITIVITY_TEXTS = 200  # training texts (no labels needed) each node's sensitivity is measured on
 MAX_FLOAT_SHARE = 0.25   # the sensitivity search keeps at most this share of the quantizable nodes float
 
 
@@ -66,8 +66,9 @@ class Candidate:
 
 
 def build(work: Path, unfused: Path, fused: Path, calibration_texts: list[str], max_length: int,
-          reduce_range: bool | None, min_agreement: float) -> list[Candidate]:
-    """Every candidate this machine can run, their graphs written under `work`."""
+          reduce_range: bool | None, min_agreement: float, sensitivity_texts: int) -> list[Candidate]:
+    """Every candidate this machine can run, their graphs written under `work`; the sensitivity
+    search measures on the first `sensitivity_texts` calibration texts (0: no search)."""
     def ort(name: str, source: Path, **recipe) -> Candidate:
         path, settings = quantization.quantize_onnx(source.parent, work / name, reduce_range=reduce_range,
                                                     max_length=max_length, **recipe)
@@ -79,7 +80,7 @@ def build(work: Path, unfused: Path, fused: Path, calibration_texts: list[str], 
                   ort("ort-dynamic-ffn-fp32", fused, float_ffn_output=True),
                   ort("ort-static", unfused, mode="static", **static_texts)]
     qdq = candidates[-1]
-    sensitive_one = sensitive(work, fused, candidates[0], calibration_texts[:SENSITIVITY_TEXTS], max_length,
+    sensitive_one = sensitive(work, fused, candidates[0], calibration_texts[:sensitivity_texts], max_length,
                               reduce_range, min_agreement)
     if sensitive_one:
         candidates.insert(-1, sensitive_one)
@@ -93,7 +94,8 @@ def build(work: Path, unfused: Path, fused: Path, calibration_texts: list[str], 
 def sensitive(work: Path, fused: Path, plain: Candidate, texts: list[str], max_length: int,
               reduce_range: bool | None, min_agreement: float) -> Candidate | None:
     """ONNX Runtime dynamic INT8 of the fused graph with the nodes measured most sensitive kept float,
-    or None where the `plain` all-INT8 graph already agrees with fp32 on `texts` at `min_agreement`.
+    or None where `texts` is empty or the `plain` all-INT8 graph already agrees with fp32 on them at
+    `min_agreement`.
 
     Measured on training texts (never validation, which judges the result): each quantizable node is
     quantized alone and its sensitivity is the mean squared difference of the logits from fp32. The k
@@ -101,6 +103,9 @@ def sensitive(work: Path, fused: Path, plain: Candidate, texts: list[str], max_l
     which the rest agrees with fp32 on `texts` at `min_agreement`; the largest k tried otherwise.
     """
     import onnx
+
+    if not texts:
+        return None
 
     def logits(path: Path) -> np.ndarray:
         return OnnxClassifier(path, fused.parent).predict_logits(texts, max_length)

@@ -132,6 +132,8 @@ def test_the_sensitivity_search_keeps_the_nodes_that_move_the_logits_most_float(
     root, fused = exported["root"], exported["fused"]
     plain = search.Candidate("ort-dynamic", exported["int8"], recipe=exported["described"])
     assert search.sensitive(root / "s0", fused, plain, texts, MAX_LENGTH, None, min_agreement=0.0) is None
+    # sensitivity_texts 0: no search, even where plain INT8 misses the agreement.
+    assert search.sensitive(root / "s0", fused, plain, [], MAX_LENGTH, None, min_agreement=1.01) is None
 
     # An agreement no graph reaches: the search keeps its largest number of float nodes.
     found = search.sensitive(root / "s1", fused, plain, texts, MAX_LENGTH, None, min_agreement=1.01)

@@ -23,6 +23,8 @@ the benchmark (what the report reads).
   quantize:  {mode, per_channel, optimize_level, calibration_samples}
   promote:   {margin}
   benchmark: {batch_sizes, fixed_length, threads, time_budget, max_eval_samples}
+A key of these sections may take one value per dataset, `epochs: {tweeteval: 1, imdb: 3}`: a run
+reads its dataset's (and refuses a config without one); the run logs the values it used.
 """
 from __future__ import annotations
 
@@ -95,15 +97,23 @@ def read_plan(plan: dict, where: str) -> dict:
     return plan
 
 
-def check_sections(config: dict, file: Path) -> None:
+def read_block(section: str, block: dict, where: str) -> dict:
+    """One section's values read as their flags would (the distill plan's own keys as read_plan does)."""
+    plan = read_plan({k: block[k] for k in DISTILL_PLAN & set(block)}, where)
+    return {**schema.read_values(SECTION_SCHEMA[section], {k: v for k, v in block.items() if k not in plan}, where),
+            **plan}
+
+
+def check_sections(config: dict, file: Path, dataset: str | None = None) -> None:
     """Refuse a key no step would read (a typo would otherwise be dropped silently or crash later)
     and read every value as its flag would, in place: one line naming the file, the section, the
-    key and the valid keys (or what the value should be)."""
+    key and the valid keys (or what the value should be). A value given per dataset becomes
+    `dataset`'s (refused where it has none); without a `dataset` each one is read and kept per dataset."""
     for section, keys in section_keys().items():
         content = config.get(section) or {}
         blocks = content.items() if section == "data" else [(None, content)]
-        for dataset, block in blocks:
-            name = f"data.{dataset}" if dataset else section
+        for data_name, block in blocks:
+            name = f"data.{data_name}" if data_name else section
             where = f"config {file}: section '{name}'"
             if not isinstance(block, dict):
                 raise UserError(f"{where} must be a mapping of keys {sorted(keys)}.")
@@ -111,18 +121,29 @@ def check_sections(config: dict, file: Path) -> None:
             if unknown:
                 raise UserError(f"config {file}: unknown key(s) {unknown} in section '{name}'; valid keys: "
                                 f"{sorted(keys)}.")
-            plan = read_plan({k: block[k] for k in DISTILL_PLAN & set(block)}, where)
-            read = schema.read_values(SECTION_SCHEMA[section], {k: v for k, v in block.items() if k not in plan}, where)
-            if dataset:
-                content[dataset] = read
-            else:
-                config[section] = {**read, **plan}
+            if data_name:
+                content[data_name] = read_block(section, block, where)
+                continue
+            per_dataset = {k: v for k, v in block.items() if isinstance(v, dict)}
+            if dataset is not None:
+                missing = sorted(k for k, values in per_dataset.items() if dataset not in values)
+                if missing:
+                    raise UserError(f"{where}: {missing} give a value per dataset but none for '{dataset}'; add "
+                                    f"`{dataset}: VALUE` to each.")
+                block, per_dataset = {**block, **{k: v[dataset] for k, v in per_dataset.items()}}, {}
+            read = read_block(section, {k: v for k, v in block.items() if k not in per_dataset}, where)
+            for key, values in per_dataset.items():
+                read[key] = {each: read_block(section, {key: value}, f"{where}, {key} for {each}")[key]
+                             for each, value in values.items()}
+            config[section] = read
 
 
-def load_config(path: str) -> dict:
+def load_config(path: str, dataset: str | None = None) -> dict:
+    """The config file's sections, checked and read as their flags would be; values given per dataset
+    resolved to `dataset`'s where one is named (a pipeline run), kept per dataset otherwise."""
     file = Path(path)
     config = read_yaml(file, "config (see experiments/smoke.yaml, cpu.yaml, paper.yaml)", SECTIONS)
-    check_sections(config, file)
+    check_sections(config, file, dataset)
     catalog = config.get("catalog")
     if catalog and not Path(catalog).exists():  # written relative to the project root (experiments/..)
         config["catalog"] = str(file.resolve().parent.parent / catalog)
@@ -285,7 +306,7 @@ class Pipeline(StepRunner):
 
 def run(args: PipelineArgs) -> dict:
     """Run the configured pipeline for one dataset under a parent run `pipeline-<config>-<dataset>`."""
-    config = load_config(args.config)
+    config = load_config(args.config, args.dataset)
     tracking.configure()
     tracking.use_experiment(args.dataset)
     name = f"pipeline-{Path(args.config).stem}-{args.dataset}"

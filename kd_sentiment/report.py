@@ -287,7 +287,7 @@ def config_drift(parent, dataset: str) -> list[str] | None:
 
     path = parent.data.params.get("config") or ""
     try:
-        now = load_config(path) if Path(path).is_file() else None
+        now = load_config(path, dataset) if Path(path).is_file() else None
         with tempfile.TemporaryDirectory() as tmp:
             ran = yaml.safe_load(Path(mlflow.artifacts.download_artifacts(
                 run_id=parent.info.run_id, artifact_path="pipeline_config.yaml", dst_path=tmp)).read_text())

@@ -223,6 +223,22 @@ def test_config_values_read_like_their_flags_and_steps_keep_their_own_defaults(t
     assert "alpha" not in schema.flat_fields(schema.TeacherArgs)
 
 
+def test_a_value_given_per_dataset_is_read_for_the_dataset_run_and_refused_where_it_has_none(tmp_path):
+    """`epochs: {tweeteval: 1, imdb: 3}` gives each dataset's pipeline its own value, read as its flag
+    would; a dataset the mapping leaves out is refused naming the key; a bad value names its dataset."""
+    cfg = {"distill": {"epochs": {"tweeteval": 1, "imdb": "3"}, "lr": "1e-4", "seeds": {"imdb": [1, 2]}}}
+    path = tmp_path / "per-dataset.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert pipeline.load_config(str(path), "imdb")["distill"] == {"epochs": 3, "lr": 1e-4, "seeds": [1, 2]}
+    with pytest.raises(UserError, match=r"\['seeds'\] give a value per dataset but none for 'tweeteval'"):
+        pipeline.load_config(str(path), "tweeteval")
+    assert pipeline.load_config(str(path))["distill"]["epochs"] == {"tweeteval": 1, "imdb": 3}
+    cfg["distill"]["epochs"]["imdb"] = "three"
+    path.write_text(yaml.safe_dump(cfg))
+    with pytest.raises(UserError, match="epochs for imdb: epochs"):
+        pipeline.load_config(str(path))
+
+
 @pytest.mark.parametrize("distill, expect", [({"seeds": "42"}, "seeds must be a list"),
                                              ({"students": "minilm"}, "students must be a list"),
                                              ({"baseline": "maybe"}, "baseline: expected true or false")])

@@ -28,7 +28,7 @@ from kd_sentiment import tracking
 from kd_sentiment.benchmark import shown_speedup
 from kd_sentiment.calibration import majority_floor
 from kd_sentiment.errors import UserError
-from kd_sentiment.schema import ReportArgs
+from kd_sentiment.schema import ReportArgs, TrainConfig
 from kd_sentiment.stats import Difference, paired_difference
 
 log = logging.getLogger(__name__)
@@ -331,7 +331,7 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
              f"(stratified subsets, data seed {tp.get('data_seed', tp['seed'])}), max_length {tp['max_length']}. "
              f"Teacher: {tp['model']} ({t['parameters'] / 1e6:.1f}M parameters), {tp['epochs']} epoch(s) at lr "
              f"{tp['lr']}, trained on {teacher.data.tags.get('device', 'an unrecorded device')}. "
-             f"{precision_line(record)}Headline metric: {metric.replace('_', '-')}. Pipeline run "
+             f"{student_budget_line(record)}{precision_line(record)}Headline metric: {metric.replace('_', '-')}. Pipeline run "
              f"`{parent.info.run_id}`.", ""]
     drift, config = config_drift(parent, dataset), parent.data.params.get("config")
     if drift is None:
@@ -380,6 +380,30 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
                  else "; the INT8 rows are measured in the quantize run, on other test texts than the rows above.")
               , ""]
     return "\n".join(lines + cost_lines(parent, t, tp)), numbers
+
+
+def student_budget_line(record: dict) -> str:
+    """The students' training budget as their KD runs logged it (each distinct value once): epochs,
+    optimizer steps (where too few leave a student at the majority class), batch, lr, the transfer
+    set, alpha and temperature; '' where there are no students."""
+    runs = [read_run(r) for found in record["students"].values() for r in found.get("kd", [])]
+    if not runs:
+        return ""
+
+    def each(value) -> str:
+        return "/".join(str(v) for v in sorted({value(r.data.params) for r in runs}))
+
+    def steps(p: dict, transfer: bool) -> int:
+        n_texts = int(p["n_train"]) + (int(p.get("n_transfer") or 0) if transfer else 0)
+        return TrainConfig.from_params(p).optimizer_steps(n_texts, int(p.get("num_processes", 1)))
+
+    transfer = each(lambda p: int(p.get("n_transfer") or 0))
+    budget = (f"{each(lambda p: steps(p, False))} optimizer steps at batch {each(lambda p: int(p['batch_size']))}"
+              if transfer == "0" else
+              f"{each(lambda p: steps(p, True))} optimizer steps at batch {each(lambda p: int(p['batch_size']))} "
+              f"with {transfer} transfer texts, {each(lambda p: steps(p, False))} on the labelled texts alone")
+    return (f"Students: {each(lambda p: int(p['epochs']))} epoch(s) ({budget}), lr {each(lambda p: p['lr'])}, "
+            f"KD alpha {each(lambda p: p['alpha'])}, temperature {each(lambda p: p['temperature'])}. ")
 
 
 def precision_line(record: dict) -> str:

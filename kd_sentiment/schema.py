@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import re
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any, Callable
@@ -181,6 +182,12 @@ class TrainConfig:
         predates keep their defaults."""
         return cls(**{f.name: type(f.default)(params[f.name]) for f in fields(cls) if f.name in params})
 
+    def optimizer_steps(self, n_texts: int, processes: int = 1) -> int:
+        """Optimizer steps over `n_texts` in all epochs: each process takes its share of the batches,
+        and gradient_accumulation_steps batches make one step."""
+        batches = math.ceil(math.ceil(n_texts / self.batch_size) / processes)
+        return math.ceil(batches / self.gradient_accumulation_steps) * self.epochs
+
     def validate(self) -> None:
         positive = ("epochs", "batch_size", "lr", "max_length", "gradient_accumulation_steps", "temperature")
         for name in positive:
@@ -309,7 +316,8 @@ class QuantizeArgs:
     float_ffn_output: bool = param(False, "dynamic mode: keep the feed-forward output projections (after GELU) in "
                                           "float; their outlier activations cost INT8 the most accuracy (static "
                                           "mode always does)")
-    calibration_samples: int = param(300, "static mode: seeded sample of train texts used for calibration")
+    calibration_samples: int = param(300, "seeded sample of train texts: calibration of static INT8 (static mode, "
+                                          "auto's static candidates) and auto's sensitivity_texts")
     sensitivity_texts: int = param(200, "auto: calibration texts each node's INT8 sensitivity is measured on, for "
                                         "the candidate that keeps the most sensitive nodes float (one quantization "
                                         "and pass per node: most of auto's time on a 6-layer model); 0 skips it")
@@ -323,7 +331,7 @@ class QuantizeArgs:
                             "models:/kd-sentiment-minilm-tweeteval@champion.")
         if self.calibration_samples <= 0:
             raise UserError(f"calibration_samples={self.calibration_samples}: must be positive.")
-        if not 0 <= self.sensitivity_texts <= self.calibration_samples:
+        if self.sensitivity_texts < 0 or (self.mode == "auto" and self.sensitivity_texts > self.calibration_samples):
             raise UserError(f"sensitivity_texts={self.sensitivity_texts}: between 0 (no sensitivity search) and "
                             f"calibration_samples={self.calibration_samples} (it measures on those texts).")
         if not 0 <= self.min_agreement <= 1:

@@ -245,9 +245,7 @@ def train(model, tokenizer, data: TrainData, config: TrainConfig, accelerator: A
 
     encodings = tokenize(tokenizer, data.texts, config.max_length)
     lengths = np.array([len(ids) for ids in encodings["input_ids"]])
-    batches_per_epoch = math.ceil(math.ceil(len(lengths) / config.batch_size) / world)
-    steps_per_epoch = math.ceil(batches_per_epoch / config.gradient_accumulation_steps)
-    total_steps = steps_per_epoch * config.epochs
+    total_steps = config.optimizer_steps(len(lengths), world)
     model, optimizer, scheduler = accelerator.prepare(model, *optimizer_and_schedule(model, config, total_steps))
     state = start_state(accelerator, checkpoints)
     resumed_from = state["global_step"]

@@ -145,6 +145,7 @@ def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(con
     cfg = yaml.safe_load(open(config))
     cfg["distill"]["seeds"] = [0, 1]
     cfg["distill"]["mixed_precision"] = "bf16"  # after the fp32 teacher, in the same process
+    cfg["distill"]["batch_size"] = 32  # 300 labelled texts: 10 optimizer steps an epoch
     cfg.pop("benchmark")
     cfg["benchmark"] = {"batch_sizes": "1", "rounds": 2, "samples": 2, "time_budget": 0.05, "min_batches": 1,
                         "peer": False, "max_eval_samples": 100, "threads": 1, "output_dir": str(tmp_path / "bench")}
@@ -184,6 +185,7 @@ def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(con
     for phrase in ("mpnet", "2-core", "±20%", "1.5-2 points", "~3 points", "same data, seed and budget"):
         assert phrase not in text.lower(), phrase
     assert "tiny (0.3M parameters, 1 epoch(s) on 300 texts at 64 tokens)" in text
+    assert "Students: 1 epoch(s) (10 optimizer steps at batch 32), lr 0.002, KD alpha 0.5, temperature 2.0." in text
 
 
 @pytest.mark.parametrize("section, key", [("data.imdb", "max_train_sample"), ("teacher", "epoch"),
@@ -252,7 +254,11 @@ def test_the_pipelines_own_distill_keys_are_checked(distill, expect, tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.yaml")
                                         if not p.name.startswith("catalog")))
 def test_every_shipped_configuration_reads_under_the_schema(name):
-    pipeline.load_config(str(Path(__file__).parents[1] / "experiments" / name))
+    """Each shipped config reads, and so does each of its datasets' pipeline (a value given per
+    dataset must name every dataset the config has a data block for)."""
+    path = str(Path(__file__).parents[1] / "experiments" / name)
+    for dataset in [None, *(pipeline.load_config(path).get("data") or {})]:
+        pipeline.load_config(path, dataset)
 
 
 def test_a_transfer_set_trains_each_student_three_ways_and_the_report_compares_them(config, tmp_path):
@@ -260,7 +266,7 @@ def test_a_transfer_set_trains_each_student_three_ways_and_the_report_compares_t
     baseline (which never uses it) are trained on the same labelled texts; the report gives the
     transfer set's gain with its paired interval."""
     cfg = yaml.safe_load(open(config))
-    cfg["distill"].update(transfer_set="train-unlabelled", transfer_size=300)
+    cfg["distill"].update(transfer_set="train-unlabelled", transfer_size=300, batch_size=32)
     cfg["benchmark"].update(batch_sizes="1", rounds=1, samples=2, peer=False)
     path = tmp_path / "transfer.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -280,6 +286,8 @@ def test_a_transfer_set_trains_each_student_three_ways_and_the_report_compares_t
     gain = next(line for line in text.splitlines() if "with vs without the transfer set" in line)
     assert "[" in gain and "n/a" not in gain
     assert "| teacher-layers:0 + KD + 300 transfer texts (fp32) |" in text
+    # 300 labelled + 300 transfer texts at batch 32: 19 steps for KD, 10 for its twins
+    assert "(19 optimizer steps at batch 32 with 300 transfer texts, 10 on the labelled texts alone)" in text
 
 
 def test_a_step_label_with_a_comma_still_logs_its_wall_time():

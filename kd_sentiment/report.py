@@ -397,11 +397,10 @@ def student_budget_line(record: dict) -> str:
         n_texts = int(p["n_train"]) + (int(p.get("n_transfer") or 0) if transfer else 0)
         return TrainConfig.from_params(p).optimizer_steps(n_texts, int(p.get("num_processes", 1)))
 
-    transfer = each(lambda p: int(p.get("n_transfer") or 0))
-    budget = (f"{each(lambda p: steps(p, False))} optimizer steps at batch {each(lambda p: int(p['batch_size']))}"
-              if transfer == "0" else
-              f"{each(lambda p: steps(p, True))} optimizer steps at batch {each(lambda p: int(p['batch_size']))} "
-              f"with {transfer} transfer texts, {each(lambda p: steps(p, False))} on the labelled texts alone")
+    transfer, labelled = each(lambda p: int(p.get("n_transfer") or 0)), each(lambda p: steps(p, False))
+    budget = (f"{labelled if transfer == '0' else each(lambda p: steps(p, True))} optimizer steps at batch "
+              f"{each(lambda p: int(p['batch_size']))}"
+              + ("" if transfer == "0" else f" with {transfer} transfer texts, {labelled} on the labelled texts alone"))
     return (f"Students: {each(lambda p: int(p['epochs']))} epoch(s) ({budget}), lr {each(lambda p: p['lr'])}, "
             f"KD alpha {each(lambda p: p['alpha'])}, temperature {each(lambda p: p['temperature'])}. ")
 

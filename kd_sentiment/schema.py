@@ -424,7 +424,7 @@ class StudyArgs:
     teacher: str = param("", "registry URI (empty: models:/kd-sentiment-teacher-DATASET@champion)")
     variants: str = param(",".join(STUDY_VARIANTS), "teacher variants to run, comma-separated")
     label_smoothing: float = param(0.1, "of the label-smoothed teacher")
-    longer_epochs: int = param(3, "epochs of the trained-longer teacher")
+    longer_epochs: int = param(6, "epochs of the trained-longer teacher; more than the registered teacher's (cpu: 3)")
     student: str = param("tinybert", "the student every variant distils (as distill's student)")
     temperatures: str = param("1,4", "the fixed KD temperature grid, comma-separated")
     seeds: str = param("42,43,44", "training seeds, comma-separated: each teacher variant and T_kd is distilled once "

@@ -25,7 +25,7 @@ interrupted one. Soft targets come from the MLflow cache, so each teacher is run
 `kd-sentiment report` turns the runs into a section of results/RESULTS.md.
 
   kd-sentiment study calibration --dataset tweeteval --student tinybert \
-      --catalog experiments/catalog-offline.yaml --max_train_samples 2000 --max_eval_samples 1500 \
+      --catalog experiments/catalog-offline.yaml --max_train_samples 1500 --max_eval_samples 1000 \
       --seeds 42,43,44   # the cpu pipeline's tweeteval sizes
 """
 from __future__ import annotations
@@ -37,6 +37,7 @@ from itertools import product
 import mlflow
 
 from kd_sentiment import distill, teacher, tracking
+from kd_sentiment.errors import UserError
 from kd_sentiment.schema import TRAINED_VARIANTS, DistillArgs, StudyArgs, TeacherArgs, TrainConfig
 from kd_sentiment.pipeline import StepRunner, registered_uri
 
@@ -57,6 +58,11 @@ def run(args: StudyArgs) -> dict:
             log.warning("study: --%s %s, the registered teacher had %s: the trained teacher variants see other texts "
                         "than it; pass the teacher's sizes to compare recipes alone.", key, getattr(args, key),
                         teacher_run.data.params.get(key))
+    recipe = TrainConfig.from_params(teacher_run.data.params)
+    if "trained-longer" in variants and args.longer_epochs <= recipe.epochs:
+        raise UserError(f"longer_epochs={args.longer_epochs}: the registered teacher already trained {recipe.epochs} "
+                        f"epochs, so its trained-longer variant would be the same recipe; pass more, or leave "
+                        f"trained-longer out of --variants.")
     data = {"dataset": args.dataset, "data_dir": args.data_dir, "catalog": args.catalog,
             "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples}
     study = {tracking.STUDY_TAG: args.kind}
@@ -67,7 +73,6 @@ def run(args: StudyArgs) -> dict:
         # (teacher URI, logit scale) per variant; the trained variants copy the registered teacher's recipe
         registered = f"models:/{version.name}/{version.version}"
         teachers = {"raw": (registered, 1.0), "calibrated": (registered, 1.0 / t_cal), "sharpened": (registered, 2.0)}
-        recipe = TrainConfig.from_params(teacher_run.data.params)
         changes = {"label-smoothed": {"label_smoothing": args.label_smoothing}, "trained-longer": {"epochs": args.longer_epochs}}
         for variant in (v for v in TRAINED_VARIANTS if v in variants):
             run = runner.step(f"teacher-{variant}", teacher.run, TeacherArgs(

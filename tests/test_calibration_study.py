@@ -84,7 +84,6 @@ def test_study_runs_each_variant_once_and_reports_them(study, tmp_path, caplog):
     # (the means over seeds and the interval against the raw teacher: the next test, with known predictions)
 
 
-
 def test_study_refuses_a_trained_longer_teacher_no_longer_than_the_registered_one(teacher_home, tmp_path, capsys):
     """A trained-longer variant at the registered teacher's own epochs would retrain the same recipe:
     refused by name before any run is opened."""
@@ -98,6 +97,7 @@ def test_study_refuses_a_trained_longer_teacher_no_longer_than_the_registered_on
     assert f"longer_epochs={epochs}: the registered teacher already trained {epochs} epochs" in capsys.readouterr().err
     assert mlflow.search_runs(search_all_experiments=True, output_format="list",
                               filter_string="tags.`kd_sentiment.study` = 'calibration'") == []
+
 
 def test_report_compares_each_variant_with_the_raw_teacher_over_both_sides_seeds(tmp_path):
     """The section's student columns are means over a variant's seeds, and its interval against the raw

@@ -157,6 +157,9 @@ def build(cls, values: dict):
 
 # ----------------------------------------------------------------------------- training
 
+MIXED_PRECISIONS = ("no", "fp16", "bf16", "auto")  # auto: resolved per machine (machine.native_mixed_precision)
+
+
 @dataclass
 class TrainConfig:
     """Hyperparameters of one training run. Every field is a flag of the training steps and an MLflow param."""
@@ -168,7 +171,10 @@ class TrainConfig:
     warmup_ratio: float = param(0.1, "fraction of optimizer steps spent warming up the learning rate")
     max_length: int = param(128, "tokens per text; longer texts are truncated")
     gradient_accumulation_steps: int = param(1, "batches per optimizer step")
-    mixed_precision: str = param("no", "no, fp16 (GPU) or bf16 (GPU or recent CPU)", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = param("no", "no, fp16 (GPU), bf16 (GPU or recent CPU) or auto: bf16 where the device "
+                                       "computes it natively (a GPU with bf16, a CPU with AVX512_BF16 or AMX), fp16 "
+                                       "on an older GPU, else no; runs log what they trained in",
+                                 choices=MIXED_PRECISIONS)
     seed: int = param(42, "training seed: new head's initialisation, shuffling, dropout (data subsets: data_seed)")
     checkpoint_every: int = param(100, "optimizer steps between checkpoints for resume (0: at epoch ends only)")
     temperature: float = param(2.0, "distillation temperature T (softens both distributions)")
@@ -201,8 +207,8 @@ class TrainConfig:
             raise UserError(f"warmup_ratio={self.warmup_ratio}: must lie in [0, 1).")
         if self.weight_decay < 0 or self.checkpoint_every < 0:
             raise UserError("weight_decay and checkpoint_every must not be negative.")
-        if self.mixed_precision not in ("no", "fp16", "bf16"):
-            raise UserError(f"mixed_precision={self.mixed_precision!r}: use no, fp16 or bf16.")
+        if self.mixed_precision not in MIXED_PRECISIONS:
+            raise UserError(f"mixed_precision={self.mixed_precision!r}: use one of {', '.join(MIXED_PRECISIONS)}.")
 
 
 # ----------------------------------------------------------------------------- steps

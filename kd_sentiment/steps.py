@@ -24,7 +24,7 @@ from kd_sentiment.data import Splits, load_splits
 from kd_sentiment.errors import UserError
 from kd_sentiment.evaluation import evaluate, log_evaluation
 from kd_sentiment.losses import UNLABELLED
-from kd_sentiment.machine import peak_gpu_memory_mb, reset_peak_gpu_memory
+from kd_sentiment.machine import native_mixed_precision, peak_gpu_memory_mb, reset_peak_gpu_memory
 from kd_sentiment.models import EVERY_OTHER, count_parameters, flops_per_example
 from kd_sentiment.schema import StepArgs
 from kd_sentiment.train import Checkpoints, TrainData, TrainResult, read_checkpoint_state, train
@@ -80,6 +80,9 @@ def set_up(step: str, args: StepArgs, model_name: str, catalog: dict) -> StepCon
     tracking.configure()
     splits = load_splits(args.dataset, args.data_dir, args.validation_size, args.max_train_samples,
                          args.max_eval_samples, args.data_seed)
+    if args.train.mixed_precision == "auto":  # resolved here, so the run logs what it trained in
+        args.train.mixed_precision = native_mixed_precision(on_gpu=torch.cuda.is_available() and not args.cpu)
+        log.info("mixed_precision auto: %s on this machine", args.train.mixed_precision)
     accelerator = step_accelerator(args.cpu, args.train.mixed_precision)
     reset_peak_gpu_memory(accelerator.device)  # this step's peak, not an earlier step's of the same process
     set_seed(args.train.seed)  # before any model is built: a new classifier head is randomly initialised

@@ -86,6 +86,30 @@ def test_a_bf16_student_after_an_fp32_teacher_in_one_process(in_teacher_home, ti
     assert tracking.find_runs("distill")[0].data.params["mixed_precision"] == "bf16"
 
 
+@pytest.mark.parametrize("flags, expected", [({"avx512_bf16": False, "amx": False}, "no"),
+                                             ({"avx512_bf16": True, "amx": False}, "bf16"),
+                                             ({"avx512_bf16": False, "amx": True}, "bf16")])
+def test_auto_mixed_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, flags, expected):
+    from kd_sentiment import machine
+
+    monkeypatch.setattr(machine, "cpu_features", lambda: {"model_name": "test cpu", **flags})
+    assert machine.native_mixed_precision(on_gpu=False) == expected
+
+
+def test_a_student_trained_with_auto_mixed_precision_logs_what_it_trained_in(in_teacher_home, tiny_model,
+                                                                              monkeypatch):
+    """On a CPU without native bf16 (emulated bf16 trained 3x slower than fp32), auto trains in fp32
+    and the run's param says so, not "auto"."""
+    from dataclasses import replace
+
+    from kd_sentiment import machine
+
+    monkeypatch.setattr(machine, "cpu_features", lambda: {"model_name": "test cpu", "avx512_bf16": False, "amx": False})
+    args = distill_args(tiny_model, alpha=0.5, name="kd-sentiment-auto-imdb", alias="", cpu=True)
+    distill.run(replace(args, train=replace(args.train, epochs=1, mixed_precision="auto")))
+    assert tracking.find_runs("distill")[0].data.params["mixed_precision"] == "no"
+
+
 def test_missing_teacher_alias_is_a_clear_error_and_registers_nothing(in_teacher_home, tiny_model):
     before = {m.name for m in MlflowClient().search_registered_models()}
     out = run_cli("distill", "--student", str(tiny_model), "--dataset", "imdb", "--teacher",

@@ -24,7 +24,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from kd_sentiment import export, quantization, runtime, search, tracking
+from kd_sentiment import export, quantization, runtime, search, stats, tracking
 from kd_sentiment.calibration import classification_metrics, fit_temperature
 from kd_sentiment.data import load_splits
 from kd_sentiment.errors import UserError
@@ -60,8 +60,10 @@ def comparison(split: str, logits: dict[str, np.ndarray], labels: np.ndarray, la
     reference, at = logits["torch_fp32"], "" if split == "test" else f"{split}_"
     metrics = {k: v for backend, backend_logits in logits.items()
                for k, v in backend_metrics(f"{backend}_{split}", backend_logits, labels, label_names).items()}
+    agreeing = int((logits["onnx_int8"].argmax(1) == reference.argmax(1)).sum())
     metrics.update({
-        f"int8_{at}agreement_with_fp32": float((logits["onnx_int8"].argmax(1) == reference.argmax(1)).mean()),
+        f"int8_{at}agreement_with_fp32": agreeing / len(labels),
+        f"int8_{at}agreement_with_fp32_low": stats.share_lower_bound(agreeing, len(labels)),
         f"int8_{at}accuracy_delta_points": 100 * (metrics[f"onnx_int8_{split}_accuracy"]
                                                   - metrics[f"torch_fp32_{split}_accuracy"]),
         f"int8_{at}max_abs_logit_diff": float(np.abs(logits["onnx_int8"] - reference).max()),
@@ -76,7 +78,8 @@ def gate_tags(metrics: dict, dataset: str, n_texts: int) -> dict:
             "gate.parent_accuracy": f"{metrics['torch_fp32_val_accuracy']:.6f}",
             "gate.macro_recall": f"{metrics['onnx_int8_val_macro_recall']:.6f}",
             "gate.parent_macro_recall": f"{metrics['torch_fp32_val_macro_recall']:.6f}",
-            "gate.agreement": f"{metrics['int8_val_agreement_with_fp32']:.6f}"}
+            "gate.agreement": f"{metrics['int8_val_agreement_with_fp32']:.6f}",
+            "gate.agreement_low": f"{metrics['int8_val_agreement_with_fp32_low']:.6f}"}
 
 
 def deployable(args: QuantizeArgs, work: Path, onnx_fp32: Path, fused: Path, splits, texts: dict,
@@ -103,8 +106,9 @@ def deployable(args: QuantizeArgs, work: Path, onnx_fp32: Path, fused: Path, spl
     finally:  # logged either way: a refusal shows which came closest
         mlflow.log_table(pd.DataFrame(search.table(candidates)), "quantize_candidates.json")
         tracking.log_figure(search.figure(candidates, chosen, splits.name), "figures/quantize_candidates.png")
-    log.info("quantize: chose %s (%s %s): speed x%.2f vs ONNX Runtime fp32, validation agreement %.4f",
-             chosen.name, chosen.runtime, chosen.precision, chosen.numbers["speed"], chosen.numbers["val_agreement"])
+    log.info("quantize: chose %s (%s %s): speed x%.2f vs ONNX Runtime fp32, validation agreement %.4f (at least "
+             "%.4f by its 95%% bound)", chosen.name, chosen.runtime, chosen.precision, chosen.numbers["speed"],
+             chosen.numbers["val_agreement"], chosen.numbers["val_agreement_low"])
     return chosen
 
 
@@ -136,6 +140,8 @@ def run(args: QuantizeArgs) -> dict:
     tracking.use_experiment(splits.name)
     evaluated = {"val": splits.validation, "test": splits.test}
     texts = {split: frame["text"].tolist() for split, frame in evaluated.items()}
+    if args.mode == "auto":  # before any run opens: too few texts could pass no candidate
+        search.refuse_too_few_texts(len(texts["val"]), args.min_agreement)
 
     with tracking.step_run("quantize", f"quantize-{parent.name}-v{parent.version}-{args.mode}"), \
             tempfile.TemporaryDirectory() as tmp:

@@ -311,7 +311,9 @@ class QuantizeArgs:
                               "ranges calibrated on train)", choices=("auto", *QUANTIZATION_MODES))
     max_accuracy_drop: float = param(0.5, "auto: largest validation accuracy (and macro-recall) drop vs the fp32 "
                                           "parent, in points (negative: a gain required)")
-    min_agreement: float = param(0.99, "auto: smallest share of validation predictions equal to the fp32 parent's")
+    min_agreement: float = param(0.99, "auto: smallest share of validation predictions equal to the fp32 parent's, "
+                                       "read as the one-sided 95% lower confidence bound of the share seen (so 0.99 "
+                                       "needs at least 268 validation texts, all agreeing)")
     fixed_length: int = param(128, "auto: tokens per text when timing candidates (the benchmark's fixed length)")
     threads: int = param(0, "auto: threads when timing candidates (0: all cores)")
     per_channel: bool = param(True, "one weight scale per output channel")
@@ -340,8 +342,9 @@ class QuantizeArgs:
         if self.sensitivity_texts < 0 or (self.mode == "auto" and self.sensitivity_texts > self.calibration_samples):
             raise UserError(f"sensitivity_texts={self.sensitivity_texts}: between 0 (no sensitivity search) and "
                             f"calibration_samples={self.calibration_samples} (it measures on those texts).")
-        if not 0 <= self.min_agreement <= 1:
-            raise UserError(f"min_agreement={self.min_agreement}: a share in [0, 1].")
+        if not 0 <= self.min_agreement < 1:
+            raise UserError(f"min_agreement={self.min_agreement}: a share in [0, 1); it is read as a lower "
+                            "confidence bound, which no number of texts lifts to 1.")
         check_alias(self.alias)
 
 

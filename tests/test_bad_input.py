@@ -136,6 +136,8 @@ FLAG_CASES = [
     ("quantize-sensitivity-texts-above-calibration",
      ["quantize", "--model", f"models:/{TEACHER}@champion", "--sensitivity_texts", "400"],
      ["sensitivity_texts=400", "calibration_samples=300"]),
+    ("quantize-min-agreement-one", ["quantize", "--model", f"models:/{TEACHER}@champion", "--min_agreement", "1"],
+     ["min_agreement=1", "[0, 1)", "lower confidence bound"]),
     ("quantize-optimize-level-unknown", ["quantize", "--model", f"models:/{TEACHER}@champion", "--optimize_level", "5"],
      ["--optimize_level", "invalid choice: 5"]),
     ("promote-negative-margin", ["promote", TEACHER, "--version", "1", "--margin", "-1"], ["margin=-1", "negative"]),

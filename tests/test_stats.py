@@ -3,7 +3,7 @@ and widens with the spread over seeds."""
 import numpy as np
 import pytest
 
-from kd_sentiment.stats import paired_difference
+from kd_sentiment.stats import paired_difference, share_lower_bound
 
 
 def planted(n: int, p_a: float, p_b: float, seed: int, num_labels: int = 3):
@@ -59,3 +59,12 @@ def test_macro_recall_and_seed_spread_widen_the_interval():
 def test_predictions_on_other_texts_are_refused():
     with pytest.raises(ValueError, match="same texts"):
         paired_difference([np.zeros(5, int)], [np.zeros(4, int)], np.zeros(5, int), "accuracy", 2)
+
+
+def test_share_lower_bound_is_the_wilson_score_bound():
+    # Newcombe (1998), Stat Med 17:857, example: 81 of 263, two-sided 95% Wilson interval 0.2553-0.3662
+    # (its lower end is the one-sided 97.5% bound).
+    assert share_lower_bound(81, 263, confidence=0.975) == pytest.approx(0.2553, abs=5e-5)
+    # n of n agreeing: n / (n + z^2), z the one-sided 95% quantile 1.6449
+    assert share_lower_bound(300, 300) == pytest.approx(300 / (300 + 1.6449 ** 2), abs=1e-5)
+    assert share_lower_bound(297, 300) < 0.99 <= share_lower_bound(300, 300)

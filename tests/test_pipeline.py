@@ -119,6 +119,9 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     assert f"| {100 * step['teacher'].data.metrics['test_accuracy']:.1f} |" in teacher_row
     int8_row = next(line for line in text.splitlines() if "ort-dynamic (deployed)" in line)  # the recipe quantized with
     assert f"{step['quantize'].data.metrics['int8_accuracy_delta_points']:+.2f}" in int8_row
+    q = step["quantize"].data.metrics  # the INT8 target line says how validation judged it
+    assert (f"; on 100 validation texts {100 * q['int8_val_agreement_with_fp32']:.1f}%, at least "
+            f"{100 * q['int8_val_agreement_with_fp32_low']:.2f}% by its 95% bound |") in text
     assert bench_run.info.run_id in text
     report.run(args)
     assert out.read_text() == text

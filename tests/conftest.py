@@ -44,10 +44,14 @@ def _fresh_mlflow(tmp_path, monkeypatch):
     os.environ.pop("MLFLOW_TRACKING_URI", None)  # set_tracking_uri exports it; steps must choose themselves
     # An experiment selected by an earlier test lives on in MLflow's memory and names an id of
     # another store; forget it so this test starts in the new store's default experiment.
-    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
+    mlflow.tracking.fluent._active_experiment_id = None
     yield
     while mlflow.active_run():
         mlflow.end_run()
+    # and forget this test's, also the id mlflow.set_experiment exported: a later module's fixture
+    # (test_quantize's, on teacher_home's store) is set up before that test's own reset above.
+    mlflow.tracking.fluent._active_experiment_id = None
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
 
 
 def make_tiny_model(folder: Path, texts: list[str], layers: int = 2) -> Path:

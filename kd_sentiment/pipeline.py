@@ -175,13 +175,14 @@ class StepRunner:
             log.info("[pipeline] %s: reusing finished run %s", label, found[0].info.run_id)
             self.reused.append(label)
             return self.record(label, found[0])
-        if hasattr(step_args, "resume"):  # an interrupted training step continues from its checkpoint
+        trains = hasattr(step_args, "resume")  # a training step: checkpoints to resume from, then to drop
+        if trains:  # an interrupted training step continues from its checkpoint
             step_args.resume, step_args.output_dir = True, f"outputs/pipeline/{key}"
         log.info("[pipeline] %s: running", label)
         log.debug("[pipeline] %s: step key %s from %s", label, key, identity)
         with tracking.step_tags({**(tags or {}), tracking.STEP_KEY_TAG: key}):
             step_fn(step_args)
-        if hasattr(step_args, "resume"):
+        if trains:
             drop_checkpoints(Path(step_args.output_dir))
         return self.record(label, tracking.find_runs(tags={tracking.STEP_KEY_TAG: key}, max_results=1)[0])
 

@@ -60,10 +60,9 @@ def comparison(split: str, logits: dict[str, np.ndarray], labels: np.ndarray, la
     reference, at = logits["torch_fp32"], "" if split == "test" else f"{split}_"
     metrics = {k: v for backend, backend_logits in logits.items()
                for k, v in backend_metrics(f"{backend}_{split}", backend_logits, labels, label_names).items()}
-    agreeing = int((logits["onnx_int8"].argmax(1) == reference.argmax(1)).sum())
+    agreement, agreement_low = stats.agreement(logits["onnx_int8"], reference)
     metrics.update({
-        f"int8_{at}agreement_with_fp32": agreeing / len(labels),
-        f"int8_{at}agreement_with_fp32_low": stats.share_lower_bound(agreeing, len(labels)),
+        f"int8_{at}agreement_with_fp32": agreement, f"int8_{at}agreement_with_fp32_low": agreement_low,
         f"int8_{at}accuracy_delta_points": 100 * (metrics[f"onnx_int8_{split}_accuracy"]
                                                   - metrics[f"torch_fp32_{split}_accuracy"]),
         f"int8_{at}max_abs_logit_diff": float(np.abs(logits["onnx_int8"] - reference).max()),

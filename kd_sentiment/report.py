@@ -523,8 +523,8 @@ def student_targets(dataset: str, n: dict) -> list[str]:
         agreement, drop = m["int8_agreement_with_fp32"], -m["int8_accuracy_delta_points"]
         # what validation showed (runs before the bound was logged say nothing); two decimals: 98.98% is not 99.0%
         on_validation = (f"; on {e['int8_n_val']} validation texts {pct(m['int8_val_agreement_with_fp32'])}%, "
-                     f"at least {100 * m['int8_val_agreement_with_fp32_low']:.2f}% by its 95% bound"
-                     if "int8_val_agreement_with_fp32_low" in m else "")
+                         f"at least {100 * m['int8_val_agreement_with_fp32_low']:.2f}% by its 95% bound"
+                         if "int8_val_agreement_with_fp32_low" in m else "")
         lines.append(f"| {dataset} | {student} INT8 ({e['int8_recipe']}): agreement with fp32 >= "
                      f"{pct(INT8_MIN_AGREEMENT)}%, accuracy drop <= {INT8_MAX_DROP_POINTS} point (test) | "
                      f"{pct(agreement)}%, {drop:+.2f} points{on_validation} | "

@@ -34,7 +34,6 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from statistics import NormalDist
 
 import numpy as np
 
@@ -159,9 +158,9 @@ def validate(candidates: list[Candidate], tokenizer_dir: Path, texts: list[str],
     for candidate in candidates:
         candidate.val_logits = candidate.runner(tokenizer_dir).predict_logits(texts, max_length)
         own = classification_metrics(candidate.val_logits, labels, label_names)
-        agreeing = int((candidate.val_logits.argmax(1) == reference.argmax(1)).sum())
+        val_agreement, val_agreement_low = stats.agreement(candidate.val_logits, reference)
         candidate.numbers.update(
-            val_agreement=agreeing / len(texts), val_agreement_low=stats.share_lower_bound(agreeing, len(texts)),
+            val_agreement=val_agreement, val_agreement_low=val_agreement_low,
             val_accuracy_drop_points=100 * (parent["accuracy"] - own["accuracy"]),
             val_macro_recall_drop_points=100 * (parent["macro_recall"] - own["macro_recall"]),
             val_ece_change=own["ece"] - parent["ece"], val_accuracy=own["accuracy"], val_macro_recall=own["macro_recall"])
@@ -212,8 +211,7 @@ def refuse_too_few_texts(n_texts: int, min_agreement: float) -> None:
     best = stats.share_lower_bound(n_texts, n_texts)
     if best >= min_agreement:
         return
-    z2 = NormalDist().inv_cdf(0.95) ** 2  # n of n agreeing bound n / (n + z^2); min_agreement < 1 (schema)
-    needed = math.ceil(min_agreement * z2 / (1 - min_agreement))
+    needed = stats.fewest_texts_to_show(min_agreement)  # min_agreement < 1 (schema)
     raise UserError(f"min_agreement={min_agreement}: {n_texts} validation texts cannot show it; even all of them "
                     f"agreeing with fp32 bound the agreement at {best:.4f} (one-sided 95%). Give at least {needed} "
                     f"validation texts (max_eval_samples, or the parent's validation_size), or a lower "

@@ -10,6 +10,7 @@ the training run it happened to be (a two-level bootstrap). "Significant" is sai
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from statistics import NormalDist
 
@@ -86,7 +87,10 @@ def paired_difference(preds_a: list[np.ndarray], preds_b: list[np.ndarray], labe
                       len(preds_a), len(preds_b))
 
 
-def share_lower_bound(hits: int, n: int, confidence: float = 0.95) -> float:
+BOUND_CONFIDENCE = 0.95  # of share_lower_bound: "at least X" holds with this confidence
+
+
+def share_lower_bound(hits: int, n: int, confidence: float = BOUND_CONFIDENCE) -> float:
     """The one-sided lower confidence bound of a share seen as `hits` of `n` (Wilson score interval):
     "at least this much, with `confidence`". A gate on it passes a share only where the texts show
     it: 3 disagreements in 300 read 99.0% but bound 97.5%, and even 300 of 300 only bound 99.1%."""
@@ -97,3 +101,15 @@ def share_lower_bound(hits: int, n: int, confidence: float = 0.95) -> float:
     centre = share + z * z / (2 * n)
     spread = z * np.sqrt(share * (1 - share) / n + z * z / (4 * n * n))
     return float((centre - spread) / (1 + z * z / n))
+
+
+def fewest_texts_to_show(share: float, confidence: float = BOUND_CONFIDENCE) -> int:
+    """The fewest texts on which `share` (< 1) can be shown at all: all n agreeing bound n / (n + z^2)."""
+    z2 = NormalDist().inv_cdf(confidence) ** 2
+    return math.ceil(share * z2 / (1 - share))
+
+
+def agreement(logits: np.ndarray, reference: np.ndarray) -> tuple[float, float]:
+    """The share of predictions (argmax) equal to the reference's, and its lower bound."""
+    agreeing = int((logits.argmax(1) == reference.argmax(1)).sum())
+    return agreeing / len(reference), share_lower_bound(agreeing, len(reference))

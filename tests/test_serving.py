@@ -56,6 +56,9 @@ def test_served_model_answers_good_requests_and_rejects_bad_ones(tiny_model, tmp
     int8, _ = quantization.quantize_onnx(tmp_path / "fused", tmp_path / "int8")
     with mlflow.start_run():
         uri = runtime.log_onnx_pyfunc(int8, int8.parent, LABELS, MAX_LENGTH, ["great movie", "awful"])
+    # The served environment carries uvicorn's C HTTP parser and event loop (it falls back to pure Python).
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text()
+    assert "httptools==" in requirements and "uvloop==" in requirements, requirements
 
     port, log = free_port(), tmp_path / "server.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",

@@ -3,7 +3,8 @@
 A pyfunc that holds an ONNX Runtime session cannot be pickled, so MLflow stores this file instead
 and runs it when the model is loaded; the last line hands it the model object. It therefore
 imports only mlflow, numpy, pandas, onnxruntime and tokenizers (never kd_sentiment or
-transformers): loading stays light and fast, and the model's environment needs nothing else.
+transformers): loading stays light and fast. The model's requirements add only what the server
+uses beside it (httptools and uvloop: uvicorn's C HTTP parser and event loop; runtime.py).
 `kd_sentiment.runtime.log_onnx_pyfunc` logs it.
 
 Artifacts read in `load_context`:

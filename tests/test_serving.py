@@ -7,6 +7,7 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
@@ -58,7 +59,9 @@ def test_served_model_answers_good_requests_and_rejects_bad_ones(tiny_model, tmp
         uri = runtime.log_onnx_pyfunc(int8, int8.parent, LABELS, MAX_LENGTH, ["great movie", "awful"])
     # The served environment carries uvicorn's C HTTP parser and event loop (it falls back to pure Python).
     requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text()
-    assert "httptools==" in requirements and "uvloop==" in requirements, requirements
+    lines = requirements.splitlines()
+    assert f"httptools=={version('httptools')}" in lines, requirements
+    assert f'uvloop=={version("uvloop")}; sys_platform != "win32"' in lines, requirements
 
     port, log = free_port(), tmp_path / "server.log"
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db",

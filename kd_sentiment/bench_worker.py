@@ -61,7 +61,7 @@ class OnnxModel:
         import numpy as np
         from tokenizers import Tokenizer
 
-        from kd_sentiment.runtime import Session
+        from kd_sentiment.onnx_session import Session
 
         self.np = np
         self.session = Session(spec["model"], spec.get("runtime", "onnxruntime"), spec.get("precision", "f32"), threads)

@@ -12,8 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from kd_sentiment.errors import UserError
+from kd_sentiment.onnx_session import Session
 
 SERVING_CODE = Path(__file__).with_name("serving.py")
+SESSION_CODE = Path(__file__).with_name("onnx_session.py")  # shipped beside it: serving.py imports it
 # What serving.py imports, pinned to this environment's versions: no torch or transformers needed;
 # and the C HTTP parser and event loop `mlflow models serve`'s uvicorn picks up when installed
 # (without them it parses HTTP in pure Python): one tweet a request, one client waiting for each answer,
@@ -25,50 +27,17 @@ if sys.platform != "win32":  # uvloop does not support Windows; the marker lets 
     SERVING_PIP_REQUIREMENTS.append(f"uvloop=={version('uvloop')}; sys_platform != 'win32'")
 
 
-RUNTIMES = ("onnxruntime", "openvino")
-PRECISIONS = ("f32", "bf16")  # what a runtime computes in; an INT8 graph's precision is in the graph
-
-
-class Session:
-    """One ONNX graph opened on the CPU by `runtime`: ONNX Runtime, or OpenVINO (which reads the same
-    ONNX file and computes in `precision`, bf16 on CPUs with AVX512_BF16 or AMX). `threads` 0 leaves
-    the runtime's default (a thread per core). Imports nothing of this package: the benchmark's
-    ONNX worker opens models with it without importing torch."""
-
-    def __init__(self, model_path: Path, runtime: str = "onnxruntime", precision: str = "f32", threads: int = 0):
-        if runtime not in RUNTIMES or precision not in PRECISIONS:
-            raise UserError(f"runtime={runtime!r}, precision={precision!r}: use one of {RUNTIMES} and {PRECISIONS}.")
-        model_path = Path(model_path)
-        if not model_path.is_file():
-            raise UserError(f"{model_path}: ONNX model not found.")
-        if runtime == "openvino":
-            import openvino as ov
-
-            config = {"INFERENCE_PRECISION_HINT": precision, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
-            self.compiled = ov.Core().compile_model(str(model_path), "CPU", config)
-            self.request = self.compiled.create_infer_request()
-            self.input_names = [port.get_any_name() for port in self.compiled.inputs]
-            self.num_labels = self.compiled.outputs[0].get_partial_shape()[-1].get_length()
-        else:
-            import onnxruntime as ort
-
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            self.session = ort.InferenceSession(str(model_path), options, providers=["CPUExecutionProvider"])
-            self.input_names = [i.name for i in self.session.get_inputs()]
-            self.num_labels = self.session.get_outputs()[0].shape[-1]
-        self.runtime = runtime
-
-    def run(self, feed: dict) -> np.ndarray:
-        """Logits of one tokenized batch (int64 arrays by input name; extra names are ignored)."""
-        inputs = {name: np.asarray(feed[name], dtype=np.int64) for name in self.input_names}
-        if self.runtime == "openvino":
-            return np.array(self.request.infer(inputs)[self.compiled.outputs[0]])
-        return self.session.run(None, inputs)[0]
+def open_session(model_path: Path, runtime: str = "onnxruntime", precision: str = "f32",
+                 threads: int = 0) -> Session:
+    """`onnx_session.Session` on `model_path`; a bad runtime, precision or path is a UserError."""
+    try:
+        return Session(model_path, runtime, precision, threads)
+    except (ValueError, FileNotFoundError) as err:
+        raise UserError(str(err)) from None
 
 
 class OnnxClassifier:
-    """A `Session` on a model.onnx plus the transformers tokenizer saved beside it (or in
+    """An `onnx_session.Session` on a model.onnx plus the transformers tokenizer saved beside it (or in
     `tokenizer_dir`): the one runner quantize measures with (the benchmark's worker and serving.py
     tokenize with `tokenizers` instead, as they import no transformers)."""
 
@@ -76,7 +45,7 @@ class OnnxClassifier:
                  runtime: str = "onnxruntime", precision: str = "f32"):
         from kd_sentiment.models import load_tokenizer
 
-        self.session = Session(model_path, runtime, precision, intra_op_num_threads)
+        self.session = open_session(model_path, runtime, precision, intra_op_num_threads)
         self.input_names, self.num_labels = self.session.input_names, self.session.num_labels
         self.tokenizer = load_tokenizer(str(tokenizer_dir or Path(model_path).parent))
 
@@ -139,7 +108,7 @@ def log_onnx_pyfunc(onnx_path: Path, tokenizer_dir: Path, label_names: list[str]
                                       "intra_op_threads": 0,  # 0: cores / server processes (serving.py)
                                       "runtime": runtime, "precision": precision, "temperature": float(temperature)}))
         info = mlflow.pyfunc.log_model(
-            name="model", python_model=str(SERVING_CODE),
+            name="model", python_model=str(SERVING_CODE), code_paths=[str(SESSION_CODE)],
             artifacts={"onnx": str(onnx_path), "tokenizer": str(tokenizer_file), "config": str(config)},
             signature=signature, input_example=list(input_example),
             pip_requirements=pip_requirements or SERVING_PIP_REQUIREMENTS + (

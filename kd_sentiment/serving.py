@@ -2,7 +2,7 @@
 
 A pyfunc that holds an ONNX Runtime session cannot be pickled, so MLflow stores this file instead
 and runs it when the model is loaded; the last line hands it the model object. It therefore
-imports only mlflow, numpy, pandas, onnxruntime and tokenizers (never kd_sentiment or
+imports only mlflow, numpy, pandas, tokenizers and `onnx_session` (never kd_sentiment or
 transformers): loading stays light and fast. The model's requirements add only what the server
 uses beside it (httptools and uvloop: uvicorn's C HTTP parser and event loop; runtime.py).
 `kd_sentiment.runtime.log_onnx_pyfunc` logs it.
@@ -18,11 +18,18 @@ computing in `precision` (f32 or bf16). Probabilities are softmax(logits / tempe
 temperature fitted on validation for this model's own logits (calibrated probabilities); the
 predicted label does not depend on it. Older models without these keys run as before.
 
-ONNX Runtime threads per server process: $KD_SENTIMENT_ORT_THREADS if set, else the config's
-`intra_op_threads` if positive, else the cores divided among the server's processes
-($MLFLOW_MODELS_WORKERS, which `mlflow models serve` reads as its --workers too; 1 if unset). Left
-at ONNX Runtime's default (a thread per core in every process), `--workers 2` on two cores would
-run four busy threads on two cores and lose time to switching.
+Safe under concurrent calls: MLflow's scoring server runs `predict` in a thread pool, several at
+once in one process. The graph runs in `onnx_session.Session` (shipped beside this file), whose
+calls are independent; the tokenizer is only read after load.
+
+Runtime threads per server process: $KD_SENTIMENT_ORT_THREADS if set, else the config's
+`intra_op_threads` if positive, else the cores divided among the server's processes. Those are read
+from $MLFLOW_MODELS_WORKERS where set, else from the uvicorn command line the server runs (`mlflow
+models serve --workers N` starts `uvicorn --workers N`; its worker processes inherit the command
+line), else one process is assumed: loaded in-process it is one; under any other server the model
+logs a warning saying so and how to set it. Under a server, one line at load says what was chosen and
+why. Left at the runtime's default (a thread per core in every process), `--workers 2` on two cores
+would run four busy threads on two cores and lose time to switching.
 
 Input: texts. The signature declares them (one unnamed column of strings, from the `list[str]` type
 hint of `predict`). `mlflow models serve` takes them as `{"inputs": [...]}` (MLflow accepts no other
@@ -41,29 +48,69 @@ can move slightly with the other texts of its request.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
+import sys
 
 import mlflow
 import numpy as np
-import onnxruntime as ort
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from tokenizers import Tokenizer
 
+try:  # a loaded model: kd_sentiment/onnx_session.py, which MLflow keeps beside this file (code_paths)
+    from onnx_session import Session
+except ImportError:  # while log_model runs this file, before the copy exists
+    from kd_sentiment.onnx_session import Session
+
 BATCH_SIZE = 32
 THREADS_ENV = "KD_SENTIMENT_ORT_THREADS"
+WORKERS_ENV = "MLFLOW_MODELS_WORKERS"  # `mlflow models serve` reads it as --workers
+SCORING_SERVER_ENV = "__pyfunc_model_path__"  # set by `mlflow models serve` for the processes it starts
+IN_PROCESS = "loaded in-process"
+log = logging.getLogger(__name__)
 
 
-def intra_op_threads(configured: int) -> int:
-    """ONNX Runtime threads for this server process (see the module docstring)."""
-    if os.environ.get(THREADS_ENV):
-        return max(1, int(os.environ[THREADS_ENV]))
-    if configured > 0:
-        return configured
-    workers = max(1, int(os.environ.get("MLFLOW_MODELS_WORKERS") or 1))
-    return max(1, (os.cpu_count() or 1) // workers)
+def server_processes(argv: list[str], environ) -> tuple[int, str | None]:
+    """(processes of this server sharing the cores, how that is known), None for how where it is not."""
+    if environ.get(WORKERS_ENV):
+        return max(1, int(environ[WORKERS_ENV])), f"${WORKERS_ENV}"
+    if argv and os.path.basename(argv[0]).startswith("uvicorn"):
+        for k, arg in enumerate(argv):
+            if arg in ("--workers", "-w") and k + 1 < len(argv):
+                return max(1, int(argv[k + 1])), "uvicorn --workers"
+            if arg.startswith("--workers="):
+                return max(1, int(arg.partition("=")[2])), "uvicorn --workers"
+        return max(1, int(environ.get("WEB_CONCURRENCY") or 1)), "uvicorn's default workers"
+    if environ.get(SCORING_SERVER_ENV):
+        return 1, None  # MLflow's scoring server under a launcher this model cannot read
+    return 1, IN_PROCESS
+
+
+def intra_op_threads(configured: int, argv: list[str] | None = None, environ=None) -> int:
+    """Runtime threads for this process (see the module docstring); under a server, says what it chose."""
+    argv, environ = sys.argv if argv is None else argv, os.environ if environ is None else environ
+    cores = os.cpu_count() or 1
+    if environ.get(THREADS_ENV):
+        threads, why = max(1, int(environ[THREADS_ENV])), f"${THREADS_ENV}"
+    elif configured > 0:
+        threads, why = configured, "the model's serving_config.json"
+    else:
+        processes, source = server_processes(argv, environ)
+        threads = max(1, cores // processes)
+        if source is None:
+            log.warning("kd-sentiment model: cannot tell how many server processes share the %d cores; assumed 1 "
+                        "(%d runtime threads). Set %s to the number of server processes, or %s to the threads "
+                        "each should use.", cores, threads, WORKERS_ENV, THREADS_ENV)
+            return threads
+        if source == IN_PROCESS:
+            return threads
+        why = f"{cores} cores / {processes} server process(es), from {source}"
+    # the server's log shows it beside uvicorn's own start-up lines
+    print(f"kd-sentiment model: {threads} runtime thread(s) per process ({why})", file=sys.stderr, flush=True)
+    return threads
 
 
 def _texts(model_input) -> list:
@@ -92,22 +139,10 @@ class OnnxSentimentModel(mlflow.pyfunc.PythonModel):
         with open(context.artifacts["config"]) as file:
             config = json.load(file)
         self.label_names = list(config["label_names"])
-        threads = intra_op_threads(int(config.get("intra_op_threads", 0)))
+        self.threads = threads = intra_op_threads(int(config.get("intra_op_threads", 0)))
         self.temperature = float(config.get("temperature", 1.0))
-        if config.get("runtime", "onnxruntime") == "openvino":
-            import openvino as ov
-
-            compiled = ov.Core().compile_model(context.artifacts["onnx"], "CPU", {
-                "INFERENCE_PRECISION_HINT": config.get("precision", "f32"), "INFERENCE_NUM_THREADS": threads})
-            request, output = compiled.create_infer_request(), compiled.outputs[0]
-            self.input_names = {port.get_any_name() for port in compiled.inputs}
-            self.run = lambda feed: np.array(request.infer(feed)[output])
-        else:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = threads
-            session = ort.InferenceSession(context.artifacts["onnx"], options, providers=["CPUExecutionProvider"])
-            self.input_names = {i.name for i in session.get_inputs()}
-            self.run = lambda feed: session.run(None, feed)[0]
+        self.session = Session(context.artifacts["onnx"], config.get("runtime", "onnxruntime"),
+                               config.get("precision", "f32"), threads)
         self.tokenizer = Tokenizer.from_file(context.artifacts["tokenizer"])
         self.tokenizer.enable_truncation(max_length=int(config["max_length"]))
         self.tokenizer.enable_padding(pad_id=int(config["pad_id"]), pad_token=config["pad_token"])
@@ -122,7 +157,7 @@ class OnnxSentimentModel(mlflow.pyfunc.PythonModel):
             feed = {"input_ids": np.array([e.ids for e in encodings], dtype=np.int64),
                     "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64),
                     "token_type_ids": np.array([e.type_ids for e in encodings], dtype=np.int64)}
-            logits[rows] = self.run({k: v for k, v in feed.items() if k in self.input_names})
+            logits[rows] = self.session.run(feed)
         return logits
 
     def predict(self, context, model_input: list[str], params=None) -> pd.DataFrame:

@@ -57,6 +57,9 @@ def test_served_model_answers_good_requests_and_rejects_bad_ones(tiny_model, tmp
     int8, _ = quantization.quantize_onnx(tmp_path / "fused", tmp_path / "int8")
     with mlflow.start_run():
         uri = runtime.log_onnx_pyfunc(int8, int8.parent, LABELS, MAX_LENGTH, ["great movie", "awful"])
+    # The runtime session travels with the model (serving.py imports it), not from an installed kd_sentiment.
+    local = Path(mlflow.artifacts.download_artifacts(uri))
+    assert (local / "code" / "onnx_session.py").read_text() == Path(runtime.SESSION_CODE).read_text()
     # The served environment carries uvicorn's C HTTP parser and event loop (it falls back to pure Python).
     requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text()
     lines = requirements.splitlines()

@@ -42,7 +42,7 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from kd_sentiment import calibration, timing, tracking
+from kd_sentiment import calibration, processes, timing, tracking
 from kd_sentiment.bench_worker import TORCH_BACKENDS
 from kd_sentiment.data import load_splits
 from kd_sentiment.errors import UserError
@@ -219,7 +219,11 @@ class Worker:
                                          runtime],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
                                         env=env)
-        self.hello = self.read()
+        try:
+            self.hello = self.read()
+        except BaseException:  # never leave a process that failed to start running
+            self.close()
+            raise
 
     def read(self) -> dict:
         line = self.process.stdout.readline()
@@ -236,14 +240,18 @@ class Worker:
         return self.read()
 
     def close(self) -> None:
-        if self.process.poll() is None:
-            try:
+        """Ask the process to exit, then stop it (terminated, killed if it must be) and reap it."""
+        try:
+            if self.process.poll() is None:
                 self.process.stdin.write(json.dumps({"cmd": "exit"}) + "\n")
                 self.process.stdin.close()
-                self.process.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                self.process.kill()
-        self.stderr.close()
+                self.process.wait(timeout=processes.GRACE_S)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+        finally:
+            processes.stop(self.process)
+            self.process.stdout.close()
+            self.stderr.close()
 
 
 def settings_of(batch_sizes: list[int], fixed_length: int) -> list[tuple[str, int, int | None]]:

@@ -41,7 +41,6 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -61,7 +60,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from kd_sentiment import timing
+from kd_sentiment import processes, timing
 from kd_sentiment.errors import UserError
 from kd_sentiment.schema import LoadTestArgs
 
@@ -109,22 +108,44 @@ def _post(url: str, body: bytes, timeout: float) -> tuple[int | None, str]:
         return None, f"{type(err).__name__}: {err}"
 
 
-def _one_prediction(text: str) -> bool:
-    """An MLflow scoring answer holding exactly one prediction."""
+def _prediction(text: str) -> dict | None:
+    """The one prediction of an MLflow scoring answer, or None if it does not hold exactly one."""
     try:
         answer = json.loads(text)
     except ValueError:
-        return False
+        return None
     predictions = answer.get("predictions") if isinstance(answer, dict) else None
-    return isinstance(predictions, list) and len(predictions) == 1
+    if isinstance(predictions, list) and len(predictions) == 1 and isinstance(predictions[0], dict):
+        return predictions[0]
+    return None
+
+
+def difference(row: dict, expected: dict, tolerance: float) -> str | None:
+    """How a served prediction differs from the in-process one for the same text (None: it does not):
+    another label, or a number (score, probability) further than `tolerance` from its expected value."""
+    if row.get("label") != expected["label"]:
+        return f"label {row.get('label')!r}, expected {expected['label']!r}"
+    for key, value in expected.items():
+        if key != "label" and not (isinstance(row.get(key), (int, float)) and abs(row[key] - value) <= tolerance):
+            return f"{key} {row.get(key)!r}, expected {value:.6f} (tolerance {tolerance:g})"
+    return None
+
+
+def reference_answers(model_uri: str, texts: list[str]) -> list[dict]:
+    """The model's answer for each text, loaded in this process and asked one text at a time, as
+    each load-test request asks the server: what every HTTP answer is checked against."""
+    model = mlflow.pyfunc.load_model(model_uri)
+    return [model.predict([text]).iloc[0].to_dict() for text in texts]
 
 
 class Tally:
-    """What the sending threads record: counts, good requests' latencies, the first errors."""
+    """What the sending threads record: counts, good requests' latencies, the first errors; and the
+    answer check, where `expected` holds each text's in-process answer (see `difference`)."""
 
-    def __init__(self, **extra_counts):
+    def __init__(self, expected: list[dict] | None = None, tolerance: float = 0.0, **extra_counts):
         self.lock = threading.Lock()
-        self.counts = dict.fromkeys(("requests", "good_sent", "ok", "errors", "malformed_sent",
+        self.expected, self.tolerance = expected, tolerance
+        self.counts = dict.fromkeys(("requests", "good_sent", "ok", "wrong", "errors", "malformed_sent",
                                      "malformed_rejected_4xx"), 0) | extra_counts
         self.latencies_ms: list[float] = []
         self.error_samples: list[str] = []
@@ -135,25 +156,46 @@ class Tally:
                 self.counts[key] += n
             if error is not None:
                 self.counts["errors"] += 1
-                if len(self.error_samples) < ERROR_SAMPLES:
-                    self.error_samples.append(error)
+                self.sample(error)
 
-    def answered(self, what: str, malformed: bool, status: int | None, answer: str, latency_ms: float) -> None:
-        """Record one request that got an answer (or a connection error)."""
+    def sample(self, error: str) -> None:
+        if len(self.error_samples) < ERROR_SAMPLES:
+            self.error_samples.append(error)
+
+    def wrong_answer(self, index: int | None, answer: str) -> str | None:
+        """Why a 200 answer to text `index` is not a good one (None: it is): not one prediction, or
+        not this text's prediction."""
+        row = _prediction(answer)
+        if row is None:
+            return "not one prediction"
+        if self.expected is None or index is None:
+            return None
+        return difference(row, self.expected[index], self.tolerance)
+
+    def answered(self, what: str, malformed: bool, status: int | None, answer: str, latency_ms: float,
+                 index: int | None = None) -> None:
+        """Record one request that got an answer (or a connection error); `index`: its text's."""
         if malformed:
             rejected = status is not None and 400 <= status < 500
             self.count(None if rejected else f"{what}: expected a 4xx, got {status} {answer[:200]!r}",
                        requests=1, malformed_sent=1, malformed_rejected_4xx=int(rejected))
-        elif status == 200 and _one_prediction(answer):
+            return
+        problem = self.wrong_answer(index, answer) if status == 200 else "not answered 200"
+        if problem is None:
             with self.lock:
                 self.latencies_ms.append(latency_ms)
             self.count(requests=1, good_sent=1, ok=1)
+        elif status == 200 and _prediction(answer) is not None:  # an answer, but another text's
+            with self.lock:
+                self.sample(f"{what}: wrong answer for text {index}: {problem}")
+            self.count(requests=1, good_sent=1, wrong=1)
         else:
             self.count(f"{what}: {status} {answer[:200]!r}", requests=1, good_sent=1)
 
     def summary(self, duration: float, **extra) -> dict:
         with self.lock:
-            result = {**extra, **self.counts, "latency_samples": len(self.latencies_ms)}
+            result = {**extra, **self.counts, "checked": int(self.expected is not None),
+                      "latency_samples": len(self.latencies_ms)}
             for q in timing.PERCENTILES:
                 value = timing.percentile(self.latencies_ms, q)
                 result[f"p{q}_ms"] = None if math.isnan(value) else value
@@ -162,20 +204,25 @@ class Tally:
         return result
 
 
-def body_of(texts: list[str], n: int, malformed_every: int, stream: int = 0, offset: int = 0) -> tuple[bytes, bool]:
-    """(body, malformed) of request `n` (counted from 0) of a stream: every `malformed_every`-th is
-    malformed, the kinds rotating (each stream starting at another kind), the others text offset + n."""
+def body_of(texts: list[str], n: int, malformed_every: int, stream: int = 0,
+            offset: int = 0) -> tuple[bytes, bool, int | None]:
+    """(body, malformed, index of its text) of request `n` (counted from 0) of a stream: every
+    `malformed_every`-th is malformed, the kinds rotating (each stream starting at another kind), the
+    others text offset + n."""
     if malformed_every > 0 and (n + 1) % malformed_every == 0:
-        return MALFORMED_BODIES[(stream + (n + 1) // malformed_every - 1) % len(MALFORMED_BODIES)], True
-    return json.dumps({"inputs": [texts[(offset + n) % len(texts)]]}).encode(), False
+        return MALFORMED_BODIES[(stream + (n + 1) // malformed_every - 1) % len(MALFORMED_BODIES)], True, None
+    index = (offset + n) % len(texts)
+    return json.dumps({"inputs": [texts[index]]}).encode(), False, index
 
 
 def check_arguments(url: str, texts: list[str], malformed_every: int, timeout_s: float, warmup_requests: int,
-                    **counts: int) -> str:
+                    expected: list[dict] | None, **counts: int) -> str:
     """The /invocations URL, or a UserError naming the bad argument."""
     target = invocations_url(url)
     if not texts or not all(isinstance(t, str) for t in texts):
         raise UserError("texts: need at least one text, and every item must be a string.")
+    if expected is not None and len(expected) != len(texts):
+        raise UserError(f"expected: one answer per text; got {len(expected)} for {len(texts)} texts.")
     for name, value in counts.items():
         if value < 1:
             raise UserError(f"{name}={value}: must be at least 1.")
@@ -189,18 +236,22 @@ def check_arguments(url: str, texts: list[str], malformed_every: int, timeout_s:
 
 def warm_up(target: str, texts: list[str], n: int, timeout_s: float, tally: Tally) -> None:
     for k in range(n):
-        status, answer = _post(target, json.dumps({"inputs": [texts[k % len(texts)]]}).encode(), timeout=timeout_s)
-        if not (status == 200 and _one_prediction(answer)):
-            tally.count(f"warm-up request {k}: {status} {answer[:200]!r}")
+        index = k % len(texts)
+        status, answer = _post(target, json.dumps({"inputs": [texts[index]]}).encode(), timeout=timeout_s)
+        problem = tally.wrong_answer(index, answer) if status == 200 else f"{status} {answer[:200]!r}"
+        if problem is not None:
+            tally.count(f"warm-up request {k}: {problem}")
 
 
 def run_load_test(url: str, texts: list[str], clients: int = 4, requests_per_client: int = 50,
-                  malformed_every: int = 10, timeout_s: float = 60, warmup_requests: int = 0) -> dict:
+                  malformed_every: int = 10, timeout_s: float = 60, warmup_requests: int = 0,
+                  expected: list[dict] | None = None, tolerance: float = 0.0) -> dict:
     """Closed loop: `clients` concurrent clients, each sending its next request when the last is
     answered; see the module docstring."""
-    target = check_arguments(url, texts, malformed_every, timeout_s, warmup_requests, clients=clients,
+    # Nine parameters: the load's own knobs, as LoadTestArgs declares them, and the answers to check.
+    target = check_arguments(url, texts, malformed_every, timeout_s, warmup_requests, expected, clients=clients,
                              requests_per_client=requests_per_client)
-    tally = Tally(cut_off=0)
+    tally = Tally(expected, tolerance, cut_off=0)
     warm_up(target, texts, warmup_requests, timeout_s, tally)
     start = time.monotonic()
     deadline = start + timeout_s
@@ -212,14 +263,15 @@ def run_load_test(url: str, texts: list[str], clients: int = 4, requests_per_cli
             if left <= 0:
                 stopped.set()
                 return
-            body, malformed = body_of(texts, j, malformed_every, index, offset=index * requests_per_client)
+            body, malformed, text = body_of(texts, j, malformed_every, index, offset=index * requests_per_client)
             sent = time.monotonic()
             status, answer = _post(target, body, timeout=left)
             if status is None and time.monotonic() >= deadline:
                 stopped.set()  # cut off by the hard stop: counted as such, not as an error (the server may be slow)
                 tally.count(cut_off=1)
                 return
-            tally.answered(f"client {index} request {j}", malformed, status, answer, 1000 * (time.monotonic() - sent))
+            tally.answered(f"client {index} request {j}", malformed, status, answer, 1000 * (time.monotonic() - sent),
+                           text)
 
     threads = [threading.Thread(target=client, args=(i,), daemon=True, name=f"load-client-{i}")
                for i in range(clients)]
@@ -239,14 +291,15 @@ def poisson_schedule(rate: float, requests: int, seed: int) -> np.ndarray:
 
 def run_open_loop(url: str, texts: list[str], rate: float, requests: int = 500, malformed_every: int = 10,
                   timeout_s: float = 120, warmup_requests: int = 0, request_timeout_s: float = 10,
-                  seed: int = 42) -> dict:
+                  seed: int = 42, expected: list[dict] | None = None, tolerance: float = 0.0) -> dict:
     """Open loop: `requests` requests at Poisson times, `rate` per second on average, each sent at
     its time however the others fare; see the module docstring."""
-    # Nine parameters: the load's own knobs (rate, size, bounds, seed), as LoadTestArgs declares them.
-    target = check_arguments(url, texts, malformed_every, timeout_s, warmup_requests, requests=requests)
+    # Eleven parameters: the load's own knobs (rate, size, bounds, seed), as LoadTestArgs declares
+    # them, and the answers to check.
+    target = check_arguments(url, texts, malformed_every, timeout_s, warmup_requests, expected, requests=requests)
     if not rate > 0 or not request_timeout_s > 0:
         raise UserError(f"rate={rate}, request_timeout_s={request_timeout_s}: both must be positive.")
-    tally = Tally(scheduled=requests, unsent=0, timeouts=0, started_late=0)
+    tally = Tally(expected, tolerance, scheduled=requests, unsent=0, timeouts=0, started_late=0)
     warm_up(target, texts, warmup_requests, request_timeout_s, tally)
     schedule = poisson_schedule(rate, requests, seed)
     start = time.monotonic()
@@ -259,7 +312,7 @@ def run_open_loop(url: str, texts: list[str], rate: float, requests: int = 500, 
             return
         if time.monotonic() - due > LATE_S:
             tally.count(started_late=1)
-        body, malformed = body_of(texts, n, malformed_every)
+        body, malformed, text = body_of(texts, n, malformed_every)
         status, answer = _post(target, body, timeout=max(0.001, min(request_timeout_s, deadline - time.monotonic())))
         latency_ms = 1000 * (time.monotonic() - due)  # from the scheduled time: waiting on the client counts
         if status is None and "timed out" in answer:
@@ -268,7 +321,7 @@ def run_open_loop(url: str, texts: list[str], rate: float, requests: int = 500, 
                 with tally.lock:
                     tally.latencies_ms.append(max(latency_ms, 1000 * request_timeout_s))
             return
-        tally.answered(f"request {n}", malformed, status, answer, latency_ms)
+        tally.answered(f"request {n}", malformed, status, answer, latency_ms, text)
 
     with ThreadPoolExecutor(max_workers=OPEN_LOOP_THREADS, thread_name_prefix="open-loop") as pool:
         for n in range(requests):
@@ -287,44 +340,40 @@ def run_open_loop(url: str, texts: list[str], rate: float, requests: int = 500, 
 
 @contextmanager
 def served(model_uri: str, startup_s: float = 180, workers: int = 1):
-    """`mlflow models serve -m model_uri` with `workers` uvicorn processes on a free loopback port
-    for the duration of the block; yields its base URL. The server is always stopped afterwards."""
+    """`mlflow models serve -m model_uri --workers N` on a free loopback port for the duration of the
+    block; yields its base URL. The server and its workers are always stopped afterwards (killed if
+    they do not stop), and its log removed. The workers size their threads from the flag (serving.py)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
-                               "local", "-h", "127.0.0.1", "-p", str(port), "--workers", str(workers)], stdout=log, stderr=subprocess.STDOUT,
-                              # The server execs uvicorn by name: put this environment's bin first on PATH.
-                              # MLFLOW_MODELS_WORKERS tells the served model how many processes share
-                              # the cores (serving.py gives each cores/workers ONNX Runtime threads).
-                              env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
-                                   "MLFLOW_MODELS_WORKERS": str(workers),
-                                   "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
-                              start_new_session=True)
-    try:
-        deadline = time.monotonic() + startup_s
-        while True:
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                raise RuntimeError(f"mlflow models serve did not come up:\n{log.read()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)  # the scoring server runs workers of its own
-            server.wait(timeout=30)
-        log.close()
-        os.unlink(log.name)
+    with tempfile.TemporaryDirectory() as tmp, open(Path(tmp) / "server.log", "w+") as server_log:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager",
+                                   "local", "-h", "127.0.0.1", "-p", str(port), "--workers", str(workers)],
+                                  stdout=server_log, stderr=subprocess.STDOUT,
+                                  # The server execs uvicorn by name: put this environment's bin first on PATH.
+                                  env={**os.environ, "MLFLOW_TRACKING_URI": mlflow.get_tracking_uri(),
+                                       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+                                  start_new_session=True)  # its own group: the workers it forks stop with it
+        try:
+            deadline = time.monotonic() + startup_s
+            while True:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    server_log.seek(0)
+                    raise RuntimeError(f"mlflow models serve did not come up:\n{server_log.read()[-3000:]}")
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2):
+                        break
+                except OSError:
+                    time.sleep(0.5)
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            processes.stop(server, group=True)
 
 
 def run(args: LoadTestArgs) -> dict:
-    """Serve `args.model`, load it with real test texts, log the result and write a CSV row. A test
-    in which no request succeeded is logged, then ends the step with a UserError (the run FAILED)."""
+    """Serve `args.model`, load it with real test texts, check every answer against the model's
+    in-process answer for its text, log the result and write a CSV row. A test with a wrong answer,
+    or in which no request succeeded, is logged, then ends the step with a UserError (the run FAILED)."""
     from kd_sentiment import tracking
     from kd_sentiment.data import load_splits
 
@@ -334,17 +383,20 @@ def run(args: LoadTestArgs) -> dict:
     splits = load_splits(args.dataset, args.data_dir, max_eval_samples=1000)
     tracking.use_experiment(splits.name)
     mode = "open" if args.rate > 0 else "closed"
-    texts = splits.test["text"].tolist()
-    with tracking.step_run("loadtest", f"loadtest-{mode}-{version.name}-v{version.version}"), \
-            served(args.model, workers=args.workers) as url:
+    sent = args.requests if mode == "open" else args.clients * args.requests_per_client
+    texts = splits.test["text"].tolist()[:max(sent, args.warmup_requests)]  # the texts the requests carry
+    with tracking.step_run("loadtest", f"loadtest-{mode}-{version.name}-v{version.version}"):
         tracking.log_params({**asdict(args), "model_version": version.version, "mode": mode})
         tracking.log_environment()
-        if mode == "open":
-            result = run_open_loop(url, texts, args.rate, args.requests, args.malformed_every, args.timeout_s,
-                                   args.warmup_requests, args.request_timeout_s, args.seed)
-        else:
-            result = run_load_test(url, texts, args.clients, args.requests_per_client, args.malformed_every,
-                                   args.timeout_s, args.warmup_requests)
+        expected = reference_answers(args.model, texts)
+        with served(args.model, workers=args.workers) as url:
+            if mode == "open":
+                result = run_open_loop(url, texts, args.rate, args.requests, args.malformed_every, args.timeout_s,
+                                       args.warmup_requests, args.request_timeout_s, args.seed, expected,
+                                       args.tolerance)
+            else:
+                result = run_load_test(url, texts, args.clients, args.requests_per_client, args.malformed_every,
+                                       args.timeout_s, args.warmup_requests, expected, args.tolerance)
         samples = result.pop("error_samples")
         mlflow.log_metrics({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
         mlflow.log_dict({"error_samples": samples}, "loadtest_errors.json")
@@ -355,6 +407,10 @@ def run(args: LoadTestArgs) -> dict:
         pd.DataFrame([{"model": version.name, "version": version.version, "workers": args.workers, **result}]
                      ).to_csv(path, index=False)
         mlflow.log_artifact(str(path), "loadtest")
+        if result["wrong"]:
+            first = next((x for x in samples if "wrong answer" in x), "")
+            raise UserError(f"{result['wrong']} of {result['good_sent']} answers were not their own text's "
+                            f"prediction (the in-process answer, within {args.tolerance:g}): {first}")
         if result["ok"] == 0:
             raise UserError(f"no request succeeded ({result['requests']} answered or failed, "
                             f"{result.get('timeouts', 0)} timed out): {samples[0] if samples else 'no answer'}")
@@ -369,6 +425,6 @@ def summary_line(result: dict) -> str:
         return f"p{q} {value:.1f} ms" if value is not None else f"p{q} n/a"
     extra = (f", {result['timeouts']} timed out, {result['unsent']} unsent, {result['started_late']} sent late"
              if result["mode"] == "open" else f", {result['cut_off']} cut off")
-    return (f"{result['ok']} ok, {result['errors']} errors{extra}, {result['malformed_rejected_4xx']}/"
+    return (f"{result['ok']} ok, {result['wrong']} wrong, {result['errors']} errors{extra}, {result['malformed_rejected_4xx']}/"
             f"{result['malformed_sent']} malformed rejected; {shown(50)}, {shown(95)}, {shown(99)} over "
             f"{result['latency_samples']} requests; {result['throughput_per_s']:.1f} ok/s")

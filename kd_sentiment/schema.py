@@ -479,9 +479,13 @@ class LoadTestArgs:
     requests_per_client: int = param(50, "closed loop: requests each client sends")
     malformed_every: int = param(10, "every Nth request is malformed (0: none)")
     warmup_requests: int = param(5, "requests sent first, one at a time, and not timed (a fresh server's one-off costs)")
-    # One server process runs requests one at a time (the scoring server's Python holds the GIL).
-    workers: int = param(1, "server worker processes (mlflow models serve --workers); concurrent requests need "
-                            "more than 1; each gets cores/workers ONNX Runtime threads")
+    # One server process runs several requests at once (MLflow's scoring server calls predict from a
+    # thread pool), but its Python holds the GIL between the runtime's calls: more processes use more cores.
+    workers: int = param(1, "server worker processes (mlflow models serve --workers); each gets cores/workers "
+                            "runtime threads")
+    tolerance: float = param(1e-4, "largest difference of a served probability from the model's in-process answer "
+                                   "for the same text (asked one text at a time, like each request) before the "
+                                   "answer counts as wrong")
     timeout_s: float = param(120.0, "hard stop for the whole test")
     seed: int = param(42, "open loop: seed of the arrival times")
     output_dir: str = param("results/benchmarks", "where the serving CSV goes")
@@ -491,6 +495,8 @@ class LoadTestArgs:
             raise UserError(f"rate={self.rate}: requests per second, or 0 for the closed loop.")
         if self.workers < 1:
             raise UserError(f"workers={self.workers}: at least 1.")
+        if not 0 <= self.tolerance < 1:
+            raise UserError(f"tolerance={self.tolerance}: a probability difference in [0, 1).")
 
 
 @dataclass

@@ -19,18 +19,24 @@ from test_export import LABELS, tiny_classifier
 from test_serving import MAX_LENGTH, free_port
 
 
-def test_served_model_under_concurrent_load_with_malformed_requests(tiny_model, tmp_path):
+@pytest.mark.parametrize("rt, workers", [("openvino", 1), ("onnxruntime", 2)])
+def test_served_model_under_concurrent_load_answers_every_request_with_its_own_text(tiny_model, tmp_path, rt,
+                                                                                  workers):
+    """4 clients at once against one server process (the scoring server's thread pool) and against two;
+    every answer compared with the in-process answer for its text."""
     tiny_classifier(tiny_model, tmp_path / "hf")
     fp32 = export.export_onnx(tmp_path / "hf", tmp_path / "fp32")
     with mlflow.start_run():
-        uri = runtime.log_onnx_pyfunc(fp32, fp32.parent, LABELS, MAX_LENGTH, ["great movie", "awful"])
-    texts = pd.read_csv(DATA_DIR / "tweeteval_sentiment" / "test.csv", keep_default_na=False)["text"].iloc[:50].tolist()
+        uri = runtime.log_onnx_pyfunc(fp32, fp32.parent, LABELS, MAX_LENGTH, ["great movie", "awful"], runtime=rt)
+    texts = pd.read_csv(DATA_DIR / "tweeteval_sentiment" / "test.csv", keep_default_na=False)["text"].iloc[:100].tolist()
+    expected = loadtest.reference_answers(uri, texts)
 
-    with served(uri, workers=2) as url:  # the same server `kd-sentiment loadtest` starts
-        result = run_load_test(url, texts, clients=4, requests_per_client=25, malformed_every=5, timeout_s=120)
+    with served(uri, workers=workers) as url:  # the same server `kd-sentiment loadtest` starts
+        result = run_load_test(url, texts, clients=4, requests_per_client=25, malformed_every=5, timeout_s=120,
+                               expected=expected, tolerance=1e-4)
 
-    assert result["errors"] == 0, result["error_samples"]
-    assert result["stopped_at_timeout"] == 0
+    assert result["wrong"] == 0 and result["errors"] == 0, result["error_samples"]
+    assert result["checked"] == 1 and result["stopped_at_timeout"] == 0
     assert result["clients"] == 4 and result["requests"] == 100
     assert result["malformed_sent"] == 4 * 5  # every 5th of 25 per client, all three kinds rotated
     assert result["malformed_rejected_4xx"] == result["malformed_sent"]
@@ -38,6 +44,15 @@ def test_served_model_under_concurrent_load_with_malformed_requests(tiny_model, 
     assert 0 < result["p50_ms"] <= result["p95_ms"] and result["latency_samples"] == 80
     assert result["p99_ms"] is None and result["cut_off"] == 0  # p99 needs 100 samples
     assert result["throughput_per_s"] > 0 and result["duration_s"] > 0
+
+
+def test_an_answer_is_wrong_when_its_label_or_any_probability_is_not_its_texts():
+    expected = {"label": "positive", "score": 0.8, "prob_negative": 0.2, "prob_positive": 0.8}
+    assert loadtest.difference(dict(expected), expected, 1e-4) is None
+    assert loadtest.difference({**expected, "prob_negative": 0.20005}, expected, 1e-4) is None
+    assert "label" in loadtest.difference({**expected, "label": "negative"}, expected, 1e-4)
+    assert "prob_negative" in loadtest.difference({**expected, "prob_negative": 0.21}, expected, 1e-4)
+    assert "score" in loadtest.difference({k: v for k, v in expected.items() if k != "score"}, expected, 1e-4)
 
 
 @pytest.mark.parametrize("url", ["http://10.0.0.5:5000", "http://example.com/invocations", "http://0.0.0.0:5000",
@@ -183,9 +198,37 @@ def test_a_test_where_nothing_succeeded_fails_the_step(fake_server, monkeypatch)
 
     monkeypatch.setattr(tracking, "resolve_version", lambda uri, needed_by="": SimpleNamespace(name="m", version="1"))
     monkeypatch.setattr(loadtest, "served", fake_served)
-    monkeypatch.setattr(loadtest, "_one_prediction", lambda text: False)  # every answer is a wrong payload
+    monkeypatch.setattr(loadtest, "reference_answers", lambda uri, texts: [{"label": "x"}] * len(texts))
+    monkeypatch.setattr(loadtest, "_prediction", lambda text: None)  # every answer is a wrong payload
     with pytest.raises(UserError, match="no request succeeded"):
         loadtest.run(schema.LoadTestArgs(model="models:/m/1", rate=50, requests=20, malformed_every=0, timeout_s=30,
                                          warmup_requests=0))
     run = mlflow.search_runs(experiment_names=["kd-sentiment/tweeteval"], output_format="list")[0]
     assert run.info.status == "FAILED" and run.data.metrics["ok"] == 0 and run.data.metrics["errors"] == 20
+
+
+def test_answers_that_are_another_texts_are_counted_and_fail_the_step(fake_server, monkeypatch):
+    """The fake server answers every text with the same prediction: the texts whose in-process answer
+    differs are `wrong` (not `ok`), the others pass, and the step ends FAILED naming the first."""
+    from contextlib import contextmanager
+    from types import SimpleNamespace
+
+    from kd_sentiment import schema, tracking
+
+    port = fake_server(0.0)  # answers {"label": "x"} to every text
+
+    @contextmanager
+    def fake_served(model_uri, workers=1):
+        yield f"http://127.0.0.1:{port}"
+
+    monkeypatch.setattr(tracking, "resolve_version", lambda uri, needed_by="": SimpleNamespace(name="m", version="1"))
+    monkeypatch.setattr(loadtest, "served", fake_served)
+    # in-process, every third text has another label than the server gives it
+    monkeypatch.setattr(loadtest, "reference_answers",
+                        lambda uri, texts: [{"label": "y" if k % 3 == 0 else "x"} for k in range(len(texts))])
+    with pytest.raises(UserError, match="7 of 20 answers were not their own text's prediction"):
+        loadtest.run(schema.LoadTestArgs(model="models:/m/1", rate=50, requests=20, malformed_every=0, timeout_s=30,
+                                         warmup_requests=0))
+    run = mlflow.search_runs(experiment_names=["kd-sentiment/tweeteval"], output_format="list")[0]
+    assert run.info.status == "FAILED"
+    assert run.data.metrics["wrong"] == 7 and run.data.metrics["ok"] == 13 and run.data.metrics["errors"] == 0

@@ -1,7 +1,6 @@
 """`mlflow models serve` on the logged ONNX pyfunc, over real HTTP on a loopback port."""
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import mlflow
 
-from kd_sentiment import export, quantization, runtime
+from kd_sentiment import export, processes, quantization, runtime
 
 from conftest import wait_until_ok
 from test_export import LABELS, tiny_classifier
@@ -72,7 +71,7 @@ def test_served_model_answers_good_requests_and_rejects_bad_ones(tiny_model, tmp
     with open(log, "w") as out:
         # Own session, so the whole server (it may fork workers) can be stopped by its group id.
         server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", uri,
-                                   "--env-manager", "local", "-p", str(port), "--host", "127.0.0.1"],
+                                   "--env-manager", "local", "-p", str(port), "--host", "127.0.0.1", "--workers", "2"],
                                   cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         wait_until_ok(f"http://127.0.0.1:{port}/ping", server, log, seconds=120)
@@ -103,9 +102,8 @@ def test_served_model_answers_good_requests_and_rejects_bad_ones(tiny_model, tmp
 
         assert predictions(*post(port, {"inputs": ["great movie", "awful"]}), n=2) == rows  # still serving
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+        processes.stop(server, group=True)
+    # `--workers 2` given as a flag (not as MLFLOW_MODELS_WORKERS) reached both workers' thread sizing
+    threads = max(1, os.cpu_count() // 2)
+    line = f"{threads} runtime thread(s) per process ({os.cpu_count()} cores / 2 server process(es), from uvicorn --workers)"
+    assert log.read_text().count(line) == 2, log.read_text()[-3000:]

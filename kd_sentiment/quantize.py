@@ -95,7 +95,7 @@ def deployable(args: QuantizeArgs, work: Path, onnx_fp32: Path, fused: Path, spl
             calibration if args.mode == "static" else None, max_length, float_ffn_output=args.float_ffn_output)
         return search.Candidate(f"ort-{args.mode}", path, recipe=settings)
     candidates = search.build(work / "candidates", onnx_fp32, fused, calibration, max_length, args.reduce_range,
-                              args.min_agreement, args.sensitivity_texts)
+                              args.min_agreement, args.sensitivity_texts, search.chosen_names(args.candidates))
     search.validate(candidates, onnx_fp32.parent, texts["val"], splits.validation["label"].to_numpy(),
                     splits.label_names, reference_val, max_length)
     search.time_all(candidates, fused, onnx_fp32.parent, texts["val"], args.fixed_length, args.threads)
@@ -139,7 +139,8 @@ def run(args: QuantizeArgs) -> dict:
     tracking.use_experiment(splits.name)
     evaluated = {"val": splits.validation, "test": splits.test}
     texts = {split: frame["text"].tolist() for split, frame in evaluated.items()}
-    if args.mode == "auto":  # before any run opens: too few texts could pass no candidate
+    if args.mode == "auto":  # before any run opens: too few texts could pass no candidate, a name none
+        search.chosen_names(args.candidates)
         search.refuse_too_few_texts(len(texts["val"]), args.min_agreement)
 
     with tracking.step_run("quantize", f"quantize-{parent.name}-v{parent.version}-{args.mode}"), \

@@ -314,6 +314,8 @@ class QuantizeArgs:
     min_agreement: float = param(0.99, "auto: smallest share of validation predictions equal to the fp32 parent's, "
                                        "read as the one-sided 95% lower confidence bound of the share seen (so 0.99 "
                                        "needs at least 268 validation texts, all agreeing)")
+    candidates: str = param("", "auto: only these candidates, comma-separated (e.g. openvino-f32,ort-static; the "
+                                "names of quantize_candidates.json); empty: every candidate this CPU can run")
     fixed_length: int = param(128, "auto: tokens per text when timing candidates (the benchmark's fixed length)")
     threads: int = param(0, "auto: threads when timing candidates (0: all cores)")
     per_channel: bool = param(True, "one weight scale per output channel")
@@ -345,6 +347,9 @@ class QuantizeArgs:
         if not 0 <= self.min_agreement < 1:
             raise UserError(f"min_agreement={self.min_agreement}: a share in [0, 1); it is read as a lower "
                             "confidence bound, which no number of texts lifts to 1.")
+        if self.candidates.strip() and self.mode != "auto":
+            raise UserError(f"candidates={self.candidates!r}: chooses among auto's candidates; mode={self.mode} "
+                            "applies one fixed recipe. Use mode auto, or leave candidates empty.")
         check_alias(self.alias)
 
 

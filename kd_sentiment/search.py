@@ -17,6 +17,8 @@ that opens it:
   openvino-f32                OpenVINO reading the unfused fp32 ONNX graph
   openvino-bf16               the same computing in bf16 (only on CPUs with AVX512_BF16 or AMX)
   openvino-int8               OpenVINO running the static QDQ graph (INT8 without NNCF)
+`candidates` (`quantize --candidates openvino-f32,...`) restricts the search to the named ones: a
+user who wants a given runtime, or a test that must exercise one.
 Each is measured on the **validation** texts against the PyTorch fp32 parent (agreement, accuracy
 and macro-recall change in points, ECE change) and timed in-process, in interleaved rounds, as a
 ratio to ONNX Runtime fp32 (the fused graph): one validation text at a time at its own length (the
@@ -71,31 +73,55 @@ class Candidate:
         return OnnxClassifier(self.path, tokenizer_dir, threads, self.runtime, self.precision)
 
 
+# Every candidate, in the order they are built and listed; `--candidates` names a subset.
+CANDIDATES = ("ort-dynamic", "ort-dynamic-per-tensor", "ort-dynamic-embeddings-fp32", "ort-dynamic-ffn-fp32",
+              "ort-dynamic-sensitive-fp32", "ort-static", "ort-f32", "openvino-f32", "openvino-bf16", "openvino-int8")
+
+
+def chosen_names(text: str) -> tuple[str, ...]:
+    """The candidates named in `text` (comma-separated; empty: all this CPU runs), or a UserError
+    naming an unknown one or one this CPU cannot run."""
+    names = tuple(dict.fromkeys(name.strip() for name in text.split(",") if name.strip()))
+    unknown = [name for name in names if name not in CANDIDATES]
+    if unknown:
+        raise UserError(f"candidates={text!r}: unknown {unknown}; choose from {', '.join(CANDIDATES)}.")
+    if "openvino-bf16" in names and not bf16_capable(cpu_features()):
+        raise UserError(f"candidates={text!r}: openvino-bf16 needs a CPU that computes bf16 natively (AVX512_BF16 "
+                        "or AMX); this one does not.")
+    return names or CANDIDATES
+
+
 def build(work: Path, unfused: Path, fused: Path, calibration_texts: list[str], max_length: int,
-          reduce_range: bool | None, min_agreement: float, sensitivity_texts: int) -> list[Candidate]:
-    """Every candidate this machine can run, their graphs written under `work`; the sensitivity
-    search measures on the first `sensitivity_texts` calibration texts (0: no search)."""
+          reduce_range: bool | None, min_agreement: float, sensitivity_texts: int,
+          names: tuple[str, ...] = CANDIDATES) -> list[Candidate]:
+    """The candidates of `names` this machine can run, their graphs written under `work`; the
+    sensitivity search measures on the first `sensitivity_texts` calibration texts (0: no search)."""
     def ort(name: str, source: Path, **recipe) -> Candidate:
         path, settings = quantization.quantize_onnx(source.parent, work / name, reduce_range=reduce_range,
                                                     max_length=max_length, **recipe)
         return Candidate(name, path, recipe=settings)
 
-    static_texts = {"calibration_texts": calibration_texts}
-    candidates = [ort("ort-dynamic", fused), ort("ort-dynamic-per-tensor", fused, per_channel=False),
-                  ort("ort-dynamic-embeddings-fp32", fused, float_embeddings=True),
-                  ort("ort-dynamic-ffn-fp32", fused, float_ffn_output=True),
-                  ort("ort-static", unfused, mode="static", **static_texts)]
-    qdq = candidates[-1]
-    sensitive_one = sensitive(work, fused, candidates[0], calibration_texts[:sensitivity_texts], max_length,
-                              reduce_range, min_agreement)
-    if sensitive_one:
-        candidates.insert(-1, sensitive_one)
-    candidates += [Candidate("ort-f32", fused, recipe={"source": str(fused), "graph": "fused fp32"}),
-                   Candidate("openvino-f32", unfused, "openvino", "f32", {"source": str(unfused)}),
-                   Candidate("openvino-int8", qdq.path, "openvino", "f32", {**qdq.recipe, "graph": "static QDQ"})]
+    built = {}
+    recipes = {"ort-dynamic": {}, "ort-dynamic-per-tensor": {"per_channel": False},
+               "ort-dynamic-embeddings-fp32": {"float_embeddings": True}, "ort-dynamic-ffn-fp32": {"float_ffn_output": True}}
+    for name, recipe in recipes.items():  # the sensitivity search starts from plain ort-dynamic
+        if name in names or (name == "ort-dynamic" and "ort-dynamic-sensitive-fp32" in names):
+            built[name] = ort(name, fused, **recipe)
+    if "ort-dynamic-sensitive-fp32" in names:
+        built["ort-dynamic-sensitive-fp32"] = sensitive(work, fused, built["ort-dynamic"],
+                                                        calibration_texts[:sensitivity_texts], max_length,
+                                                        reduce_range, min_agreement)
+    if {"ort-static", "openvino-int8"} & set(names):  # OpenVINO runs the same QDQ graph
+        built["ort-static"] = ort("ort-static", unfused, mode="static", calibration_texts=calibration_texts)
+    built["ort-f32"] = Candidate("ort-f32", fused, recipe={"source": str(fused), "graph": "fused fp32"})
+    built["openvino-f32"] = Candidate("openvino-f32", unfused, "openvino", "f32", {"source": str(unfused)})
     if bf16_capable(cpu_features()):
-        candidates.insert(-1, Candidate("openvino-bf16", unfused, "openvino", "bf16", {"source": str(unfused)}))
-    return candidates
+        built["openvino-bf16"] = Candidate("openvino-bf16", unfused, "openvino", "bf16", {"source": str(unfused)})
+    if "ort-static" in built:
+        qdq = built["ort-static"]
+        built["openvino-int8"] = Candidate("openvino-int8", qdq.path, "openvino", "f32",
+                                           {**qdq.recipe, "graph": "static QDQ"})
+    return [built[name] for name in CANDIDATES if name in names and built.get(name) is not None]
 
 
 def sensitive(work: Path, fused: Path, plain: Candidate, texts: list[str], max_length: int,

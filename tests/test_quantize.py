@@ -193,6 +193,25 @@ def test_auto_mode_with_an_impossible_budget_registers_nothing(registry):
     assert len(candidates(failed.info.run_id)) >= 7
 
 
+def test_candidates_restrict_the_search_to_the_named_ones(registry):
+    """--candidates openvino-f32 registers an OpenVINO model whatever else would have been faster; an
+    unknown name, or candidates outside auto mode, is refused before any run opens."""
+    client, _ = registry
+    quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=200,
+                                       min_agreement=MIN_AGREEMENT, candidates="openvino-f32", alias="forced"))
+    version = client.get_model_version_by_alias(INT8, "forced")
+    assert (version.tags["recipe"], version.tags["runtime"]) == ("openvino-f32", "openvino")
+    assert list(candidates(version.tags["run_id"])["candidate"]) == ["openvino-f32"]
+    runs = {r.info.run_id for r in mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list")}
+    with pytest.raises(UserError, match=r"candidates='openvino-f32,ort-fast': unknown \['ort-fast'\]; choose from"):
+        quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=200,
+                                           min_agreement=MIN_AGREEMENT, candidates="openvino-f32,ort-fast"))
+    with pytest.raises(UserError, match="candidates='ort-static': chooses among auto's candidates; mode=dynamic"):
+        quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=200,
+                                           mode="dynamic", candidates="ort-static"))
+    assert {r.info.run_id for r in mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list")} == runs
+
+
 def test_auto_mode_refuses_too_few_validation_texts_before_any_run(registry):
     """100 texts all agreeing bound the agreement at 97.4%: 0.99 cannot be shown, so nothing is built."""
     client, _ = registry

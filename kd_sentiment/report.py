@@ -777,13 +777,16 @@ def serving_section(latest: dict) -> str:
              "a 4xx); latency per request from the client, loopback only, on the machine above, the client on the "
              "same cores. Open loop: requests sent at Poisson times whatever the server's state, latency counted from "
              "each request's scheduled time, a timed-out request kept in the percentiles at the timeout (a lower "
-             "bound). Closed loop: each client sends its next request when the last is answered.", "",
-             "| model | version | server workers | load | ok | errors | timed out / unsent | malformed rejected | "
-             "p50 ms | p95 ms | p99 ms (samples) | ok/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "bound). Closed loop: each client sends its next request when the last is answered. Every answer is "
+             "compared with the model's in-process answer for its text: `wrong` counts those that differ.", "",
+             "| model | version | server workers | load | ok | wrong | errors | timed out / unsent | malformed rejected | "
+             "p50 ms | p95 ms | p99 ms (samples) | ok/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (model, version, load, workers), run in sorted(latest.items()):
         m = run.data.metrics
         lost = f"{m.get('timeouts', 0):.0f} / {m.get('unsent', 0):.0f}" if "open" in load else f"cut off {m.get('cut_off', 0):.0f}"
-        lines.append(f"| {model} | {version} | {workers} | {load} | {m['ok']:.0f} | {m['errors']:.0f} | {lost} | "
+        # `wrong`: answered, but not with the in-process answer for its text; older tests did not check
+        wrong = f"{m['wrong']:.0f}" if m.get("checked") else "not checked"
+        lines.append(f"| {model} | {version} | {workers} | {load} | {m['ok']:.0f} | {wrong} | {m['errors']:.0f} | {lost} | "
                      f"{m['malformed_rejected_4xx']:.0f}/{m['malformed_sent']:.0f} | {ms(m.get('p50_ms', math.nan))} | "
                      f"{ms(m.get('p95_ms', math.nan))} | {ms(m.get('p99_ms', math.nan))} "
                      f"({m.get('latency_samples', 0):.0f}) | {m['throughput_per_s']:.1f} |")

@@ -5,15 +5,17 @@ import pytest
 from kd_sentiment import report, tracking
 
 
-def load_test(version: str, p99: float, student: str = "tinybert") -> None:
-    """A finished open-loop load test of version `version` of a student's INT8 model."""
+def load_test(version: str, p99: float, student: str = "tinybert", wrong: int | None = 0) -> None:
+    """A finished open-loop load test of version `version` of a student's INT8 model; `wrong` None:
+    one from before answers were checked."""
     mlflow.set_experiment("kd-sentiment/tweeteval")  # in the test's own store (conftest's _fresh_mlflow)
     with mlflow.start_run(tags={tracking.STEP_TAG: "loadtest"}):
         mlflow.log_params({"model": f"models:/kd-sentiment-{student}-tweeteval-int8@candidate", "model_version": version,
                            "mode": "open", "rate": 100.0, "requests": 1500, "workers": 2})
         mlflow.log_metrics({"ok": 1350, "errors": 0, "timeouts": 0, "unsent": 0, "malformed_rejected_4xx": 150,
                             "malformed_sent": 150, "p50_ms": 10.0, "p95_ms": 20.0, "p99_ms": p99,
-                            "latency_samples": 1350, "throughput_per_s": 89.0})
+                            "latency_samples": 1350, "throughput_per_s": 89.0,
+                            **({"wrong": wrong, "checked": 1} if wrong is not None else {})})
 
 
 def numbers(version: str, drift) -> dict:
@@ -28,10 +30,13 @@ def test_serving_shows_the_deployed_version_only():
         return report.deployed_load_tests(numbers(version, []))
 
     load_test("1", p99=176.5)  # an earlier pipeline's deployed version
-    load_test("2", p99=82.9)
+    load_test("2", p99=82.9, wrong=3)
     text = report.serving_section(load_tests("2"))
     rows = [line for line in text.splitlines() if line.startswith("| models:/")]
-    assert len(rows) == 1 and "| 2 | 2 | open loop, 100 req/s x 1500 |" in rows[0] and "82.9 (1350)" in rows[0]
+    assert len(rows) == 1 and "| 2 | 2 | open loop, 100 req/s x 1500 | 1350 | 3 | 0 |" in rows[0]
+    assert "82.9 (1350)" in rows[0]
+    load_test("2", p99=82.9, wrong=None)  # the latest test of that version, from before answers were checked
+    assert "| 1350 | not checked | 0 |" in report.serving_section(load_tests("2"))
     assert report.serving_section(load_tests("3")) == ""  # no load test of the deployed version: no section
     # The serving target reads the same tests: tinybert's deployed version's, not the earlier one's nor
     # minilm's (tested last).

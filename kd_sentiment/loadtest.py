@@ -24,15 +24,20 @@ per-request timeout, after which the request counts in `timeouts`, with the time
 (a lower bound) in the percentiles. Only loopback servers (127.0.0.0/8, localhost, ::1) are
 accepted: this is a tool for a server you started yourself, not for someone else's.
 
+Answers are checked where `expected` holds the model's in-process answer for each text (`loadtest`
+always passes it; `difference` says what counts): an answer with one prediction that is not its own
+text's is `wrong`.
+
 Result, a dict of numbers: mode, requests (answered or failed), good_sent, ok (good requests answered
-200 with one prediction), errors (5xx, 2xx with a wrong payload, a good request answered 4xx, a
-malformed request not answered 4xx, connection errors), malformed_sent, malformed_rejected_4xx,
+200 with their own text's prediction, or with one prediction where nothing is expected), wrong,
+errors (5xx, 2xx with a wrong payload, a good request answered 4xx, a malformed request not
+answered 4xx, connection errors), checked (1 where answers were compared), malformed_sent, malformed_rejected_4xx,
 p50_ms / p95_ms / p99_ms over `latency_samples` good requests (a percentile with fewer samples than
 it needs, 20 for p95 and 100 for p99, is None), throughput_per_s (ok requests per second of wall
 time), duration_s, stopped_at_timeout; closed loop: clients, cut_off; open loop: rate, scheduled,
 unsent, timeouts, started_late (sent more than LATE_S after their time: the client itself could not
-keep up, so the offered rate was lower than asked); plus error_samples, the first few error
-descriptions, for diagnosis.
+keep up, so the offered rate was lower than asked); plus error_samples and wrong_samples, the first
+few of each, for diagnosis.
 """
 from __future__ import annotations
 
@@ -149,6 +154,7 @@ class Tally:
                                      "malformed_rejected_4xx"), 0) | extra_counts
         self.latencies_ms: list[float] = []
         self.error_samples: list[str] = []
+        self.wrong_samples: list[str] = []  # kept apart: errors must not crowd out the first wrong answers
 
     def count(self, error: str | None = None, **increments) -> None:
         with self.lock:
@@ -156,11 +162,8 @@ class Tally:
                 self.counts[key] += n
             if error is not None:
                 self.counts["errors"] += 1
-                self.sample(error)
-
-    def sample(self, error: str) -> None:
-        if len(self.error_samples) < ERROR_SAMPLES:
-            self.error_samples.append(error)
+                if len(self.error_samples) < ERROR_SAMPLES:
+                    self.error_samples.append(error)
 
     def wrong_answer(self, index: int | None, answer: str) -> str | None:
         """Why a 200 answer to text `index` is not a good one (None: it is): not one prediction, or
@@ -187,7 +190,8 @@ class Tally:
             self.count(requests=1, good_sent=1, ok=1)
         elif status == 200 and _prediction(answer) is not None:  # an answer, but another text's
             with self.lock:
-                self.sample(f"{what}: wrong answer for text {index}: {problem}")
+                if len(self.wrong_samples) < ERROR_SAMPLES:
+                    self.wrong_samples.append(f"{what}: wrong answer for text {index}: {problem}")
             self.count(requests=1, good_sent=1, wrong=1)
         else:
             self.count(f"{what}: {status} {answer[:200]!r}", requests=1, good_sent=1)
@@ -200,7 +204,8 @@ class Tally:
                 value = timing.percentile(self.latencies_ms, q)
                 result[f"p{q}_ms"] = None if math.isnan(value) else value
             result.update(throughput_per_s=self.counts["ok"] / duration if duration > 0 else 0.0,
-                          duration_s=duration, error_samples=list(self.error_samples))
+                          duration_s=duration, error_samples=list(self.error_samples),
+                          wrong_samples=list(self.wrong_samples))
         return result
 
 
@@ -397,9 +402,9 @@ def run(args: LoadTestArgs) -> dict:
             else:
                 result = run_load_test(url, texts, args.clients, args.requests_per_client, args.malformed_every,
                                        args.timeout_s, args.warmup_requests, expected, args.tolerance)
-        samples = result.pop("error_samples")
+        samples, wrong = result.pop("error_samples"), result.pop("wrong_samples")
         mlflow.log_metrics({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
-        mlflow.log_dict({"error_samples": samples}, "loadtest_errors.json")
+        mlflow.log_dict({"error_samples": samples, "wrong_samples": wrong}, "loadtest_errors.json")
         out = Path(args.output_dir)
         out.mkdir(parents=True, exist_ok=True)
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
@@ -408,9 +413,9 @@ def run(args: LoadTestArgs) -> dict:
                      ).to_csv(path, index=False)
         mlflow.log_artifact(str(path), "loadtest")
         if result["wrong"]:
-            first = next((x for x in samples if "wrong answer" in x), "")
             raise UserError(f"{result['wrong']} of {result['good_sent']} answers were not their own text's "
-                            f"prediction (the in-process answer, within {args.tolerance:g}): {first}")
+                            f"prediction (the in-process answer, within {args.tolerance:g}), {result['errors']} "
+                            f"errors: {wrong[0]}")
         if result["ok"] == 0:
             raise UserError(f"no request succeeded ({result['requests']} answered or failed, "
                             f"{result.get('timeouts', 0)} timed out): {samples[0] if samples else 'no answer'}")

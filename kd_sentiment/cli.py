@@ -33,16 +33,36 @@ COMMANDS = {
 }
 
 
+BOOLEAN_METAVAR = "true|false"  # how --help shows a boolean flag's optional value
+
+
 def step_parser_class():
     """HfArgumentParser (imported here: transformers brings torch, ~2 s) makes each field a flag: its
     type, default, help, choices, `--flag` alone for a true boolean, `--no_flag` for one that
     defaults to true, required when there is no default. Taught three things the schema declares:
     a field's own reader (`param(read=...)`: 'all' for no limit, '3.0' as a whole number; the same
-    reader a config file's value goes through), positional fields, and a nested dataclass
-    (TrainConfig) whose fields are the step's flags."""
+    reader a config file's value goes through), positional fields, a nested dataclass (TrainConfig)
+    whose fields are the step's flags, and a boolean flag alone before a positional
+    (`promote --history NAME`): it means true, and NAME stays the positional."""
     from transformers import HfArgumentParser
 
+    def is_boolean(text: str) -> bool:
+        try:
+            schema.boolean(text)
+            return True
+        except argparse.ArgumentTypeError:
+            return False
+
     class StepParser(HfArgumentParser):
+        def parse_known_args(self, args=None, namespace=None):
+            # argparse would take the word after `--flag` as its value whatever it is; here only a
+            # true/false word is, and `--flag` alone before anything else reads as `--flag=true`.
+            args = list(sys.argv[1:] if args is None else args)
+            flags = {f"--{a.dest}" for a in self._actions if a.metavar == BOOLEAN_METAVAR}
+            args = [f"{arg}=true" if arg in flags and (k + 1 == len(args) or not is_boolean(args[k + 1])) else arg
+                    for k, arg in enumerate(args)]
+            return super().parse_known_args(args, namespace)
+
         def _add_dataclass_arguments(self, dtype):
             for f in schema.flat_fields(dtype).values():
                 self._parse_dataclass_field(self, f)
@@ -58,7 +78,10 @@ def step_parser_class():
                                     **({} if required else {"default": f.default}), **flag.metadata)
                 return
             super()._parse_dataclass_field(parser, flag)
-            parser._option_string_actions[f"--{f.name}"].type = schema.reader(f)
+            action = parser._option_string_actions[f"--{f.name}"]
+            action.type = schema.reader(f)
+            if isinstance(f.default, bool):  # `--flag`, `--flag true|false` (MLproject's form), `--flag=false`
+                action.metavar = BOOLEAN_METAVAR
 
     return StepParser
 

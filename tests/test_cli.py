@@ -61,3 +61,19 @@ def test_every_command_has_an_entry_point():
     """`pipeline` is the `main` entry point; every other command is an entry point of its own name."""
     subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
     assert set(subcommands) - {"pipeline"} <= set(MLPROJECT["entry_points"]) and "main" in MLPROJECT["entry_points"]
+
+
+@pytest.mark.parametrize("argv", [["promote", "--history", "kd-sentiment-x-int8"], ["promote", "kd-sentiment-x-int8", "--history"],
+                                  ["promote", "--history=true", "kd-sentiment-x-int8"],
+                                  ["promote", "--history", "true", "kd-sentiment-x-int8"]])
+def test_a_boolean_flag_alone_is_true_on_either_side_of_the_positional(argv):
+    ns = build_parser().parse_args(argv)
+    assert ns.history is True and ns.name == "kd-sentiment-x-int8" and ns.rollback is False
+
+
+def test_a_boolean_flag_still_takes_the_value_mlproject_passes():
+    ns = build_parser().parse_args(["promote", "--history", "false", "--force", "no", "kd-sentiment-x-int8"])
+    assert ns.history is False and ns.force is False and ns.name == "kd-sentiment-x-int8"
+    ns = build_parser().parse_args(["teacher", "--resume", "false", "--cpu", "--dataset", "imdb"])
+    assert ns.resume is False and ns.cpu is True and ns.dataset == "imdb"
+    assert "--history [true|false]" in build_parser()._subparsers._group_actions[0].choices["promote"].format_help()

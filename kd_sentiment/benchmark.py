@@ -442,6 +442,7 @@ def run(args: BenchmarkArgs) -> pd.DataFrame:
         tracking.log_params({**asdict(args), "n_eval": len(eval_texts), "models_measured": len(targets),
                              "warmup_batches": WARMUP_BATCHES})
         tracking.log_environment(threads)
+        tracking.log_texts(splits.test[["text", "label"]], f"{splits.name}-test-{len(splits.test)}", splits.source, "test")
         measured = measure_all(targets, args, settings, threads, eval_texts, bench_texts, Path(tmp))
         frame, probs = rows_of(targets, measured, settings, labels, splits.label_names, threads)
         noise = float(np.nanmedian(frame["round_spread_pct"])) if frame["round_spread_pct"].notna().any() else math.nan

@@ -393,6 +393,7 @@ def run(args: LoadTestArgs) -> dict:
     with tracking.step_run("loadtest", f"loadtest-{mode}-{version.name}-v{version.version}"):
         tracking.log_params({**asdict(args), "model_version": version.version, "mode": mode})
         tracking.log_environment()
+        tracking.log_texts(pd.DataFrame({"text": texts}), f"{splits.name}-test-{len(texts)}", splits.source, "test")
         expected = reference_answers(args.model, texts)
         with served(args.model, workers=args.workers) as url:
             if mode == "open":

@@ -40,7 +40,7 @@ from pathlib import Path
 import mlflow
 from accelerate import PartialState
 
-from kd_sentiment import benchmark, distill, promote, quantize, schema, teacher, tracking
+from kd_sentiment import benchmark, descriptions, distill, promote, quantize, schema, teacher, tracking
 from kd_sentiment.errors import UserError
 from kd_sentiment.models import load_catalog, read_yaml
 from kd_sentiment.schema import PipelineArgs
@@ -280,6 +280,7 @@ class Pipeline(StepRunner):
                                            "selected": selected.info.run_id}
 
         q_section, margin = cfg.get("quantize") or {}, (cfg.get("promote") or {}).get("margin", 1.0)
+        promotions = {}
         for student, kd in student_runs.items():
             parent = registered_uri(kd)
             q = self.step(f"quantize-{student}", quantize.run, schema.QuantizeArgs(
@@ -294,6 +295,7 @@ class Pipeline(StepRunner):
             except UserError as refusal:  # a refused gate is an outcome to record, not a pipeline failure
                 log.warning("[pipeline] promote %s v%s: %s", name, version, refusal)
                 mlflow.set_tag(f"promotion.{student}", "refused")
+                promotions[student] = "refused"
 
         b_section = cfg.get("benchmark") or {}
         bench = self.step("benchmark", benchmark.run, schema.BenchmarkArgs(
@@ -302,6 +304,11 @@ class Pipeline(StepRunner):
         mlflow.set_tag("reused_steps", ",".join(self.reused) or "none")
         mlflow.log_dict(self.step_runs, "pipeline_steps.json")
         mlflow.log_dict(record, "pipeline_record.json")
+        # the data the steps read, on the parent too: the UI's Datasets of the run a user opens first
+        client = mlflow.MlflowClient()
+        client.log_inputs(mlflow.active_run().info.run_id,
+                          datasets=list(client.get_run(record["teacher"]).inputs.dataset_inputs))
+        tracking.describe_run(descriptions.pipeline_summary(record, dataset, promotions))
         return {"models": models, "reused": self.reused}
 
 

@@ -24,7 +24,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from kd_sentiment import export, quantization, runtime, search, stats, tracking
+from kd_sentiment import descriptions, export, quantization, runtime, search, stats, tracking
 from kd_sentiment.calibration import classification_metrics, fit_temperature
 from kd_sentiment.data import load_splits
 from kd_sentiment.errors import UserError
@@ -87,6 +87,9 @@ def deployable(args: QuantizeArgs, work: Path, onnx_fp32: Path, fused: Path, spl
     logs every candidate (`quantize_candidates.json`, a figure) and refuses when none is in budget."""
     calibration = splits.train["text"].sample(n=min(args.calibration_samples, len(splits.train)),
                                               random_state=args.seed).tolist()
+    if args.mode != "dynamic":  # static and auto read them (calibration, the sensitivity search)
+        tracking.log_texts(pd.DataFrame({"text": calibration}), f"{splits.name}-calibration-{len(calibration)}",
+                           splits.source, "calibration")
     if args.mode != "auto":
         # Static INT8 needs the unfused graph (see quantization.py); dynamic INT8 is fastest on the fused one.
         source = onnx_fp32 if args.mode == "static" else fused
@@ -152,6 +155,8 @@ def run(args: QuantizeArgs) -> dict:
         # INT8 here is a CPU deployment target: export, quantization and the fp32 reference it is
         # compared with all run on the CPU, also on a machine with a GPU.
         tracking.log_environment(threads=args.threads or os.cpu_count(), device="cpu")
+        for split, frame in (("validation", splits.validation), ("test", splits.test)):
+            tracking.log_texts(frame[["text", "label"]], f"{splits.name}-{split}-{len(frame)}", splits.source, split)
         log.info("quantize: ONNX export, INT8 quantization and the PyTorch fp32 reference run on the CPU "
                  "(INT8 is a CPU deployment target)")
 
@@ -195,11 +200,15 @@ def run(args: QuantizeArgs) -> dict:
         model_uri = runtime.log_onnx_pyfunc(chosen.path, onnx_fp32.parent, splits.label_names, max_length,
                                             texts["test"][:2], runtime=chosen.runtime, precision=chosen.precision,
                                             temperature=temperature)
+        hardware = hardware_tags(chosen, args.threads or os.cpu_count())
+        description = descriptions.quantized_version(parent, chosen.name, chosen.runtime, chosen.precision,
+                                                     chosen.numbers, metrics, len(texts["val"]), splits.name, hardware)
         version = tracking.register(model_uri, name, args.alias or None, {
             "step": "quantize", "parent": f"{parent.name}/{parent.version}", "parent_run_id": parent.run_id or "",
             "dataset": splits.name, "label_names": ",".join(splits.label_names), "mode": args.mode,
             "run_id": mlflow.active_run().info.run_id, **gate_tags(metrics, splits.name, len(texts["val"])),
-            **hardware_tags(chosen, args.threads or os.cpu_count())})
+            **hardware}, description, descriptions.registered_model(name, "quantize", splits.name, parent.name))
+        tracking.describe_run(description)
         mlflow.set_tags({"registered_model": name, "registered_version": version.version, "runtime": chosen.runtime,
                          "precision": chosen.precision, "recipe": chosen.name})
         log.info(f"Registered {name} version {version.version} ({chosen.name}); validation accuracy "

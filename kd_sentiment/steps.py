@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 
-from kd_sentiment import tracking
+from kd_sentiment import descriptions, tracking
 from kd_sentiment.calibration import majority_floor
 from kd_sentiment.data import Splits, load_splits
 from kd_sentiment.errors import UserError
@@ -192,7 +192,11 @@ def publish(model, tokenizer, splits: Splits, registered_name: str, alias: str, 
         tags["alias_withheld"] = below_floor
         log.warning("%s: %s; registered without an alias.", registered_name, below_floor)
         alias = ""
-    version = tracking.register(model_uri, registered_name, alias or None, tags)
+    params = mlflow.get_run(tags["run_id"]).data.params
+    description = descriptions.trained_version(tags["step"], params, metrics, splits.name, splits.selection_metric)
+    version = tracking.register(model_uri, registered_name, alias or None, tags, description,
+                                descriptions.registered_model(registered_name, tags["step"], splits.name))
     mlflow.set_tags({"registered_model": registered_name, "registered_version": version.version})
+    tracking.describe_run(description)
     log.info(f"Registered {registered_name} version {version.version}"
           + (f" with alias '{alias}': models:/{registered_name}@{alias}" if alias else ""))

@@ -177,20 +177,24 @@ def log_environment(threads: int | None = None, device: str | None = None) -> No
     mlflow.set_tags(tags)
 
 
+def log_texts(frame, name: str, source: str, context: str) -> None:
+    """`frame` (a `text` column, and `label` where labelled) as an `mlflow.data` input of the active
+    run, in `context` (train, validation, test, calibration, transfer, ...): the UI's Datasets."""
+    targets = "label" if "label" in frame.columns else None
+    # Silenced: a local path "can be interpreted in multiple ways" (it is a path) and the integer
+    # label column "cannot represent missing values" (labels are validated, never missing).
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        mlflow.log_input(mlflow.data.from_pandas(frame, source=source, name=name, targets=targets), context=context)
+
+
 def log_splits(splits) -> None:
     """Dataset name, source and sizes as params, each split as an `mlflow.data` input."""
     log_params({"dataset": splits.name, "data_source": splits.source, "selection_metric": splits.selection_metric,
                        **{f"n_{split}": n for split, n in splits.sizes().items()}})
     mlflow.log_metrics({f"data_{k}": v for k, v in splits.duplicates.items()})
     for split, size in splits.sizes().items():
-        frame = splits.split(split)[["text", "label"]]
-        # Silenced: a local path "can be interpreted in multiple ways" (it is a path) and the integer
-        # label column "cannot represent missing values" (labels are validated, never missing).
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            dataset = mlflow.data.from_pandas(frame, source=splits.source, name=f"{splits.name}-{split}-{size}",
-                                              targets="label")
-            mlflow.log_input(dataset, context=split)
+        log_texts(splits.split(split)[["text", "label"]], f"{splits.name}-{split}-{size}", splits.source, split)
 
 
 def log_transfer(transfer, dataset: str, n_labelled: int) -> None:
@@ -202,11 +206,13 @@ def log_transfer(transfer, dataset: str, n_labelled: int) -> None:
                 "transfer_fingerprint": transfer.fingerprint,
                 "transfer_fraction": round(len(transfer.texts) / (len(transfer.texts) + n_labelled), 4)})
     mlflow.log_metrics({f"transfer_{k}": v for k, v in transfer.counts.items()})
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        data = mlflow.data.from_pandas(pd.DataFrame({"text": transfer.texts}), source=transfer.source,
-                                       name=f"{dataset}-transfer-{len(transfer.texts)}")
-        mlflow.log_input(data, context="transfer")
+    log_texts(pd.DataFrame({"text": transfer.texts}), f"{dataset}-transfer-{len(transfer.texts)}", transfer.source,
+              "transfer")
+
+
+def describe_run(markdown: str) -> None:
+    """The active run's description: the Markdown the MLflow UI shows at the top of its page."""
+    mlflow.set_tag("mlflow.note.content", markdown)
 
 
 def log_array(array, artifact_path: str, run_id: str | None = None) -> None:
@@ -244,18 +250,22 @@ def log_figure(fig, path: str) -> None:
 
 # ----------------------------------------------------------------------------- registry
 
-def register(model_uri: str, name: str, alias: str | None, tags: dict | None = None) -> ModelVersion:
-    """Register `model_uri` as a new version of `name`, tag it, point `alias` at it.
+def register(model_uri: str, name: str, alias: str | None, tags: dict | None = None, description: str = "",
+             model_description: str = "") -> ModelVersion:
+    """Register `model_uri` as a new version of `name` with `description`, tag it, point `alias` at
+    it; `model_description` says what the registered model's versions are (set while it has none).
 
     All or nothing: if tagging or aliasing fails the version is deleted again (and the registered
     model too, if no other version is left in it).
     """
     client = MlflowClient()
     try:  # create-then-tolerate, not get-then-create: two steps may register the same new name at once
-        client.create_registered_model(name)
+        client.create_registered_model(name, description=model_description or None)
     except MlflowException as err:
         if err.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
+        if model_description and not client.get_registered_model(name).description:  # made by an older version
+            client.update_registered_model(name, description=model_description)
     model_version = None
     try:
         run_id = mlflow.active_run().info.run_id if mlflow.active_run() else None
@@ -263,7 +273,7 @@ def register(model_uri: str, name: str, alias: str | None, tags: dict | None = N
         # rejects it as a plain source.
         model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
         model_version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags or {},
-                                                    model_id=model_id)
+                                                    model_id=model_id, description=description or None)
         if alias:
             client.set_registered_model_alias(name, alias, model_version.version)
         return model_version

@@ -33,6 +33,49 @@ def config(tiny_model, tmp_path):
     return str(path)
 
 
+def contexts(run) -> set[str]:
+    """The contexts of a run's dataset inputs (what the UI lists under Datasets)."""
+    return {tag.value for d in run.inputs.dataset_inputs for tag in d.tags if tag.key == "mlflow.data.context"}
+
+
+def ui_story(parent, runs: dict) -> None:
+    """What a user sees in the MLflow UI, read back through MLflow's client: descriptions built from
+    the runs' own numbers (change one, the text changes), datasets where data was read."""
+    from kd_sentiment import descriptions
+
+    client = mlflow.MlflowClient()
+    record = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/pipeline_record.json")
+    entry = record["students"]["teacher-layers:0"]
+    teacher, student, q = (runs[record["teacher"]], runs[entry["selected"]], runs[entry["quantize"]])
+    kept = student.data.metrics["test_accuracy"] / teacher.data.metrics["test_accuracy"]
+    summary = parent.data.tags["mlflow.note.content"]
+    row = next(line for line in summary.splitlines() if line.startswith("| teacher-layers:0 |"))
+    assert f"{100 * student.data.metrics['test_accuracy']:.1f}% ({100 * kept:.1f}%)" in row
+    assert f"`ort-dynamic` (onnxruntime) v{q.data.tags['registered_version']}" in row
+    assert f"| {100 * q.data.metrics['int8_agreement_with_fp32']:.1f}% |" in row
+    assert f"test accuracy {100 * teacher.data.metrics['test_accuracy']:.1f}% on 100 texts" in summary
+    client.log_metric(student.info.run_id, "test_accuracy", 0.123)  # the table is read from the runs
+    assert "12.3% (" in descriptions.pipeline_summary(record, "imdb", {})
+
+    version = client.get_model_version(q.data.tags["registered_model"], q.data.tags["registered_version"])
+    m = q.data.metrics
+    assert version.description == q.data.tags["mlflow.note.content"]
+    assert f"recipe `ort-dynamic`, run by onnxruntime in f32. On 100 validation texts" in version.description
+    assert f"agrees with the fp32 parent on {100 * m['int8_val_agreement_with_fp32']:.1f}%" in version.description
+    assert f"Validated on {version.tags['validated_on.cpu']}" in version.description
+    trained = client.get_model_version(student.data.tags["registered_model"], student.data.tags["registered_version"])
+    assert f"Validation accuracy {100 * student.data.metrics['val_accuracy']:.1f}%" in trained.description
+    assert "distilled from `models:/kd-sentiment-teacher-imdb/" in trained.description
+    for name in (q.data.tags["registered_model"], student.data.tags["registered_model"],
+                 teacher.data.tags["registered_model"]):
+        assert "`@champion`" in client.get_registered_model(name).description
+
+    assert contexts(teacher) == {"train", "validation", "test"} == contexts(parent)
+    assert contexts(q) == {"validation", "test"}  # dynamic mode reads no calibration texts
+    benchmark = next(r for r in runs.values() if r.data.tags["kd_sentiment.step"] == "benchmark")
+    assert contexts(benchmark) == {"test"}
+
+
 def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_path, monkeypatch):
     args = pipeline.PipelineArgs(config=config, dataset="imdb")
     real_quantize = quantize.run
@@ -100,6 +143,8 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     t = step["teacher"].data.metrics
     assert 0 < t["train_tokens_p50"] <= t["train_tokens_p99"] <= t["train_tokens_max"]
     assert t["train_truncated_share"] == pytest.approx(0.9, abs=0.1)  # IMDb reviews at 64 tokens
+
+    ui_story(last, {r.info.run_id: r for r in runs})
 
     # The report is generated from these runs: its numbers are theirs, and regenerating it gives the same file.
     readme = tmp_path / "README.md"

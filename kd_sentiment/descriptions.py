@@ -1,0 +1,102 @@
+"""What a run or a registered model is, in a sentence or a small table of its own numbers: the
+Markdown the MLflow UI shows on a run's page, a registered version's and a registered model's.
+Every number comes from the run that made it; nothing here measures or decides.
+"""
+from __future__ import annotations
+
+import mlflow
+
+from kd_sentiment import report
+
+FLOAT_RECIPES = ("ort-f32", "openvino-f32", "openvino-bf16")  # candidates that deploy the float graph
+
+
+def points(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def metric_name(metric: str) -> str:
+    return metric.replace("_", "-")
+
+
+def trained_version(step: str, params: dict, metrics: dict, dataset: str, selection_metric: str) -> str:
+    """A teacher's or student's version: what was trained on what, how, and its validation and test metric."""
+    what = "Teacher" if step == "teacher" else f"Student `{params.get('student', '?')}`"
+    source = params.get("student_init") or params.get("model", "?")  # what its weights started from
+    alpha = float(params.get("alpha", 0) or 0)
+    how = ""
+    if step != "teacher":
+        how = (f", distilled from `{params.get('teacher')}` (alpha {alpha:g}, temperature {params.get('temperature')})"
+               if alpha > 0 else ", without the teacher (alpha=0: the labels alone)")
+    m = metric_name(selection_metric)
+    return (f"{what} for {dataset}: `{source}` fine-tuned on {params.get('n_train', '?')} texts "
+            f"for {params.get('epochs', '?')} epoch(s) at lr {params.get('lr', '?')}, seed {params.get('seed', '?')}"
+            f"{how}. Validation {m} {points(metrics[f'val_{selection_metric}'])}, test {m} "
+            f"{points(metrics[f'test_{selection_metric}'])} on {params.get('n_test', '?')} texts.")
+
+
+def quantized_version(parent, recipe: str, runtime: str, precision: str, numbers: dict, metrics: dict,
+                      n_val: int, dataset: str, hardware: dict) -> str:
+    """A deployed graph's version: its parent, recipe and runtime, what it keeps of the parent on
+    validation, its speed against the parent's ONNX Runtime fp32 graph, the CPU it was validated on."""
+    kind = "float graph (no INT8 recipe was chosen)" if recipe in FLOAT_RECIPES else "INT8 graph"
+    speed = (f" It ran {numbers['speed']:.2f}x the speed of the parent's ONNX Runtime fp32 graph (geometric mean "
+             "of one real text and batches of 1 and 32)." if "speed" in numbers else "")
+    features = ", ".join(k.removeprefix("validated_on.") for k, v in sorted(hardware.items())
+                         if v == "True" and k.removeprefix("validated_on.") not in ("onnxruntime", "openvino"))
+    return (f"Deployable {kind} of `{parent.name}` v{parent.version} for {dataset}: recipe `{recipe}`, run by "
+            f"{runtime} in {precision}. On {n_val} validation texts it agrees with the fp32 parent on "
+            f"{points(metrics['int8_val_agreement_with_fp32'])} (at least "
+            f"{100 * metrics['int8_val_agreement_with_fp32_low']:.2f}% by its one-sided 95% bound); accuracy "
+            f"{100 * (metrics['onnx_int8_val_accuracy'] - metrics['torch_fp32_val_accuracy']):+.2f} and macro-recall "
+            f"{100 * (metrics['onnx_int8_val_macro_recall'] - metrics['torch_fp32_val_macro_recall']):+.2f} points."
+            f"{speed} Validated on {hardware.get('validated_on.cpu', '?')} ({features or 'no AVX-512'}), "
+            f"{hardware.get('validated_on.threads', '?')} threads.")
+
+
+def registered_model(name: str, step: str, dataset: str, parent_name: str = "") -> str:
+    """What the versions of a registered model are for."""
+    if step == "quantize":
+        return (f"Deployable graphs of `{parent_name}` for {dataset} (INT8 where the accuracy budget allows), made "
+                "by `kd-sentiment quantize`. `@candidate` is the newest; `@champion` the promoted one, to serve with "
+                f"`mlflow models serve -m models:/{name}@champion`. Each version's description says what it is.")
+    who = "Teachers" if step == "teacher" else "Students"
+    return (f"{who} for {dataset}, trained by `kd-sentiment {step}`. `@champion` marks the one the next step "
+            f"uses ({'students are distilled from it' if step == 'teacher' else 'it is quantized and deployed'}). "
+            "Each version's description says what it is.")
+
+
+def pipeline_summary(record: dict, dataset: str, promotions: dict) -> str:
+    """The pipeline run's results table: each student's deployed seed against the teacher, the graph
+    deployed, what INT8 kept, the served speed against the teacher, and the targets' verdicts."""
+    teacher = mlflow.get_run(record["teacher"])
+    metric = teacher.data.params["selection_metric"]
+    m, teacher_metric = metric_name(metric), teacher.data.metrics[f"test_{metric}"]
+    bench = report.benchmark_frame(record["benchmark"])
+    lines = [f"**{dataset}**: teacher `{teacher.data.tags['registered_model']}` "
+             f"v{teacher.data.tags['registered_version']}, test {m} {points(teacher_metric)} on "
+             f"{teacher.data.params['n_test']} texts. Each student's row is its deployed seed.", "",
+             f"| student | test {m} (kept of the teacher's) | retention target | deployed graph | agreement with "
+             f"fp32 (test) | {m} change (points) | INT8 target | speed vs teacher, batch 1 | promoted |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for student, runs in record["students"].items():
+        selected = mlflow.get_run(runs["selected"])
+        kept = selected.data.metrics[f"test_{metric}"] / teacher_metric
+        layers = report.encoder_layers(selected)
+        need = next((share for at_least, share in report.RETENTION_TARGETS if layers is not None and layers >= at_least),
+                    report.RETENTION_TARGETS[-1][1])
+        row = [student, f"{points(selected.data.metrics[f'test_{metric}'])} ({points(kept)})",
+               f">= {points(need)}: {'met' if kept >= need else 'not met'}"]
+        if runs.get("quantize"):
+            q = mlflow.get_run(runs["quantize"])
+            qm, name = q.data.metrics, q.data.tags["registered_model"]
+            agreement = qm["int8_agreement_with_fp32"]
+            change = 100 * (qm[f"onnx_int8_test_{metric}"] - qm[f"torch_fp32_test_{metric}"])
+            met = agreement >= report.INT8_MIN_AGREEMENT and -qm["int8_accuracy_delta_points"] <= report.INT8_MAX_DROP_POINTS
+            row += [f"`{q.data.tags.get('recipe', 'INT8')}` ({q.data.tags.get('runtime')}) v{q.data.tags['registered_version']}",
+                    points(agreement), f"{change:+.2f}", "met" if met else "not met",
+                    report.speedup(bench, name, report.SERVED, 1), promotions.get(student, "yes")]
+        else:
+            row += ["none", "", "", "", "", ""]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)

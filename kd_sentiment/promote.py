@@ -3,8 +3,10 @@
 The gate compares the version with its parent on the same evaluation data, from the `gate.*` tags
 its step wrote (quantize: INT8 vs the fp32 parent, on the parent's validation split, `gate.split`):
 accuracy, and macro-recall where present, may be at most `margin` points below the parent's; the
-prediction agreement is recorded beside them. The decision and the numbers are written as version
-tags (`promotion.*`); a refusal moves nothing; `force` overrides and says so.
+prediction agreement is recorded beside them. A version no better than the majority class on those
+texts (`gate.majority_*`) is refused before any gate, like the training steps withhold their alias
+from such a model. The decision and the numbers are written as version tags (`promotion.*`); a
+refusal moves nothing; `force` overrides and says so.
 
 Every promotion (accepted, refused, forced, or a rollback) is also an MLflow run of its own (step
 `promote`, in the model's dataset experiment): the model, the version, the alias's holder before
@@ -94,6 +96,19 @@ def rollback_target(name: str, alias: str) -> str:
     return stack[-2]
 
 
+def below_majority(tags: dict) -> str | None:
+    """Why a version is no better than always predicting the majority class on its gate's texts (its
+    dataset's metric at or under the baseline's, `gate.majority_*`), or None where it is better;
+    "not measured" for a version whose step wrote no baseline."""
+    metric = tags.get("gate.selection_metric")
+    if metric is None or f"gate.majority_{metric}" not in tags or f"gate.{metric}" not in tags:
+        return "not measured"
+    own, floor = float(tags[f"gate.{metric}"]), float(tags[f"gate.majority_{metric}"])
+    if own > floor:
+        return None
+    return f"not better than the majority class on {tags.get('gate.eval_data', 'its gate texts')} ({metric} {own:.4f} vs {floor:.4f})"
+
+
 def hardware_differences(tags: dict) -> list[str]:
     """The deciding CPU features (machine.DECIDING_FEATURES) in which this machine differs from the one
     the version was validated on (its `validated_on.*` tags); empty for versions without them."""
@@ -112,6 +127,7 @@ def decide(version, args: PromoteArgs, rollback: bool) -> tuple[str, dict]:
                         f" and this CPU differs ({'; '.join(differences)}): run quantize on this machine to choose and "
                         "check a model for it, or set force to promote it anyway (recorded).")
     passed, numbers = gate(version.tags, args.margin)
+    passed &= below_majority(version.tags) in (None, "not measured")  # a model that learnt nothing usable
     if not numbers and not args.force:
         raise UserError(f"{args.name} version {version.version} has no gate.* measurements against a parent (only "
                         "quantize writes them); nothing moved. Set force to promote it anyway.")
@@ -150,6 +166,7 @@ def run(args: PromoteArgs) -> bool:
             "promotion.agreement": version.tags.get("gate.agreement", ""),
             "promotion.alias_before": before, "promotion.alias_after": after,
             "promotion.hardware": "; ".join(hardware_differences(version.tags)) or "as validated",
+            "promotion.majority_floor": below_majority(version.tags) or "above",
             **{f"promotion.{k}": str(v) for k, v in numbers.items()}}
     with tracking.step_run("promote", f"promote-{args.name}-v{version.version}-{args.alias}") as promotion:
         tracking.log_params({"name": args.name, "version": str(version.version), "alias": args.alias,
@@ -163,6 +180,8 @@ def run(args: PromoteArgs) -> bool:
         if decision != "refused":
             client.set_registered_model_alias(args.name, args.alias, version.version)
     summary = ", ".join(f"{k}={v}" for k, v in numbers.items()) or "no gate measurements"
+    if tags["promotion.majority_floor"] not in ("above", "not measured"):
+        summary = f"{tags['promotion.majority_floor']}; {summary}"
     if decision == "refused":
         raise UserError(f"{args.name} version {version.version} failed its gate ({summary}; margin {args.margin} "
                         f"points): alias '{args.alias}' not moved. Set force to override.")

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from kd_sentiment import descriptions, export, quantization, runtime, search, stats, tracking
-from kd_sentiment.calibration import classification_metrics, fit_temperature
+from kd_sentiment.calibration import classification_metrics, fit_temperature, majority_baseline
 from kd_sentiment.data import load_splits
 from kd_sentiment.errors import UserError
 from kd_sentiment.evaluation import log_predictions
@@ -70,9 +70,12 @@ def comparison(split: str, logits: dict[str, np.ndarray], labels: np.ndarray, la
     return metrics
 
 
-def gate_tags(metrics: dict, dataset: str, n_texts: int) -> dict:
-    """The promotion gate's numbers, from validation only, and the split they come from."""
+def gate_tags(metrics: dict, dataset: str, n_texts: int, selection_metric: str, majority: dict) -> dict:
+    """The promotion gate's numbers, from validation only, and the split they come from; with the
+    majority-class baseline on the same texts, the floor promote holds the dataset's metric to."""
     return {"gate.split": "validation", "gate.eval_data": f"{dataset}:validation:{n_texts}",
+            "gate.selection_metric": selection_metric,
+            **{f"gate.majority_{k}": f"{majority[k]:.6f}" for k in ("accuracy", "macro_recall")},
             "gate.accuracy": f"{metrics['onnx_int8_val_accuracy']:.6f}",
             "gate.parent_accuracy": f"{metrics['torch_fp32_val_accuracy']:.6f}",
             "gate.macro_recall": f"{metrics['onnx_int8_val_macro_recall']:.6f}",
@@ -206,7 +209,9 @@ def run(args: QuantizeArgs) -> dict:
         version = tracking.register(model_uri, name, args.alias or None, {
             "step": "quantize", "parent": f"{parent.name}/{parent.version}", "parent_run_id": parent.run_id or "",
             "dataset": splits.name, "label_names": ",".join(splits.label_names), "mode": args.mode,
-            "run_id": mlflow.active_run().info.run_id, **gate_tags(metrics, splits.name, len(texts["val"])),
+            "run_id": mlflow.active_run().info.run_id,
+            **gate_tags(metrics, splits.name, len(texts["val"]), splits.selection_metric, majority_baseline(
+                splits.train["label"].to_numpy(), splits.validation["label"].to_numpy(), splits.label_names)),
             **hardware}, description, descriptions.registered_model(name, "quantize", splits.name, parent.name))
         tracking.describe_run(description)
         mlflow.set_tags({"registered_model": name, "registered_version": version.version, "runtime": chosen.runtime,

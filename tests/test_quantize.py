@@ -91,6 +91,27 @@ def test_promotion_gate_accepts_then_refuses(registry):
     client.set_registered_model_alias(INT8, "champion", version)  # leave the good one served
 
 
+def test_a_version_no_better_than_the_majority_class_is_not_promoted_unless_forced(registry):
+    client, _ = registry
+    good = client.get_model_version_by_alias(INT8, "candidate")
+    assert good.tags["gate.selection_metric"] == "accuracy"  # imdb's; quantize wrote the baseline beside it
+    assert float(good.tags["gate.majority_accuracy"]) == pytest.approx(0.5, abs=0.1)
+    before = client.get_model_version_by_alias(INT8, "champion").version
+    # predicts one class: macro-recall 1/2, accuracy the majority share, no loss against its parent
+    one_class = client.create_model_version(INT8, good.source, tags={
+        "gate.selection_metric": "accuracy", "gate.accuracy": "0.52", "gate.parent_accuracy": "0.52",
+        "gate.majority_accuracy": "0.52", "gate.majority_macro_recall": "0.5", "gate.eval_data": "imdb:validation:200"})
+    with pytest.raises(UserError, match=r"failed its gate \(not better than the majority class on "
+                                        r"imdb:validation:200 \(accuracy 0.5200 vs 0.5200\);.*Set force"):
+        promote.run(promote.PromoteArgs(name=INT8, version=one_class.version, alias="champion"))
+    assert client.get_model_version_by_alias(INT8, "champion").version == before
+    assert client.get_model_version(INT8, one_class.version).tags["promotion.decision"] == "refused"  # a recorded run
+    promote.run(promote.PromoteArgs(name=INT8, version=one_class.version, alias="champion", force=True))
+    tags = client.get_model_version(INT8, one_class.version).tags
+    assert tags["promotion.decision"] == "forced" and "not better than the majority class" in tags["promotion.majority_floor"]
+    client.set_registered_model_alias(INT8, "champion", before)
+
+
 def test_quantize_unknown_model_is_clear(registry):
     with pytest.raises(UserError, match="not in the model registry"):
         quantize.run(quantize.QuantizeArgs(model="models:/nope@champion", dataset="imdb", max_eval_samples=50))

@@ -816,6 +816,8 @@ def run(args: ReportArgs) -> str:
             comparison(numbers), calibration_section(out.parent)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(body))
-    update_readme(Path(args.readme), "\n".join(sections), out)
-    log.info("wrote %s", out)
+    readme = args.readme_path()
+    if readme is not None:
+        update_readme(Path(readme), "\n".join(sections), out)
+    log.info("wrote %s%s", out, f" and the results block of {readme}" if readme else "")
     return str(out)

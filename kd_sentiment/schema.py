@@ -504,6 +504,9 @@ class LoadTestArgs:
             raise UserError(f"tolerance={self.tolerance}: a probability difference in [0, 1).")
 
 
+RESULTS_PAGE = "results/RESULTS.md"  # the committed results page, whose numbers the README repeats
+
+
 @dataclass
 class ReportArgs:
     """Generate the results page from the latest finished pipeline run of a configuration for each
@@ -511,5 +514,13 @@ class ReportArgs:
 
     config: str = param("cpu", "configuration name whose pipeline runs to report")
     datasets: str = param("imdb,tweeteval", "comma-separated datasets")
-    out: str = param("results/RESULTS.md", "where to write the Markdown")
-    readme: str = param("README.md", "README whose results block (between markers) is refreshed")
+    out: str = param(RESULTS_PAGE, "where to write the Markdown")
+    readme: str = param("auto", "README whose results block (between markers) is refreshed: auto (README.md when "
+                                "out is the default results page, none otherwise), none, or a path")
+
+    def readme_path(self) -> str | None:
+        """The README to refresh, or None: a results page written elsewhere (a smoke run, a draft)
+        must not replace the committed README block unless a README is named."""
+        if self.readme == "auto":
+            return "README.md" if self.out == RESULTS_PAGE else None
+        return None if self.readme in ("", "none") else self.readme

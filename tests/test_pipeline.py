@@ -172,6 +172,10 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     assert out.read_text() == text
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("outro\n")
     assert "stale" not in readme.read_text() and teacher_row in readme.read_text()
+    # a page written elsewhere leaves the README (here, the one in the working directory) alone unless asked
+    (tmp_path / "README.md").write_text(f"{report.README_START}\ncommitted\n{report.README_END}\n")
+    report.run(report.ReportArgs(config="tiny", datasets="imdb", out=str(tmp_path / "draft.md")))
+    assert "committed" in (tmp_path / "README.md").read_text() and (tmp_path / "draft.md").is_file()
     assert "another version of" not in text
     # The configuration file changes after the run: the section says its numbers are not what it gives now.
     changed = yaml.safe_load(open(config))

@@ -82,3 +82,30 @@ def test_too_few_rounds_for_a_speedup_interval_are_warned_before_measuring(round
         logger.removeHandler(caplog.handler)
     assert any(r.levelname == "WARNING" and f"rounds={rounds}: too few" in r.getMessage()
                for r in caplog.records) == warned
+
+
+def test_speedups_point_the_right_way_round():
+    """Rows from planted timings: a model that takes a fifth of the teacher's time is 5x faster (not
+    0.2x), the served INT8 model against its own peer baseline; the peer's accuracy is subtracted."""
+    from kd_sentiment.benchmark import PEER, Target, rows_of
+
+    targets = [Target("kd-sentiment-teacher-imdb", "1", "teacher", "torch_fp32", "u", 64),
+               Target("kd-sentiment-tiny-imdb", "1", "distill", "torch_fp32", "u", 64),
+               Target("kd-sentiment-tiny-imdb-int8", "1", "quantize", "onnx_int8", "u", 64),
+               Target("kd-sentiment-tiny-imdb-int8", "1", "peer", PEER, "u", 64)]
+    ms = {"teacher": 100.0, "distill": 20.0, "quantize": 5.0, "peer": 10.0}
+    labels = np.array([0, 1, 1, 0])
+    right, wrong = np.array([[2.0, 0], [0, 2], [0, 2], [2, 0]]), np.array([[2.0, 0], [0, 2], [2, 0], [0, 2]])
+    measured = {"times": {t.label: {("fixed64", 1): {r: {"model_ms": [ms[t.role]] * 3, "tokenize_ms": [0.1] * 3}
+                                                      for r in range(6)}} for t in targets},
+                "facts": {t.label: {"logits": wrong if t.role == "peer" else right, "size_mb": 1.0, "parameters": 1,
+                                    "runtime_rss_mb": 10.0, "peak_rss_mb": 20.0, "imports_torch": False,
+                                    "peak_gpu_mb": None} for t in targets}}
+    frame, _ = rows_of(targets, measured, [("fixed64", 1, 64)], labels, ["negative", "positive"], 1)
+    speed = frame.set_index("role")
+    assert speed.loc["teacher", "speedup_vs_teacher"] == pytest.approx(1.0)
+    assert speed.loc["distill", "speedup_vs_teacher"] == pytest.approx(5.0)
+    assert speed.loc["quantize", "speedup_vs_teacher"] == pytest.approx(20.0)
+    assert speed.loc["quantize", "speedup_vs_peer"] == pytest.approx(2.0)
+    assert speed.loc["quantize", "accuracy_vs_peer_points"] == pytest.approx(50.0)  # 100% against the peer's 50%
+    assert np.isnan(speed.loc["distill", "speedup_vs_peer"])

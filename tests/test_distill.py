@@ -57,8 +57,18 @@ def test_students_from_registry_share_cached_soft_targets(in_teacher_home, tiny_
     assert client.get_model_version_by_alias("kd-sentiment-fresh-imdb", "champion").tags["alpha"] == "0.7"
 
 
-def test_alpha_zero_baseline_never_uses_teacher_for_training(in_teacher_home, tiny_model):
+def test_alpha_zero_baseline_never_uses_teacher_for_training(in_teacher_home, tiny_model, monkeypatch):
+    from kd_sentiment import losses, train
+
+    seen = []  # the teacher logits every training batch's loss was given
+
+    def spy(student_logits, labels, teacher_logits, *rest, **kwargs):
+        seen.append(teacher_logits)
+        return losses.distillation_loss(student_logits, labels, teacher_logits, *rest, **kwargs)
+
+    monkeypatch.setattr(train, "distillation_loss", spy)
     metrics = distill.run(distill_args(tiny_model, alpha=0.0, name="kd-sentiment-baseline-imdb", alias=""))
+    assert seen and all(t is None for t in seen)  # no soft target reached any batch's loss
     (baseline,) = metrics.values()
     assert "test_agreement_with_teacher" in baseline  # compared with the teacher, never trained on it
     assert MlflowClient().get_registered_model("kd-sentiment-baseline-imdb").aliases == {}

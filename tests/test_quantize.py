@@ -112,6 +112,28 @@ def test_a_version_no_better_than_the_majority_class_is_not_promoted_unless_forc
     client.set_registered_model_alias(INT8, "champion", before)
 
 
+def test_the_budget_holds_accuracy_macro_recall_and_the_agreement_bound():
+    """The fastest candidate that loses macro-recall (or accuracy, or whose agreement's bound is short)
+    is passed over for a slower one within every part of the budget."""
+    from pathlib import Path
+
+    from kd_sentiment import search
+
+    def candidate(name, accuracy_drop, recall_drop, agreement_low, speed):
+        found = search.Candidate(name, Path(f"{name}.onnx"))
+        found.numbers.update(val_accuracy_drop_points=accuracy_drop, val_macro_recall_drop_points=recall_drop,
+                             val_agreement=agreement_low + 0.005, val_agreement_low=agreement_low, speed=speed)
+        return found
+
+    loses_recall = candidate("loses-recall", 0.0, 2.0, 0.995, 4.0)
+    loses_accuracy = candidate("loses-accuracy", 1.0, 0.0, 0.995, 3.0)
+    short_bound = candidate("short-bound", 0.0, 0.0, 0.985, 2.0)
+    within = candidate("within", 0.4, 0.4, 0.991, 1.5)
+    assert search.choose([loses_recall, loses_accuracy, short_bound, within], 0.5, 0.99) is within
+    assert [search.shortfall(c, 0.5, 0.99) for c in (loses_recall, loses_accuracy, short_bound, within)] == \
+        pytest.approx([1.5, 0.5, 0.5, 0.0])
+
+
 def test_quantize_unknown_model_is_clear(registry):
     with pytest.raises(UserError, match="not in the model registry"):
         quantize.run(quantize.QuantizeArgs(model="models:/nope@champion", dataset="imdb", max_eval_samples=50))

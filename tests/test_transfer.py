@@ -36,14 +36,18 @@ def test_train_unlabelled_is_the_rest_of_train_without_leaks(imdb):
     assert again.fingerprint == transfer.fingerprint  # seeded: the same sample, the same cache entry
 
 
-def test_a_file_holding_test_texts_has_them_dropped_and_counted(imdb, tmp_path):
+def test_a_file_holding_test_validation_or_labelled_texts_has_them_dropped_and_counted(imdb, tmp_path):
     labelled, full = imdb
     leaked = full.test["text"].iloc[:3].tolist()
-    rows = leaked + ["a new review", "another one", "  a new review  ", "", "third", "fourth", "fifth"]
+    chosen_on = full.validation["text"].iloc[:2].tolist()  # the texts seeds and recipes are chosen on
+    trained_on = labelled.train["text"].iloc[:1].tolist()
+    rows = leaked + chosen_on + trained_on + ["a new review", "another one", "  a new review  ", "", "third", "fourth",
+                                              "fifth"]
     pd.DataFrame({"text": rows, "label": 1}).to_csv(tmp_path / "extra.csv", index=False)
     transfer = load_transfer(str(tmp_path / "extra.csv"), None, labelled, full, seed=0)
     assert sorted(transfer.texts) == sorted(["a new review", "another one", "third", "fourth", "fifth"])
     assert transfer.counts["dropped_overlap_test"] == 3 and transfer.counts["dropped_empty_or_repeated"] == 2
+    assert transfer.counts["dropped_overlap_validation"] == 2 and transfer.counts["dropped_overlap_train"] == 1
 
 
 def test_text_files_and_folders_are_read(imdb, tmp_path):

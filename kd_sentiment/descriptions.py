@@ -60,6 +60,11 @@ def registered_model(name: str, step: str, dataset: str, parent_name: str = "") 
         return (f"Deployable graphs of `{parent_name}` for {dataset} (INT8 where the accuracy budget allows), made "
                 "by `kd-sentiment quantize`. `@candidate` is the newest; `@champion` the promoted one, to serve with "
                 f"`mlflow models serve -m models:/{name}@champion`. Each version's description says what it is.")
+    if name.endswith(("-nokd", "-kd-no-transfer")):
+        return (f"Baseline twins of the {dataset} students, trained by `kd-sentiment distill` "
+                f"({'alpha=0: the labels alone' if name.endswith('-nokd') else 'KD without the transfer set'}), "
+                "registered without an alias: what the KD student is compared with. Each version's description "
+                "says what it is.")
     who = "Teachers" if step == "teacher" else "Students"
     return (f"{who} for {dataset}, trained by `kd-sentiment {step}`. `@champion` marks the one the next step "
             f"uses ({'students are distilled from it' if step == 'teacher' else 'it is quantized and deployed'}). "
@@ -92,9 +97,11 @@ def pipeline_summary(record: dict, dataset: str, promotions: dict) -> str:
             qm, name = q.data.metrics, q.data.tags["registered_model"]
             agreement = qm["int8_agreement_with_fp32"]
             change = 100 * (qm[f"onnx_int8_test_{metric}"] - qm[f"torch_fp32_test_{metric}"])
+            recipe = q.data.tags.get("recipe", "INT8")
             met = agreement >= report.INT8_MIN_AGREEMENT and -qm["int8_accuracy_delta_points"] <= report.INT8_MAX_DROP_POINTS
-            row += [f"`{q.data.tags.get('recipe', 'INT8')}` ({q.data.tags.get('runtime')}) v{q.data.tags['registered_version']}",
-                    points(agreement), f"{change:+.2f}", "met" if met else "not met",
+            verdict = "not met (a float graph)" if recipe in FLOAT_RECIPES else ("met" if met else "not met")
+            row += [f"`{recipe}` ({q.data.tags.get('runtime')}) v{q.data.tags['registered_version']}",
+                    points(agreement), f"{change:+.2f}", verdict,
                     report.speedup(bench, name, report.SERVED, 1), promotions.get(student, "yes")]
         else:
             row += ["none", "", "", "", "", ""]

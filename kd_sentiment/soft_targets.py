@@ -13,11 +13,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from kd_sentiment.data import fingerprint
-from kd_sentiment.tracking import STEP_TAG, find_runs, load_array, log_array
+from kd_sentiment.tracking import STEP_TAG, find_runs, load_array, log_array, log_texts
 from kd_sentiment.train import predict_logits
 
 log = logging.getLogger(__name__)
@@ -102,6 +103,9 @@ def teacher_logits(version, model_uri: str, texts_by_split: dict, max_length: in
         if accelerator.is_main_process:
             run_id = store_entries(version, max_length, run_id, experiment_id,
                                    {names[s]: arrays[s] for s in missing}, accelerator.mixed_precision)
+            for split in missing:  # the texts the teacher labelled, on the cache run
+                log_texts(pd.DataFrame({"text": list(texts_by_split[split])}), names[split].removesuffix(".npy"), None,
+                          split, run_id)
     # Cached splits are read from the store by every process (local file copies; cheap).
     for split in texts_by_split:
         if split not in arrays:

@@ -177,15 +177,23 @@ def log_environment(threads: int | None = None, device: str | None = None) -> No
     mlflow.set_tags(tags)
 
 
-def log_texts(frame, name: str, source: str, context: str) -> None:
-    """`frame` (a `text` column, and `label` where labelled) as an `mlflow.data` input of the active
-    run, in `context` (train, validation, test, calibration, transfer, ...): the UI's Datasets."""
+def log_texts(frame, name: str, source: str | None, context: str, run_id: str | None = None) -> None:
+    """`frame` (a `text` column, and `label` where labelled) as an `mlflow.data` input of `run_id` or
+    the active run, in `context` (train, validation, test, calibration, transfer, ...): the UI's
+    Datasets. `source`: the data's file or folder (None: not known where the texts were read)."""
+    from mlflow.entities import DatasetInput, InputTag
+
     targets = "label" if "label" in frame.columns else None
     # Silenced: a local path "can be interpreted in multiple ways" (it is a path) and the integer
     # label column "cannot represent missing values" (labels are validated, never missing).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        mlflow.log_input(mlflow.data.from_pandas(frame, source=source, name=name, targets=targets), context=context)
+        dataset = mlflow.data.from_pandas(frame, name=name, targets=targets, **({"source": source} if source else {}))
+        if run_id is None:
+            mlflow.log_input(dataset, context=context)
+        else:
+            MlflowClient().log_inputs(run_id, datasets=[DatasetInput(dataset._to_mlflow_entity(),
+                                                                     tags=[InputTag("mlflow.data.context", context)])])
 
 
 def log_splits(splits) -> None:

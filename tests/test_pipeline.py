@@ -69,11 +69,15 @@ def ui_story(parent, runs: dict) -> None:
     for name in (q.data.tags["registered_model"], student.data.tags["registered_model"],
                  teacher.data.tags["registered_model"]):
         assert "`@champion`" in client.get_registered_model(name).description
+    twin = runs[entry["nokd"][0]].data.tags["registered_model"]
+    assert "registered without an alias" in client.get_registered_model(twin).description
 
     assert contexts(teacher) == {"train", "validation", "test"} == contexts(parent)
     assert contexts(q) == {"validation", "test"}  # dynamic mode reads no calibration texts
     benchmark = next(r for r in runs.values() if r.data.tags["kd_sentiment.step"] == "benchmark")
     assert contexts(benchmark) == {"test"}
+    cache = next(r for r in runs.values() if r.data.tags["kd_sentiment.step"] == "soft-targets")
+    assert contexts(cache) == {"train", "test"}  # what the teacher labelled for the KD student
 
 
 def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_path, monkeypatch):

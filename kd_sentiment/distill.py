@@ -34,8 +34,7 @@ from kd_sentiment.errors import UserError
 from kd_sentiment.models import (EVERY_OTHER, FINETUNED_TEACHER, TEACHER_SOURCE, encoder_layers, keep_layers,
                                  layer_indices, load_catalog, load_classifier, resolve, split_layers, with_layers)
 from kd_sentiment.schema import DistillArgs
-from kd_sentiment.steps import (StepContext, checkpoint_location, fit_and_evaluate, log_step_params,
-                                publish, refuse_finished, set_up, slug)
+from kd_sentiment.steps import StepContext, fit_and_evaluate, log_step_params, publish, resume_point, set_up, slug
 from kd_sentiment.teacher import registered_name as teacher_registered_name
 from kd_sentiment.transfer import TransferSet, load_transfer
 
@@ -133,8 +132,7 @@ def distill_one(student: str, args: DistillArgs, ctx: StepContext, nested: bool)
     run_name = f"distill-{student_name(student)}-a{args.train.alpha:g}-T{args.train.temperature:g}"
     if nested:  # each student of student=all has its own checkpoints and resumable run
         own = replace(args, output_dir=str(Path(args.output_dir) / student_name(student)) if args.output_dir else None)
-        output_dir, run_id = checkpoint_location("distill", own, splits.name, student)
-        refuse_finished(run_id, output_dir)
+        output_dir, run_id = resume_point("distill", own, splits.name, student)
         ctx = replace(ctx, output_dir=output_dir, run_id=run_id)
     with tracking.step_run("distill", run_name, run_id=ctx.run_id, nested=nested, active=ctx.is_main) as run:
         experiment_id = run.info.experiment_id if run else ""

@@ -88,9 +88,46 @@ def set_up(step: str, args: StepArgs, model_name: str, catalog: dict) -> StepCon
     set_seed(args.train.seed)  # before any model is built: a new classifier head is randomly initialised
     if accelerator.is_main_process:
         tracking.use_experiment(splits.name)
-    output_dir, run_id = checkpoint_location(step, args, splits.name, model_name)
-    refuse_finished(run_id, output_dir)
+    output_dir, run_id = resume_point(step, args, splits.name, model_name)
     return StepContext(splits, catalog, accelerator, output_dir, run_id)
+
+
+def resume_point(step: str, args: StepArgs, dataset: str, model_name: str) -> tuple[Path, str | None]:
+    """(checkpoint folder, the MLflow run to continue or None); a resume of a finished run, or with
+    other settings than the checkpoint's, is a UserError."""
+    output_dir, state = checkpoint_location(step, args, dataset, model_name)
+    run_id = state.get("mlflow_run_id") if state else None
+    refuse_finished(run_id, output_dir)
+    if state:
+        refuse_other_settings(state, args, output_dir)
+    return output_dir, run_id
+
+
+RESUME_FREE = ("resume", "output_dir")  # may differ between attempts: whether and where to continue
+
+
+def settings_of(args: StepArgs) -> dict[str, str]:
+    """What a training run is made with, as text: every argument but RESUME_FREE. Each checkpoint
+    records them, so a resume can be held to them."""
+    flat = {**{k: v for k, v in asdict(args).items() if k != "train"}, **asdict(args.train)}
+    return {k: str(v) for k, v in flat.items() if k not in RESUME_FREE}
+
+
+def refuse_other_settings(state: dict, args: StepArgs, output_dir: Path) -> None:
+    """A UserError naming each setting in which this resume differs from the checkpoint's: resuming
+    would continue its optimizer state over another run's batches and keep the first attempt's
+    parameters on the run."""
+    recorded = state.get("settings")
+    if recorded is None:
+        log.warning("resume: the checkpoint in %s predates recorded settings; they cannot be checked.", output_dir)
+        return
+    now = settings_of(args)
+    differing = [f"{key} {recorded.get(key)!r} there, {now.get(key)!r} now" for key in sorted(set(recorded) | set(now))
+                 if recorded.get(key) != now.get(key)]
+    if differing:
+        raise UserError(f"resume=true: the checkpoint in output_dir={output_dir} was made with other settings "
+                        f"({'; '.join(differing)}). Resume with its settings, or train anew with resume=false or "
+                        "another output_dir.")
 
 
 def refuse_finished(run_id: str | None, output_dir: Path) -> None:
@@ -107,8 +144,9 @@ def refuse_finished(run_id: str | None, output_dir: Path) -> None:
                         "nothing to resume. Train again with resume=false or another output_dir.")
 
 
-def checkpoint_location(step: str, args: StepArgs, dataset: str, model_name: str) -> tuple[Path, str | None]:
-    """Where a model's checkpoints go, and the MLflow run to continue there when resuming."""
+def checkpoint_location(step: str, args: StepArgs, dataset: str, model_name: str) -> tuple[Path, dict | None]:
+    """Where a model's checkpoints go, and when resuming the last checkpoint's state there (its MLflow
+    run, its settings), if any."""
     default = f"outputs/{step}-{dataset}-{slug(model_name)}"
     if args.train.alpha:
         default += f"-a{args.train.alpha:g}-T{args.train.temperature:g}"
@@ -117,8 +155,7 @@ def checkpoint_location(step: str, args: StepArgs, dataset: str, model_name: str
     output_dir = Path(args.output_dir or f"{default}-s{args.train.seed}")
     if output_dir.exists() and not output_dir.is_dir():
         raise UserError(f"output_dir={output_dir}: exists and is not a folder; checkpoints need a folder.")
-    state = read_checkpoint_state(output_dir) if args.resume else None
-    return output_dir, (state.get("mlflow_run_id") if state else None)
+    return output_dir, read_checkpoint_state(output_dir) if args.resume else None
 
 
 def log_step_params(ctx: StepContext, args: StepArgs, **params) -> None:
@@ -149,7 +186,8 @@ def fit_and_evaluate(ctx: StepContext, args: StepArgs, model, tokenizer, teacher
     data = TrainData(texts, labels, splits.validation["text"].tolist(), splits.validation["label"].to_numpy(),
                      splits.label_names, splits.selection_metric, teacher_logits)
     result: TrainResult = train(model, tokenizer, data, args.train, acc,
-                                Checkpoints(ctx.output_dir, args.resume, {"mlflow_run_id": run_id}),
+                                Checkpoints(ctx.output_dir, args.resume, {"mlflow_run_id": run_id,
+                                                                          "settings": settings_of(args)}),
                                 log_metrics=mlflow.log_metrics if ctx.is_main else (lambda m, s: None))
     metrics, test_logits = evaluate(result.model, tokenizer, splits, args.train.max_length,
                                        args.train.batch_size * 2, acc)

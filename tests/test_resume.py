@@ -53,6 +53,13 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tiny_model, tmp_path):
     killed_run = [r for r in runs if r.info.status == "RUNNING"]
     assert len(killed_run) == 1  # SIGKILL leaves no chance to end the run: resume must continue it
 
+    # Another learning rate would continue the old optimizer over another run: refused, naming it, nothing touched.
+    other = subprocess.run([*teacher_cmd(tiny_model, tmp_path / "run", resume=True), "--lr", "1e-3"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert other.returncode == 2, other.stderr[-3000:]
+    assert "was made with other settings (lr '0.002' there, '0.001' now)" in other.stderr
+    assert mlflow.get_run(killed_run[0].info.run_id).info.status == "RUNNING"
+
     resumed = subprocess.run(teacher_cmd(tiny_model, tmp_path / "run", resume=True), cwd=tmp_path, env=env,
                              capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]

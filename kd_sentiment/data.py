@@ -14,6 +14,7 @@ train (stratified, seeded).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass, field
@@ -261,6 +262,38 @@ def resolve_local_dir(name: str, info: KnownDataset, data_dir: str | None) -> Pa
                     f"'{name}'. data_dir must hold the layout of ../shared/data.")
 
 
+def unknown_dataset(dataset: str) -> UserError:
+    return UserError(f"Unknown dataset '{dataset}': use one of {sorted(KNOWN_DATASETS)} or a folder "
+                     "holding train/validation/test files with columns text,label.")
+
+
+@functools.cache
+def _file_digest(path: Path, size: int, mtime_ns: int) -> str:
+    """sha256 of a file's bytes, once per process for a given size and modification time."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(dataset: str, data_dir: str | None = None) -> dict:
+    """Where `dataset` would be read from and the content of its split files: what a result made
+    from it depends on (a Hub dataset: its id alone, as its content is not pinned here)."""
+    if dataset in KNOWN_DATASETS:
+        folder = resolve_local_dir(dataset, KNOWN_DATASETS[dataset], data_dir)
+        if folder is None:
+            return {"source": f"hf://{KNOWN_DATASETS[dataset].hub_id}"}
+    elif Path(dataset).expanduser().is_dir():
+        folder = Path(dataset).expanduser()
+    else:
+        raise unknown_dataset(dataset)
+    files = {split: find_split_file(folder, split) for split in ("train", "validation", "test")}
+    return {"source": str(folder.resolve()),
+            "files": {path.name: _file_digest(path.resolve(), path.stat().st_size, path.stat().st_mtime_ns)
+                      for path in files.values() if path is not None}}
+
+
 def load_splits(dataset: str, data_dir: str | None = None, validation_size: float | int = 0.1,
                 max_train_samples: int | None = None, max_eval_samples: int | None = None,
                 seed: int = 42) -> Splits:
@@ -292,8 +325,7 @@ def load_splits(dataset: str, data_dir: str | None = None, validation_size: floa
         frames, label_names = read_folder(folder, None, dataset)
         source, metric, dataset = str(folder), "accuracy", folder.name
     else:
-        raise UserError(f"Unknown dataset '{dataset}': use one of {sorted(KNOWN_DATASETS)} or a folder "
-                        "holding train/validation/test files with columns text,label.")
+        raise unknown_dataset(dataset)
 
     duplicates = count_duplicates(frames)
     train = frames["train"]

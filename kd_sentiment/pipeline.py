@@ -29,18 +29,21 @@ reads its dataset's (and refuses a config without one); the run logs the values 
 from __future__ import annotations
 
 import argparse
+import ast
 import hashlib
 import json
 import logging
 import re
 import shutil
 from dataclasses import asdict
+from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
 from accelerate import PartialState
 
 from kd_sentiment import benchmark, descriptions, distill, promote, quantize, schema, teacher, tracking
+from kd_sentiment.data import data_fingerprint
 from kd_sentiment.errors import UserError
 from kd_sentiment.models import load_catalog, read_yaml
 from kd_sentiment.schema import PipelineArgs
@@ -50,12 +53,33 @@ log = logging.getLogger(__name__)
 SECTIONS = ("catalog", "data", "teacher", "distill", "quantize", "promote", "benchmark")
 
 
-def code_version() -> str:
-    """Hash of the package's source: a changed step implementation invalidates reuse."""
+def code_version(folder: Path = Path(__file__).parent) -> str:
+    """Hash of the package's code, not of its comments and docstrings: a changed step implementation
+    invalidates reuse, a reworded comment does not retrain a teacher."""
     h = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        h.update(path.read_bytes())
+    for path in sorted(folder.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            body = getattr(node, "body", None)
+            if (isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and body
+                    and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+                    and isinstance(body[0].value.value, str)):
+                node.body = body[1:] or [ast.Pass()]
+        h.update(path.name.encode() + ast.dump(tree).encode())
     return h.hexdigest()[:12]
+
+
+def digest(value) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def step_context(dataset: str, data_dir: str | None, catalog: str | None) -> dict[str, str]:
+    """What besides a step's arguments and upstream models makes its result, each part hashed: the
+    code, the data files' content and where they are read, the catalog's resolved model sources
+    (after $KD_SENTIMENT_MODELS_DIR and the like), the library versions."""
+    return {"code": code_version(), "data": digest(data_fingerprint(dataset, data_dir)),
+            "catalog": digest(load_catalog(catalog)),
+            "libraries": digest({lib: version(lib) for lib in tracking.LIBRARIES})}
 
 
 # What the pipeline sets itself in a training step's arguments; a config section may not.
@@ -157,10 +181,10 @@ NOT_IN_METRIC_NAME = re.compile(r"[^0-9A-Za-z_\-. :/]")
 
 class StepRunner:
     """Runs steps as child runs of the active run, reusing a finished identical one (also used by
-    kd_sentiment/study.py)."""
+    kd_sentiment/study.py): same label, arguments, upstream models and `step_context`."""
 
-    def __init__(self):
-        self.code = code_version()
+    def __init__(self, dataset: str, data_dir: str | None, catalog: str | None):
+        self.context = step_context(dataset, data_dir, catalog)
         self.reused: list[str] = []
         self.step_runs: dict[str, str] = {}  # label -> run id, run now or reused (for reports)
 
@@ -168,8 +192,10 @@ class StepRunner:
         """Run `step_fn(step_args)` as a child run (with `tags`) unless an identical finished run
         exists; return that run."""
         label = NOT_IN_METRIC_NAME.sub("_", label)
-        identity = json.dumps([label, asdict(step_args), upstream, self.code], sort_keys=True, default=str)
+        identity = json.dumps([label, asdict(step_args), upstream, self.context], sort_keys=True, default=str)
         key = hashlib.sha256(identity.encode()).hexdigest()[:16]
+        # the key's parts on the run: what changed when a step ran again
+        parts = {"arguments": digest(asdict(step_args)), "upstream": digest(upstream), **self.context}
         found = tracking.find_runs(tags={tracking.STEP_KEY_TAG: key}, max_results=1)
         if found:
             log.info("[pipeline] %s: reusing finished run %s", label, found[0].info.run_id)
@@ -180,7 +206,8 @@ class StepRunner:
             step_args.resume, step_args.output_dir = True, f"outputs/pipeline/{key}"
         log.info("[pipeline] %s: running", label)
         log.debug("[pipeline] %s: step key %s from %s", label, key, identity)
-        with tracking.step_tags({**(tags or {}), tracking.STEP_KEY_TAG: key}):
+        with tracking.step_tags({**(tags or {}), tracking.STEP_KEY_TAG: key,
+                                 **{f"{tracking.STEP_KEY_TAG}.{part}": value for part, value in parts.items()}}):
             step_fn(step_args)
         if trains:
             drop_checkpoints(Path(step_args.output_dir))
@@ -228,7 +255,7 @@ class Pipeline(StepRunner):
     """The configured steps for one dataset, in order."""
 
     def __init__(self, config: dict, args: PipelineArgs):
-        super().__init__()
+        super().__init__(args.dataset, args.data_dir, config.get("catalog"))
         self.config, self.args = config, args
         self.common = {"dataset": args.dataset, "data_dir": args.data_dir, "catalog": config.get("catalog"),
                        **(config.get("data") or {}).get(args.dataset, {})}

@@ -66,7 +66,7 @@ def run(args: StudyArgs) -> dict:
     data = {"dataset": args.dataset, "data_dir": args.data_dir, "catalog": args.catalog,
             "max_train_samples": args.max_train_samples, "max_eval_samples": args.max_eval_samples}
     study = {tracking.STUDY_TAG: args.kind}
-    runner = StepRunner()
+    runner = StepRunner(args.dataset, args.data_dir, args.catalog)
     with tracking.step_run("study", f"calibration-study-{args.student}"):
         mlflow.set_tags(study)
         tracking.log_params({**vars(args), "teacher_uri": teacher_uri, "teacher_temperature": t_cal})

@@ -13,6 +13,8 @@ from kd_sentiment.errors import UserError
 from kd_sentiment.data import load_splits
 from kd_sentiment.train import predict_logits
 
+from conftest import DATA_DIR
+
 STEPS = ["teacher", "distill-teacher-layers:0", "distill-teacher-layers:0-nokd", "quantize-teacher-layers:0",
          "promote-teacher-layers:0", "benchmark"]
 
@@ -362,9 +364,64 @@ def test_a_step_label_with_a_comma_still_logs_its_wall_time():
             pass
 
     with mlflow.start_run() as parent:
-        runner = pipeline.StepRunner()
+        runner = pipeline.StepRunner("imdb", None, None)
         runner.step("distill-teacher-layers:0,1-s42", step, Args())
         runner.step("distill-teacher-layers:0,1-s42", step, Args())  # reused: listed without a comma inside
     metrics = mlflow.get_run(parent.info.run_id).data.metrics
     assert "step_seconds.distill-teacher-layers:0_1-s42" in metrics
     assert runner.reused == ["distill-teacher-layers:0_1-s42"]
+
+
+def test_a_step_runs_again_when_what_makes_its_result_changes_and_says_which_part(tmp_path):
+    """Reused while arguments, data content, catalog sources, libraries and code stay; run again when
+    one changes; the run's tags hold each part's hash."""
+    import shutil
+    from dataclasses import dataclass
+
+    from kd_sentiment import tracking
+
+    data = tmp_path / "data" / "tweeteval_sentiment"
+    shutil.copytree(DATA_DIR / "tweeteval_sentiment", data)
+    for path in data.iterdir():
+        path.chmod(0o644)
+    catalog = tmp_path / "catalog.yaml"
+    catalog.write_text(yaml.safe_dump({"models": {"tiny": "/models/tiny-a"}}))
+
+    @dataclass
+    class Args:
+        lr: float = 1.0
+
+    calls = []
+
+    def step(args):
+        with tracking.step_run("distill", "a student"):
+            calls.append(args)
+
+    def run(args) -> dict:
+        with mlflow.start_run():
+            finished = pipeline.StepRunner("tweeteval", str(tmp_path / "data"), str(catalog)).step("s", step, args)
+        return {k.rpartition(".")[2]: v for k, v in finished.data.tags.items() if k.startswith("kd_sentiment.step_key.")}
+
+    first = run(Args())
+    assert run(Args()) == first and len(calls) == 1  # nothing changed: reused
+    assert run(Args(lr=2.0))["arguments"] != first["arguments"] and len(calls) == 2
+    test = data / "test.csv"
+    test.write_text(test.read_text().replace("\n", "\nan added tweet,1\n", 1))  # one row more
+    changed = run(Args())
+    assert len(calls) == 3 and changed["data"] != first["data"]
+    assert {k for k in first if first[k] != changed[k]} == {"data"}
+    catalog.write_text(yaml.safe_dump({"models": {"tiny": "/models/tiny-b"}}))
+    moved = run(Args())
+    assert len(calls) == 4 and {k for k in first if moved[k] != changed[k]} == {"catalog"}
+    assert set(first) == {"arguments", "upstream", "code", "data", "catalog", "libraries"}
+
+
+def test_code_version_ignores_comments_and_docstrings_not_code(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "c").mkdir()
+    (tmp_path / "a" / "m.py").write_text('"""A module."""\ndef f(x):\n    """Double."""\n    return 2 * x\n')
+    (tmp_path / "b" / "m.py").write_text('"""Reworded."""\ndef f(x):  # why\n    """Twice x."""\n    return 2 * x\n')
+    (tmp_path / "c" / "m.py").write_text('"""A module."""\ndef f(x):\n    """Double."""\n    return 3 * x\n')
+    versions = [pipeline.code_version(tmp_path / name) for name in "abc"]
+    assert versions[0] == versions[1] != versions[2]

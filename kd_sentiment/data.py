@@ -209,7 +209,8 @@ def read_hub(info: KnownDataset, name: str) -> dict[str, pd.DataFrame]:
 
     try:
         hub = datasets.load_dataset(info.hub_id, info.hub_config)
-    except Exception as err:  # the hub raises many types: connection, offline mode, missing cache
+    except (OSError, datasets.exceptions.DatasetsError) as err:  # unreachable, offline, not found, not cached:
+        # all of these are OSErrors or the library's own; a bug (TypeError, KeyError...) is not the user's
         raise UserError(
             f"Could not load dataset '{name}' ({info.hub_id}) from the Hugging Face Hub: "
             f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}. "

@@ -50,11 +50,16 @@ def gate(tags: dict, margin: float) -> tuple[bool, dict]:
 
 
 def alias_holder(name: str, alias: str) -> str:
-    """The version `alias` points at now, or NONE."""
+    """The version `alias` points at now, or NONE where the model has no such alias; a model not in
+    the registry is a UserError, and any other registry error is raised as it is (never read as "no
+    alias", which would write a wrong holder into the rollback history)."""
     try:
-        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
-    except MlflowException:
-        return NONE
+        model = MlflowClient().get_registered_model(name)
+    except MlflowException as err:
+        if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        raise UserError(f"{name}: not in the model registry at {mlflow.get_tracking_uri()}.") from None
+    return str(model.aliases.get(alias, NONE))
 
 
 def promotion_runs(name: str, alias: str) -> list:

@@ -45,12 +45,20 @@ def backend_metrics(prefix: str, logits: np.ndarray, labels: np.ndarray, label_n
 
 def parent_params(version) -> dict:
     """What the parent was trained with that quantize must match: max_length, and the validation
-    split (validation_size, data seed), so the gate is decided on texts the parent never trained on."""
+    split (validation_size, data seed), so the gate is decided on texts the parent never trained on.
+    A parent whose run lacks them is refused: a default could put its training texts in the gate."""
     params = mlflow.get_run(version.run_id).data.params if version.run_id else {}
-    size = float(params.get("validation_size", 0.1))
-    return {"max_length": int(float(params.get("max_length", 128))),
-            "validation_size": size if size < 1 else int(size),
-            "seed": int(float(params.get("data_seed", params.get("seed", 42))))}  # runs before data_seed: seed
+    seed = params.get("data_seed", params.get("seed"))  # runs before data_seed split the data with `seed`
+    missing = [name for name, value in (("max_length", params.get("max_length")),
+                                        ("validation_size", params.get("validation_size")), ("data_seed", seed))
+               if value is None]
+    if missing:
+        raise UserError(f"models:/{version.name}/{version.version}: its training run ({version.run_id or 'none'}) "
+                        f"records no {', '.join(missing)}, which quantize needs to carve the parent's own validation "
+                        "split for the gate. Register the parent with the teacher or distill step.")
+    size = float(params["validation_size"])
+    return {"max_length": int(float(params["max_length"])), "validation_size": size if size < 1 else int(size),
+            "seed": int(float(seed))}
 
 
 def comparison(split: str, logits: dict[str, np.ndarray], labels: np.ndarray, label_names: list[str]) -> dict:
@@ -172,6 +180,8 @@ def run(args: QuantizeArgs) -> dict:
         onnx_fp32 = export.export_onnx(work / "fp32", work / "onnx")
         fused = (export.optimize_onnx(onnx_fp32.parent, work / "fused", args.optimize_level)
                  if args.optimize_level else onnx_fp32)
+        mlflow.set_tag("onnx_fp32_graph", "fused" if fused != onnx_fp32 else "unfused (no fusions for this model "
+                       "type, or optimize_level 0)")
         chosen = deployable(args, work, onnx_fp32, fused, splits, texts, logits["val"]["torch_fp32"], max_length)
         mlflow.log_dict({"candidate": chosen.name, "runtime": chosen.runtime, "precision": chosen.precision,
                          **chosen.recipe}, "quantization_config.json")

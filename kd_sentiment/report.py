@@ -264,9 +264,10 @@ def student_rows(student: str, runs: dict, teacher_run: str, bench, big: int, te
     return rows, pairs, entry
 
 
-def encoder_layers(run) -> int | None:
+def encoder_layers(run) -> int:
     """Encoder layers of the model a training run registered: its `encoder_layers` param, else the
-    `num_hidden_layers` of the logged model's config.json; None if neither can be read."""
+    `num_hidden_layers` of the logged model's config.json. Neither readable is a UserError: the
+    retention target (97% or 95%) depends on it, and a guess would pick one silently."""
     if "encoder_layers" in run.data.params:
         return int(run.data.params["encoder_layers"])
     uri = f"models:/{run.data.tags['registered_model']}/{run.data.tags['registered_version']}/model/config.json"
@@ -274,8 +275,9 @@ def encoder_layers(run) -> int | None:
         with tempfile.TemporaryDirectory() as tmp:
             return int(json.loads(Path(mlflow.artifacts.download_artifacts(uri, dst_path=tmp)).read_text())
                        ["num_hidden_layers"])
-    except (MlflowException, OSError, KeyError, ValueError):
-        return None
+    except (MlflowException, OSError, KeyError, ValueError) as err:
+        raise UserError(f"run {run.info.run_id}: its encoder layers are unknown (no encoder_layers param; {uri}: "
+                        f"{type(err).__name__}: {err}), and the retention target depends on them.") from None
 
 
 def config_drift(parent, dataset: str) -> list[str] | None:
@@ -320,7 +322,8 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
     except (MlflowException, OSError):
         raise UserError(f"pipeline run {parent.info.run_id} has no pipeline_record.json (it predates it); re-run the "
                         "pipeline with this version to report it.") from None
-    record["benchmark"] = latest_benchmark(read_run(record["benchmark"]))
+    own_benchmark = record["benchmark"]
+    record["benchmark"] = latest_benchmark(read_run(own_benchmark))
     bench = benchmark_frame(record["benchmark"])
     big = int(bench["batch_size"].max())
     teacher = read_run(record["teacher"])
@@ -334,6 +337,9 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
              f"{tp['lr']}, trained on {teacher.data.tags.get('device', 'an unrecorded device')}. "
              f"{student_budget_line(record)}{precision_line(record)}Headline metric: {metric.replace('_', '-')}. Pipeline run "
              f"`{parent.info.run_id}`.", ""]
+    if record["benchmark"] != own_benchmark:  # said, not swapped in silently
+        lines += [f"Speed and memory come from benchmark run `{record['benchmark']}`, a later re-run of this "
+                  f"pipeline's own benchmark (`{own_benchmark}`) with the same models and settings.", ""]
     drift, config = config_drift(parent, dataset), parent.data.params.get("config")
     if drift is None:
         lines += [f"(This pipeline's configuration could not be compared with {config or 'its file'} here.)", ""]

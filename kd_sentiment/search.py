@@ -113,7 +113,9 @@ def build(work: Path, unfused: Path, fused: Path, calibration_texts: list[str], 
                                                         reduce_range, min_agreement)
     if {"ort-static", "openvino-int8"} & set(names):  # OpenVINO runs the same QDQ graph
         built["ort-static"] = ort("ort-static", unfused, mode="static", calibration_texts=calibration_texts)
-    built["ort-f32"] = Candidate("ort-f32", fused, recipe={"source": str(fused), "graph": "fused fp32"})
+    # optimize_onnx hands back the unfused graph for a model type without fusions: say which it is
+    graph = "fused fp32" if fused != unfused else "unfused fp32 (ORTOptimizer has no fusions for this model type)"
+    built["ort-f32"] = Candidate("ort-f32", fused, recipe={"source": str(fused), "graph": graph})
     built["openvino-f32"] = Candidate("openvino-f32", unfused, "openvino", "f32", {"source": str(unfused)})
     if bf16_capable(cpu_features()):
         built["openvino-bf16"] = Candidate("openvino-bf16", unfused, "openvino", "bf16", {"source": str(unfused)})

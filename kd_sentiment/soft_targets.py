@@ -61,7 +61,10 @@ def store_entries(version, max_length: int, run_id: str | None, experiment_id: s
         except MlflowException:
             # Two students that start at once both miss the cache and both tag the teacher; a tracking
             # server's select-then-insert can then fail the second insert of the same key (seen on
-            # PostgreSQL). The retry updates the row the other wrote; either cache run is valid.
+            # PostgreSQL). Only then, with the other's tag in place, is it written again (an update of
+            # that row; either cache run is valid): any other failure is raised.
+            if "soft_targets_run_id" not in client.get_model_version(version.name, version.version).tags:
+                raise
             client.set_model_version_tag(version.name, version.version, "soft_targets_run_id", run_id)
     for name, array in arrays.items():
         log_array(array, f"soft_targets/{name}", run_id)

@@ -119,3 +119,25 @@ def test_hub_unreachable_says_how_to_use_local_files(monkeypatch):
 def test_bad_sizes(kwargs, message):
     with pytest.raises(UserError, match=message.replace("(", r"\(")):
         load_splits("tweeteval", **kwargs)
+
+
+def test_an_unreachable_hub_is_the_users_to_fix_a_bug_is_not(monkeypatch):
+    import datasets
+
+    from kd_sentiment import data
+
+    info = data.KNOWN_DATASETS["tweeteval"]
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'cardiffnlp/tweet_eval' on the Hub")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UserError, match="Offline\\? Point data_dir"):
+        data.read_hub(info, "tweeteval")
+
+    def bug(*args, **kwargs):
+        raise TypeError("load_dataset() got an unexpected keyword argument")
+
+    monkeypatch.setattr(datasets, "load_dataset", bug)
+    with pytest.raises(TypeError):
+        data.read_hub(info, "tweeteval")

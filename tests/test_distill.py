@@ -137,9 +137,11 @@ def test_teacher_with_other_labels_is_rejected(in_teacher_home, tiny_model):
                                         max_train_samples=60, max_eval_samples=30, train=tiny_train_config()))
 
 
-def test_soft_target_cache_survives_a_concurrent_tag_write(monkeypatch):
+@pytest.mark.parametrize("raced", [True, False])
+def test_soft_target_cache_survives_a_concurrent_tag_write(monkeypatch, raced):
     """Two students starting at once both tag the teacher version; a server may fail the second
-    insert of the same key. store_entries writes the tag again instead of failing the student."""
+    insert of the same key. store_entries writes the tag again instead of failing the student, only
+    where the other's tag is there: any other failure is raised, not retried blindly."""
     from types import SimpleNamespace
 
     import numpy as np
@@ -165,10 +167,18 @@ def test_soft_target_cache_survives_a_concurrent_tag_write(monkeypatch):
                 raise MlflowException("duplicate key value violates unique constraint")
             self.tags.append((name, version, key, value))
 
+        def get_model_version(self, name, version):
+            return SimpleNamespace(tags={"soft_targets_run_id": "the-other-run"} if raced else {})
+
+    RacingClient.tags, RacingClient.artifacts = [], []
     monkeypatch.setattr(soft_targets, "MlflowClient", RacingClient)
     monkeypatch.setattr(soft_targets, "log_array", lambda array, path, run_id: RacingClient.artifacts.append(
         (run_id, path)))
     version = SimpleNamespace(name="kd-sentiment-teacher-imdb", version="1", source="s", run_id="r")
+    if not raced:  # the write failed for another reason: raised
+        with pytest.raises(MlflowException, match="duplicate key"):
+            soft_targets.store_entries(version, 64, None, "0", {"train-x.npy": np.zeros((2, 2))})
+        return
     run_id = soft_targets.store_entries(version, 64, None, "0", {"train-x.npy": np.zeros((2, 2))})
     assert run_id == "cache-run"
     assert RacingClient.tags[-1] == ("kd-sentiment-teacher-imdb", "1", "soft_targets_run_id", "cache-run")

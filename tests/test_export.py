@@ -191,6 +191,11 @@ def test_optimizer_falls_back_for_unsupported_model_type(exported, tmp_path):
     with pytest.warns(UserWarning, match="no fusions for model type 'mobilebert'"):
         path = export.optimize_onnx(tmp_path / "other", tmp_path / "fused")
     assert path == tmp_path / "other" / "model.onnx"
+    # and quantize's float candidate on it is not called fused
+    from kd_sentiment import search
+
+    (ort_f32,) = search.build(tmp_path / "work", path, path, [], 64, None, 0.99, 0, names=("ort-f32",))
+    assert ort_f32.recipe["graph"].startswith("unfused fp32")
 
 
 def test_export_rejects_folder_without_config(tmp_path):

@@ -134,6 +134,18 @@ def test_the_budget_holds_accuracy_macro_recall_and_the_agreement_bound():
         pytest.approx([1.5, 0.5, 0.5, 0.0])
 
 
+def test_a_parent_whose_run_lacks_its_split_is_refused_not_defaulted(registry):
+    client, _ = registry
+    source = client.get_model_version_by_alias(PARENT, "champion").source
+    with mlflow.start_run() as bare:  # a run that logged nothing about how the parent was trained
+        pass
+    version = client.create_model_version(PARENT, source, run_id=bare.info.run_id)
+    with pytest.raises(UserError, match=r"records no max_length, validation_size, data_seed, which quantize needs"):
+        quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}/{version.version}", dataset="imdb",
+                                           max_eval_samples=200, min_agreement=MIN_AGREEMENT))
+    client.delete_model_version(PARENT, version.version)
+
+
 def test_quantize_unknown_model_is_clear(registry):
     with pytest.raises(UserError, match="not in the model registry"):
         quantize.run(quantize.QuantizeArgs(model="models:/nope@champion", dataset="imdb", max_eval_samples=50))
@@ -306,3 +318,22 @@ def test_promote_refuses_a_version_validated_on_another_cpu_unless_forced(regist
     promote.run(promote.PromoteArgs(name=INT8, version=str(version.version), alias="elsewhere", force=True))
     tags = client.get_model_version(INT8, version.version).tags
     assert tags["promotion.decision"] == "forced" and "vnni" in tags["promotion.hardware"]
+
+
+def test_the_alias_holder_is_read_not_guessed(monkeypatch):
+    """No such alias: NONE; no such model: one line; any other registry error is not read as "no alias"
+    (it would write a wrong holder into the rollback history)."""
+    from mlflow.exceptions import MlflowException
+
+    client = MlflowClient()
+    client.create_registered_model("kd-sentiment-x-int8")
+    assert promote.alias_holder("kd-sentiment-x-int8", "champion") == promote.NONE
+    with pytest.raises(UserError, match="kd-sentiment-nope: not in the model registry"):
+        promote.alias_holder("kd-sentiment-nope", "champion")
+
+    def unavailable(self, name):
+        raise MlflowException("the tracking server is restarting", error_code="TEMPORARILY_UNAVAILABLE")
+
+    monkeypatch.setattr(MlflowClient, "get_registered_model", unavailable)
+    with pytest.raises(MlflowException, match="restarting"):
+        promote.alias_holder("kd-sentiment-x-int8", "champion")

@@ -66,3 +66,17 @@ def test_the_seeds_column_counts_the_runs_no_better_than_the_majority_class():
     learnt, collapsed = training_run(0.78), training_run(0.5)
     assert report.seeds_cell([learnt, training_run(0.71)]) == "2"
     assert report.seeds_cell([learnt, collapsed, training_run(0.5)]) == "3 (2 no better than the majority class)"
+
+
+def test_unknown_encoder_layers_are_an_error_not_the_lenient_target():
+    """The retention target depends on the layers: a run that records none, whose model cannot be read,
+    stops the report with one line instead of falling to the 3-layer target."""
+    from kd_sentiment.errors import UserError
+
+    with mlflow.start_run(tags={"registered_model": "kd-sentiment-gone-imdb", "registered_version": "1"}) as run:
+        pass
+    with pytest.raises(UserError, match="its encoder layers are unknown"):
+        report.encoder_layers(mlflow.get_run(run.info.run_id))
+    with mlflow.start_run() as run:
+        mlflow.log_param("encoder_layers", 6)
+    assert report.encoder_layers(mlflow.get_run(run.info.run_id)) == 6

@@ -45,7 +45,9 @@ def quantized_version(parent, recipe: str, runtime: str, precision: str, numbers
     features = ", ".join(k.removeprefix("validated_on.") for k, v in sorted(hardware.items())
                          if v == "True" and k.removeprefix("validated_on.") not in ("onnxruntime", "openvino"))
     return (f"Deployable {kind} of `{parent.name}` v{parent.version} for {dataset}: recipe `{recipe}`, run by "
-            f"{runtime} in {precision}. On {n_val} validation texts it agrees with the fp32 parent on "
+            f"{runtime} in {precision}. On {n_val} validation texts"
+            f"{' its choice did not see (chosen on %d others)' % numbers['choice_texts'] if 'choice_texts' in numbers else ''}"
+            f" it agrees with the fp32 parent on "
             f"{points(metrics['int8_val_agreement_with_fp32'])} (at least "
             f"{100 * metrics['int8_val_agreement_with_fp32_low']:.2f}% by its one-sided 95% bound); accuracy "
             f"{100 * (metrics['onnx_int8_val_accuracy'] - metrics['torch_fp32_val_accuracy']):+.2f} and macro-recall "

@@ -1,12 +1,13 @@
 """The `quantize` step: a registered fp32 model -> ONNX -> the fastest deployable model within budget, checked and registered.
 
-`mode auto` (search.py) chooses, on this CPU and on validation texts, among ONNX Runtime INT8 recipes
-and OpenVINO (fp32, bf16, INT8); `mode dynamic` / `static` apply one fixed ONNX Runtime recipe. The
-chosen model is checked against its fp32 parent in the same run, on the same texts of the parent's
-own validation split (carved with the parent run's validation_size and seed) and of test: accuracy,
+`mode auto` (search.py) chooses, on this CPU and on one stratified half of the validation texts, among
+ONNX Runtime INT8 recipes and OpenVINO (fp32, bf16, INT8); `mode dynamic` / `static` apply one fixed
+ONNX Runtime recipe. The chosen model is checked against its fp32 parent in the same run, on texts
+the choice did not see: the other half of the parent's own validation split (all of it for a fixed
+recipe; carved with the parent run's validation_size and seed), and test: accuracy,
 macro-recall and ECE for PyTorch fp32, ONNX fp32 and the chosen model (`onnx_int8_*`), prediction
 agreement and the largest logit difference vs fp32, and each file's size. A temperature is fitted
-on validation for the chosen model's logits and served with it. The promotion gate's numbers
+for the chosen model's logits on the texts it was chosen on (a fixed recipe: validation) and served with it. The promotion gate's numbers
 (`gate.*` tags) come from validation only; test numbers are reported, never used to decide. It is
 logged as a pyfunc that takes raw text (kd_sentiment/serving.py) and registered as `<parent>-int8`
 with alias `candidate` and the hardware it was validated on; `promote` moves `champion` to it once
@@ -78,10 +79,11 @@ def comparison(split: str, logits: dict[str, np.ndarray], labels: np.ndarray, la
     return metrics
 
 
-def gate_tags(metrics: dict, dataset: str, n_texts: int, selection_metric: str, majority: dict) -> dict:
-    """The promotion gate's numbers, from validation only, and the split they come from; with the
-    majority-class baseline on the same texts, the floor promote holds the dataset's metric to."""
-    return {"gate.split": "validation", "gate.eval_data": f"{dataset}:validation:{n_texts}",
+def gate_tags(metrics: dict, dataset: str, n_texts: int, selection_metric: str, majority: dict, split: str) -> dict:
+    """The promotion gate's numbers, from validation only, and the split they come from (`split`:
+    validation, or validation-judge, the half auto's choice did not see); with the majority-class
+    baseline on the same texts, the floor promote holds the dataset's metric to."""
+    return {"gate.split": split, "gate.eval_data": f"{dataset}:{split}:{n_texts}",
             "gate.selection_metric": selection_metric,
             **{f"gate.majority_{k}": f"{majority[k]:.6f}" for k in ("accuracy", "macro_recall")},
             "gate.accuracy": f"{metrics['onnx_int8_val_accuracy']:.6f}",
@@ -92,10 +94,11 @@ def gate_tags(metrics: dict, dataset: str, n_texts: int, selection_metric: str, 
             "gate.agreement_low": f"{metrics['int8_val_agreement_with_fp32_low']:.6f}"}
 
 
-def deployable(args: QuantizeArgs, work: Path, onnx_fp32: Path, fused: Path, splits, texts: dict,
-               reference_val: np.ndarray, max_length: int) -> search.Candidate:
-    """The model to register: the fixed recipe of `args.mode`, or the search's choice (auto), which
-    logs every candidate (`quantize_candidates.json`, a figure) and refuses when none is in budget."""
+def deployable(args: QuantizeArgs, work: Path, onnx_fp32: Path, fused: Path, splits, chosen_on,
+               reference: np.ndarray, max_length: int) -> search.Candidate:
+    """The model to register: the fixed recipe of `args.mode`, or the search's choice (auto) on the
+    texts of `chosen_on` (`reference`: the parent's logits on them), which logs every candidate
+    (`quantize_candidates.json`, a figure) and refuses when none is in budget."""
     calibration = splits.train["text"].sample(n=min(args.calibration_samples, len(splits.train)),
                                               random_state=args.seed).tolist()
     if args.mode != "dynamic":  # static and auto read them (calibration, the sensitivity search)
@@ -110,9 +113,12 @@ def deployable(args: QuantizeArgs, work: Path, onnx_fp32: Path, fused: Path, spl
         return search.Candidate(f"ort-{args.mode}", path, recipe=settings)
     candidates = search.build(work / "candidates", onnx_fp32, fused, calibration, max_length, args.reduce_range,
                               args.min_agreement, args.sensitivity_texts, search.chosen_names(args.candidates))
-    search.validate(candidates, onnx_fp32.parent, texts["val"], splits.validation["label"].to_numpy(),
-                    splits.label_names, reference_val, max_length)
-    search.time_all(candidates, fused, onnx_fp32.parent, texts["val"], args.fixed_length, args.threads)
+    texts = chosen_on["text"].tolist()
+    search.validate(candidates, onnx_fp32.parent, texts, chosen_on["label"].to_numpy(), splits.label_names, reference,
+                    max_length)
+    search.time_all(candidates, fused, onnx_fp32.parent, texts, args.fixed_length, args.threads)
+    for candidate in candidates:
+        candidate.numbers["choice_texts"] = len(texts)
     chosen = None
     try:
         chosen = search.choose(candidates, args.max_accuracy_drop, args.min_agreement)
@@ -151,23 +157,30 @@ def run(args: QuantizeArgs) -> dict:
         raise UserError(f"{args.model} predicts [{parent_labels}], dataset '{splits.name}' has {splits.label_names}.")
     name = args.name or f"{parent.name}-int8"
     tracking.use_experiment(splits.name)
-    evaluated = {"val": splits.validation, "test": splits.test}
+    # auto chooses on one half of validation; the gate (`val`) reads the other; a fixed recipe all of it
+    chosen_on, judged = (search.choice_and_judge(splits.validation, trained["seed"]) if args.mode == "auto"
+                         else (None, splits.validation))
+    evaluated = {"val": judged, "test": splits.test}
     texts = {split: frame["text"].tolist() for split, frame in evaluated.items()}
     if args.mode == "auto":  # before any run opens: too few texts could pass no candidate, a name none
         search.chosen_names(args.candidates)
-        search.refuse_too_few_texts(len(texts["val"]), args.min_agreement)
+        search.refuse_too_few_texts(len(splits.validation), args.min_agreement)
+        texts["choose"] = chosen_on["text"].tolist()
 
     with tracking.step_run("quantize", f"quantize-{parent.name}-v{parent.version}-{args.mode}"), \
             tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         tracking.log_params({**vars(args), "max_length": max_length, "validation_size": trained["validation_size"],
                              "split_seed": trained["seed"], "n_val": len(texts["val"]), "n_eval": len(texts["test"]),
+                             "n_choose": len(texts.get("choose", [])),
                              "parent_name": parent.name, "parent_version": parent.version})
         # INT8 here is a CPU deployment target: export, quantization and the fp32 reference it is
         # compared with all run on the CPU, also on a machine with a GPU.
         tracking.log_environment(threads=args.threads or os.cpu_count(), device="cpu")
-        for split, frame in (("validation", splits.validation), ("test", splits.test)):
-            tracking.log_texts(frame[["text", "label"]], f"{splits.name}-{split}-{len(frame)}", splits.source, split)
+        inputs = {"test": splits.test, **({"validation": chosen_on, "judge": judged} if chosen_on is not None
+                                          else {"validation": judged})}
+        for context, frame in inputs.items():
+            tracking.log_texts(frame[["text", "label"]], f"{splits.name}-{context}-{len(frame)}", splits.source, context)
         log.info("quantize: ONNX export, INT8 quantization and the PyTorch fp32 reference run on the CPU "
                  "(INT8 is a CPU deployment target)")
 
@@ -182,23 +195,24 @@ def run(args: QuantizeArgs) -> dict:
                  if args.optimize_level else onnx_fp32)
         mlflow.set_tag("onnx_fp32_graph", "fused" if fused != onnx_fp32 else "unfused (no fusions for this model "
                        "type, or optimize_level 0)")
-        chosen = deployable(args, work, onnx_fp32, fused, splits, texts, logits["val"]["torch_fp32"], max_length)
+        chosen = deployable(args, work, onnx_fp32, fused, splits, chosen_on,
+                            logits["choose"]["torch_fp32"] if chosen_on is not None else None, max_length)
         mlflow.log_dict({"candidate": chosen.name, "runtime": chosen.runtime, "precision": chosen.precision,
                          **chosen.recipe}, "quantization_config.json")
 
         runners = {"onnx_fp32": runtime.OnnxClassifier(fused), "onnx_int8": chosen.runner(onnx_fp32.parent)}
         for backend, runner in runners.items():
-            for split in texts:
-                if backend == "onnx_int8" and split == "val" and chosen.val_logits is not None:
-                    logits[split][backend] = chosen.val_logits  # measured by the search already
-                else:
-                    logits[split][backend] = runner.predict_logits(texts[split], max_length)
+            for split in evaluated:  # the judged half and test: texts the choice never saw
+                logits[split][backend] = runner.predict_logits(texts[split], max_length)
         metrics = {"size_mb_torch_fp32": sum(export.file_size_mb(p) for p in (work / "fp32").glob("*.safetensors")),
                    "size_mb_onnx_fp32": export.file_size_mb(fused), "size_mb_onnx_int8": export.file_size_mb(chosen.path)}
         for split, frame in evaluated.items():
             metrics.update(comparison(split, logits[split], frame["label"].to_numpy(), splits.label_names))
-        # Calibrated probabilities: a temperature fitted on validation for the deployed model's own logits.
-        temperature = fit_temperature(logits["val"]["onnx_int8"], splits.validation["label"].to_numpy())
+        # Calibrated probabilities: a temperature fitted for the deployed model's own logits on the texts
+        # it was chosen on (auto; a fixed recipe: validation), so the judged half measures it too.
+        fitted_on = (chosen.val_logits, chosen_on["label"]) if chosen_on is not None else \
+            (logits["val"]["onnx_int8"], judged["label"])
+        temperature = fit_temperature(fitted_on[0], fitted_on[1].to_numpy())
         for split, frame in evaluated.items():
             scaled = classification_metrics(logits[split]["onnx_int8"] / temperature, frame["label"].to_numpy(),
                                             splits.label_names)
@@ -221,7 +235,8 @@ def run(args: QuantizeArgs) -> dict:
             "dataset": splits.name, "label_names": ",".join(splits.label_names), "mode": args.mode,
             "run_id": mlflow.active_run().info.run_id,
             **gate_tags(metrics, splits.name, len(texts["val"]), splits.selection_metric, majority_baseline(
-                splits.train["label"].to_numpy(), splits.validation["label"].to_numpy(), splits.label_names)),
+                splits.train["label"].to_numpy(), judged["label"].to_numpy(), splits.label_names),
+                "validation-judge" if chosen_on is not None else "validation"),
             **hardware}, description, descriptions.registered_model(name, "quantize", splits.name, parent.name))
         tracking.describe_run(description)
         mlflow.set_tags({"registered_model": name, "registered_version": version.version, "runtime": chosen.runtime,

@@ -244,6 +244,11 @@ def student_rows(student: str, runs: dict, teacher_run: str, bench, big: int, te
         rows[0] = rows[0].replace(f"| {student} + KD (fp32) |", f"| {student} + KD + {n_transfer} transfer texts (fp32) |")
         pairs.append((f"{student} + KD with vs without the transfer set", kd_runs, plain, "test_logits", "test_logits",
                       "transfer_gain"))
+    if len(kd_runs) > 1:  # the INT8 row below is the deployed seed's: its fp32 row beside it, like with like
+        own = selected.data.metrics
+        rows.append(f"| {student} + KD, deployed seed {selected.data.params.get('seed', '?')} (fp32) | 1 | | "
+                    f"{pct(own['test_accuracy'])} | {pct(own['test_macro_recall'])} | {own['test_ece']:.3f} | "
+                    f"{own['test_ece_after_ts']:.3f} | | | | |")
     if runs.get("quantize"):
         q = read_run(runs["quantize"])
         m, int8_name = q.data.metrics, q.data.tags["registered_model"]

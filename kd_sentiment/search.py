@@ -41,6 +41,7 @@ import numpy as np
 
 from kd_sentiment import quantization, stats, timing
 from kd_sentiment.calibration import classification_metrics
+from kd_sentiment.data import stratified_take
 from kd_sentiment.errors import UserError
 from kd_sentiment.machine import bf16_capable, cpu_features
 from kd_sentiment.runtime import OnnxClassifier
@@ -233,15 +234,25 @@ def shortfall(candidate: Candidate, max_accuracy_drop: float, min_agreement: flo
                n["val_macro_recall_drop_points"] - max_accuracy_drop, 100 * (min_agreement - n["val_agreement_low"]))
 
 
-def refuse_too_few_texts(n_texts: int, min_agreement: float) -> None:
-    """A UserError, before anything is built, where `n_texts` validation texts cannot show
-    `min_agreement` even if every candidate prediction agreed (the bound of n of n stays below it)."""
-    best = stats.share_lower_bound(n_texts, n_texts)
+def choice_and_judge(validation, seed: int):
+    """(the texts auto chooses on, the texts its choice is judged on): two stratified halves of the
+    validation split, so the gate's numbers come from texts the choice never saw (no winner's curse)."""
+    chosen_on, judged = stratified_take(validation, 0.5, seed, "validation")
+    return chosen_on.reset_index(drop=True), judged.reset_index(drop=True)
+
+
+def refuse_too_few_texts(n_validation: int, min_agreement: float) -> None:
+    """A UserError, before anything is built, where either half of `n_validation` validation texts
+    (one chooses, the other judges) cannot show `min_agreement` even if every candidate prediction
+    agreed (the bound of n of n stays below it)."""
+    half = n_validation // 2
+    best = stats.share_lower_bound(half, half)
     if best >= min_agreement:
         return
     needed = stats.fewest_texts_to_show(min_agreement)  # min_agreement < 1 (schema)
-    raise UserError(f"min_agreement={min_agreement}: {n_texts} validation texts cannot show it; even all of them "
-                    f"agreeing with fp32 bound the agreement at {best:.4f} (one-sided 95%). Give at least {needed} "
+    raise UserError(f"min_agreement={min_agreement}: auto chooses on one half of the {n_validation} validation texts "
+                    f"and judges its choice on the other; {half} texts cannot show it, as even all of them agreeing "
+                    f"with fp32 bound the agreement at {best:.4f} (one-sided 95%). Give at least {2 * needed} "
                     f"validation texts (max_eval_samples, or the parent's validation_size), or a lower "
                     f"min_agreement. Nothing registered.")
 

@@ -248,6 +248,10 @@ def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(con
     # a tiny model's seed may do no better than the majority class: the cell says how many did
     floor = sum(r.data.metrics["val_accuracy"] <= r.data.metrics["val_majority_accuracy"] for r in kd)
     assert seeds_cell.split("|")[2].strip() == "2" + (f" ({floor} no better than the majority class)" if floor else "")
+    # The INT8 row is the deployed seed's: its own fp32 row stands beside it, not only the seeds' mean.
+    deployed = next(line for line in text.splitlines() if line.startswith("| teacher-layers:0 + KD, deployed seed"))
+    assert deployed.startswith(f"| teacher-layers:0 + KD, deployed seed {best.data.params['seed']} (fp32) | 1 |")
+    assert f"| {100 * best.data.metrics['test_accuracy']:.1f} |" in deployed
     # Nothing typed for another configuration: the teacher, budget, hardware and noise are these runs'.
     for phrase in ("mpnet", "2-core", "±20%", "1.5-2 points", "~3 points", "same data, seed and budget"):
         assert phrase not in text.lower(), phrase

@@ -54,8 +54,9 @@ def test_int8_checked_against_fp32_and_registered(registry):
         assert metrics["size_mb_onnx_int8"] < metrics["size_mb_onnx_fp32"]
     assert version.tags["parent"] == f"{PARENT}/1"
     # The gate is decided on the parent's own validation split (teacher_home's: 300 carved from
-    # train, 200 of them evaluated), never on test.
-    assert version.tags["gate.split"] == "validation" and version.tags["gate.eval_data"] == "imdb:validation:200"
+    # train, 200 of them evaluated), never on test, and on the half auto did not choose on.
+    assert version.tags["gate.split"] == "validation-judge"
+    assert version.tags["gate.eval_data"] == "imdb:validation-judge:100"
     assert version.tags["gate.accuracy"] == f"{metrics['onnx_int8_val_accuracy']:.6f}"
     assert version.tags["gate.parent_accuracy"] == f"{metrics['torch_fp32_val_accuracy']:.6f}"
     assert version.tags["gate.agreement"] == f"{metrics['int8_val_agreement_with_fp32']:.6f}"
@@ -63,6 +64,11 @@ def test_int8_checked_against_fp32_and_registered(registry):
     assert metrics["int8_val_agreement_with_fp32_low"] < metrics["int8_val_agreement_with_fp32"]
     run = mlflow.get_run(version.tags["run_id"])
     assert run.data.params["validation_size"] == "300"  # taken from the parent's run
+    assert (run.data.params["n_choose"], run.data.params["n_val"]) == ("100", "100")
+    assert set(candidates(run.info.run_id)["choice_texts"]) == {100}
+    digests = {tag.value: d.dataset.digest for d in run.inputs.dataset_inputs for tag in d.tags
+               if tag.key == "mlflow.data.context"}
+    assert set(digests) == {"validation", "judge", "test", "calibration"} and digests["validation"] != digests["judge"]
     assert run.info.status == "FINISHED" and run.data.tags["machine.cpu_arch"]
     assert run.data.tags["device"] == "cpu"  # INT8 is a CPU target, whatever GPU the machine has
     model = mlflow.pyfunc.load_model(f"models:/{INT8}@candidate")
@@ -110,6 +116,17 @@ def test_a_version_no_better_than_the_majority_class_is_not_promoted_unless_forc
     tags = client.get_model_version(INT8, one_class.version).tags
     assert tags["promotion.decision"] == "forced" and "not better than the majority class" in tags["promotion.majority_floor"]
     client.set_registered_model_alias(INT8, "champion", before)
+
+
+def test_auto_chooses_and_is_judged_on_disjoint_stratified_halves_of_validation():
+    import pandas as pd
+
+    from kd_sentiment import search
+
+    validation = pd.DataFrame({"text": [f"text {i}" for i in range(200)], "label": [0] * 150 + [1] * 50})
+    chosen_on, judged = search.choice_and_judge(validation, seed=42)
+    assert len(chosen_on) == len(judged) == 100 and not set(chosen_on["text"]) & set(judged["text"])
+    assert list(chosen_on["label"].value_counts().sort_index()) == [75, 25] == list(judged["label"].value_counts().sort_index())
 
 
 def test_the_budget_holds_accuracy_macro_recall_and_the_agreement_bound():
@@ -239,7 +256,7 @@ def test_auto_mode_with_an_impossible_budget_registers_nothing(registry):
     client, _ = registry
     before = {v.version for v in client.search_model_versions(f"name = '{INT8}'")}
     with pytest.raises(UserError, match="no candidate is within.*closest: .*points short"):
-        quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=100,
+        quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=200,
                                            max_accuracy_drop=-50, min_agreement=MIN_AGREEMENT))
     assert {v.version for v in client.search_model_versions(f"name = '{INT8}'")} == before
     failed = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list",
@@ -268,11 +285,12 @@ def test_candidates_restrict_the_search_to_the_named_ones(registry):
 
 
 def test_auto_mode_refuses_too_few_validation_texts_before_any_run(registry):
-    """100 texts all agreeing bound the agreement at 97.4%: 0.99 cannot be shown, so nothing is built."""
+    """Halves of 50 texts, all agreeing, bound the agreement at 94.9%: 0.99 cannot be shown, so nothing is built."""
     client, _ = registry
     versions = {v.version for v in client.search_model_versions(f"name = '{INT8}'")}
     runs = {r.info.run_id for r in mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list")}
-    with pytest.raises(UserError, match="min_agreement=0.99: 100 validation texts cannot show it.*at least 268"):
+    with pytest.raises(UserError, match="min_agreement=0.99: auto chooses on one half of the 100 validation texts and "
+                                        "judges its choice on the other; 50 texts cannot show it.*at least 536"):
         quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=100))
     assert {v.version for v in client.search_model_versions(f"name = '{INT8}'")} == versions
     assert {r.info.run_id for r in mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list")} == runs

@@ -101,17 +101,25 @@ def rollback_target(name: str, alias: str) -> str:
     return stack[-2]
 
 
-def below_majority(tags: dict) -> str | None:
-    """Why a version is no better than always predicting the majority class on its gate's texts (its
-    dataset's metric at or under the baseline's, `gate.majority_*`), or None where it is better;
-    "not measured" for a version whose step wrote no baseline."""
+def below_majority(version) -> str | None:
+    """Why a version is no better than always predicting the majority class (None where it is better):
+    its gate's numbers against the baseline on the same texts (`gate.majority_*`, written by quantize),
+    else its training run's validation metric against `val_majority_*` (teacher, distill); "not
+    measured" where neither was recorded."""
+    tags = version.tags
     metric = tags.get("gate.selection_metric")
-    if metric is None or f"gate.majority_{metric}" not in tags or f"gate.{metric}" not in tags:
-        return "not measured"
-    own, floor = float(tags[f"gate.{metric}"]), float(tags[f"gate.majority_{metric}"])
+    if metric and f"gate.majority_{metric}" in tags and f"gate.{metric}" in tags:
+        own, floor = float(tags[f"gate.{metric}"]), float(tags[f"gate.majority_{metric}"])
+        where = tags.get("gate.eval_data", "its gate texts")
+    else:
+        run = mlflow.get_run(version.run_id) if version.run_id else None
+        metric = run.data.params.get("selection_metric") if run else None
+        if not metric or f"val_majority_{metric}" not in run.data.metrics:
+            return "not measured"
+        own, floor, where = run.data.metrics[f"val_{metric}"], run.data.metrics[f"val_majority_{metric}"], "validation"
     if own > floor:
         return None
-    return f"not better than the majority class on {tags.get('gate.eval_data', 'its gate texts')} ({metric} {own:.4f} vs {floor:.4f})"
+    return f"not better than the majority class on {where} ({metric} {own:.4f} vs {floor:.4f})"
 
 
 def hardware_differences(tags: dict) -> list[str]:
@@ -132,7 +140,7 @@ def decide(version, args: PromoteArgs, rollback: bool) -> tuple[str, dict]:
                         f" and this CPU differs ({'; '.join(differences)}): run quantize on this machine to choose and "
                         "check a model for it, or set force to promote it anyway (recorded).")
     passed, numbers = gate(version.tags, args.margin)
-    passed &= below_majority(version.tags) in (None, "not measured")  # a model that learnt nothing usable
+    passed &= below_majority(version) in (None, "not measured")  # a model that learnt nothing usable
     if not numbers and not args.force:
         raise UserError(f"{args.name} version {version.version} has no gate.* measurements against a parent (only "
                         "quantize writes them); nothing moved. Set force to promote it anyway.")
@@ -171,7 +179,7 @@ def run(args: PromoteArgs) -> bool:
             "promotion.agreement": version.tags.get("gate.agreement", ""),
             "promotion.alias_before": before, "promotion.alias_after": after,
             "promotion.hardware": "; ".join(hardware_differences(version.tags)) or "as validated",
-            "promotion.majority_floor": below_majority(version.tags) or "above",
+            "promotion.majority_floor": below_majority(version) or "above",
             **{f"promotion.{k}": str(v) for k, v in numbers.items()}}
     with tracking.step_run("promote", f"promote-{args.name}-v{version.version}-{args.alias}") as promotion:
         tracking.log_params({"name": args.name, "version": str(version.version), "alias": args.alias,

@@ -116,6 +116,20 @@ def test_a_version_no_better_than_the_majority_class_is_not_promoted_unless_forc
     tags = client.get_model_version(INT8, one_class.version).tags
     assert tags["promotion.decision"] == "forced" and "not better than the majority class" in tags["promotion.majority_floor"]
     client.set_registered_model_alias(INT8, "champion", before)
+    # a majority-class student (no gate: its training run's validation numbers say it): refused, and
+    # forced only with its floor recorded
+    with mlflow.start_run() as trained:
+        mlflow.log_param("selection_metric", "accuracy")
+        mlflow.log_metrics({"val_accuracy": 0.5, "val_majority_accuracy": 0.5})
+    student = client.create_model_version(PARENT, client.get_model_version_by_alias(PARENT, "champion").source,
+                                          run_id=trained.info.run_id)
+    with pytest.raises(UserError):
+        promote.run(promote.PromoteArgs(name=PARENT, version=student.version, alias="probe"))
+    promote.run(promote.PromoteArgs(name=PARENT, version=student.version, alias="probe", force=True))
+    tags = client.get_model_version(PARENT, student.version).tags
+    assert tags["promotion.majority_floor"] == "not better than the majority class on validation (accuracy 0.5000 vs 0.5000)"
+    client.delete_registered_model_alias(PARENT, "probe")
+    client.delete_model_version(PARENT, student.version)
 
 
 def test_auto_chooses_and_is_judged_on_disjoint_stratified_halves_of_validation():

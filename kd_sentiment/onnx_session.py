@@ -5,8 +5,8 @@ runs several predictions at the same time. ONNX Runtime's `InferenceSession.run`
 concurrently. An OpenVINO `InferRequest` is not: two threads inferring on one request get "busy"
 errors or each other's outputs. So every call takes an idle request from a pool, or creates one when
 none is idle, and hands it back when done: requests are reused (their buffers stay allocated), and
-there are never more of them than calls were in flight at the busiest moment. README's "Serving"
-section has the per-call cost of this pool against a request per call and a request per thread.
+there are never more of them than calls were in flight at the busiest moment. The README's serving
+part (Step 3) has the per-call cost of this pool against a request per call and a request per thread.
 
 This file imports numpy and the runtime it opens, nothing of kd_sentiment: the served model carries
 it beside serving.py (MLflow `code_paths`), and the benchmark's ONNX worker opens graphs with it

@@ -90,8 +90,7 @@ def pipeline_summary(record: dict, dataset: str, promotions: dict) -> str:
         selected = mlflow.get_run(runs["selected"])
         kept = selected.data.metrics[f"test_{metric}"] / teacher_metric
         layers = report.encoder_layers(selected)
-        need = next((share for at_least, share in report.RETENTION_TARGETS if layers is not None and layers >= at_least),
-                    report.RETENTION_TARGETS[-1][1])
+        need = report.retention_target(layers)
         row = [student, f"{points(selected.data.metrics[f'test_{metric}'])} ({points(kept)})",
                f">= {points(need)}: {'met' if kept >= need else 'not met'}"]
         if runs.get("quantize"):
@@ -100,8 +99,8 @@ def pipeline_summary(record: dict, dataset: str, promotions: dict) -> str:
             agreement = qm["int8_agreement_with_fp32"]
             change = 100 * (qm[f"onnx_int8_test_{metric}"] - qm[f"torch_fp32_test_{metric}"])
             recipe = q.data.tags.get("recipe", "INT8")
-            met = agreement >= report.INT8_MIN_AGREEMENT and -qm["int8_accuracy_delta_points"] <= report.INT8_MAX_DROP_POINTS
-            verdict = "not met (a float graph)" if recipe in FLOAT_RECIPES else ("met" if met else "not met")
+            verdict = ("not met (a float graph)" if recipe in FLOAT_RECIPES
+                       else "met" if report.int8_within_targets(qm) else "not met")
             row += [f"`{recipe}` ({q.data.tags.get('runtime')}) v{q.data.tags['registered_version']}",
                     points(agreement), f"{change:+.2f}", verdict,
                     report.speedup(bench, name, report.SERVED, 1), promotions.get(student, "yes")]

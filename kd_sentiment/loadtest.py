@@ -78,6 +78,7 @@ MALFORMED_BODIES = (
 )
 ERROR_SAMPLES = 5
 LATE_S = 0.05           # open loop: sent this much after its time, the client itself could not keep up
+NOT_ONE_PREDICTION = "not one prediction"  # a 200 whose payload is not an MLflow answer of one prediction
 OPEN_LOOP_THREADS = 64  # open loop: requests in flight at most (more are sent late and counted as such)
 
 
@@ -166,11 +167,11 @@ class Tally:
                     self.error_samples.append(error)
 
     def wrong_answer(self, index: int | None, answer: str) -> str | None:
-        """Why a 200 answer to text `index` is not a good one (None: it is): not one prediction, or
-        not this text's prediction."""
+        """Why a 200 answer to text `index` is not a good one (None: it is): NOT_ONE_PREDICTION, or
+        how it differs from this text's prediction."""
         row = _prediction(answer)
         if row is None:
-            return "not one prediction"
+            return NOT_ONE_PREDICTION
         if self.expected is None or index is None:
             return None
         return difference(row, self.expected[index], self.tolerance)
@@ -188,7 +189,7 @@ class Tally:
             with self.lock:
                 self.latencies_ms.append(latency_ms)
             self.count(requests=1, good_sent=1, ok=1)
-        elif status == 200 and _prediction(answer) is not None:  # an answer, but another text's
+        elif status == 200 and problem != NOT_ONE_PREDICTION:  # an answer, but another text's
             with self.lock:
                 if len(self.wrong_samples) < ERROR_SAMPLES:
                     self.wrong_samples.append(f"{what}: wrong answer for text {index}: {problem}")

@@ -192,10 +192,10 @@ class StepRunner:
         """Run `step_fn(step_args)` as a child run (with `tags`) unless an identical finished run
         exists; return that run."""
         label = NOT_IN_METRIC_NAME.sub("_", label)
-        identity = json.dumps([label, asdict(step_args), upstream, self.context], sort_keys=True, default=str)
-        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
-        # the key's parts on the run: what changed when a step ran again
+        # the key from its parts, each also a tag on the run: what changed when a step ran again
         parts = {"arguments": digest(asdict(step_args)), "upstream": digest(upstream), **self.context}
+        identity = json.dumps([label, parts], sort_keys=True)
+        key = hashlib.sha256(identity.encode()).hexdigest()[:16]
         found = tracking.find_runs(tags={tracking.STEP_KEY_TAG: key}, max_results=1)
         if found:
             log.info("[pipeline] %s: reusing finished run %s", label, found[0].info.run_id)

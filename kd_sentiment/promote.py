@@ -130,8 +130,9 @@ def hardware_differences(tags: dict) -> list[str]:
             if f"validated_on.{k}" in tags and tags[f"validated_on.{k}"] != str(here[k])]
 
 
-def decide(version, args: PromoteArgs, rollback: bool) -> tuple[str, dict]:
-    """(decision, gate numbers) for moving the alias to `version`. A version validated on a CPU whose
+def decide(version, args: PromoteArgs, rollback: bool) -> tuple[str, dict, str | None]:
+    """(decision, gate numbers, `below_majority`'s finding) for moving the alias to `version`. A
+    version no better than the majority class fails the gate. A version validated on a CPU whose
     deciding features differ from this one's is refused unless forced: which runtime and precision
     is fastest, and how INT8 computes, depend on them."""
     differences = hardware_differences(version.tags)
@@ -140,14 +141,15 @@ def decide(version, args: PromoteArgs, rollback: bool) -> tuple[str, dict]:
                         f" and this CPU differs ({'; '.join(differences)}): run quantize on this machine to choose and "
                         "check a model for it, or set force to promote it anyway (recorded).")
     passed, numbers = gate(version.tags, args.margin)
-    passed &= below_majority(version) in (None, "not measured")  # a model that learnt nothing usable
+    floor = below_majority(version)
+    passed &= floor in (None, "not measured")  # a model that learnt nothing usable
     if not numbers and not args.force:
         raise UserError(f"{args.name} version {version.version} has no gate.* measurements against a parent (only "
                         "quantize writes them); nothing moved. Set force to promote it anyway.")
     decision = "accepted" if passed and not differences else ("forced" if args.force else "refused")
     if rollback and decision != "refused":
         decision = "rolled back" if passed else "rolled back (forced)"
-    return decision, numbers
+    return decision, numbers, floor
 
 
 def run(args: PromoteArgs) -> bool:
@@ -168,7 +170,7 @@ def run(args: PromoteArgs) -> bool:
         return False
     number = rollback_target(args.name, args.alias) if args.rollback else args.version
     version = tracking.resolve_version(f"models:/{args.name}/{number}")
-    decision, numbers = decide(version, args, args.rollback)
+    decision, numbers, floor = decide(version, args, args.rollback)
     before = alias_holder(args.name, args.alias)
     after = before if decision == "refused" else str(version.version)
     tracking.use_experiment(version.tags.get("dataset") or "registry")
@@ -179,7 +181,7 @@ def run(args: PromoteArgs) -> bool:
             "promotion.agreement": version.tags.get("gate.agreement", ""),
             "promotion.alias_before": before, "promotion.alias_after": after,
             "promotion.hardware": "; ".join(hardware_differences(version.tags)) or "as validated",
-            "promotion.majority_floor": below_majority(version) or "above",
+            "promotion.majority_floor": floor or "above",
             **{f"promotion.{k}": str(v) for k, v in numbers.items()}}
     with tracking.step_run("promote", f"promote-{args.name}-v{version.version}-{args.alias}") as promotion:
         tracking.log_params({"name": args.name, "version": str(version.version), "alias": args.alias,
@@ -193,8 +195,8 @@ def run(args: PromoteArgs) -> bool:
         if decision != "refused":
             client.set_registered_model_alias(args.name, args.alias, version.version)
     summary = ", ".join(f"{k}={v}" for k, v in numbers.items()) or "no gate measurements"
-    if tags["promotion.majority_floor"] not in ("above", "not measured"):
-        summary = f"{tags['promotion.majority_floor']}; {summary}"
+    if floor not in (None, "not measured"):
+        summary = f"{floor}; {summary}"
     if decision == "refused":
         raise UserError(f"{args.name} version {version.version} failed its gate ({summary}; margin {args.margin} "
                         f"points): alias '{args.alias}' not moved. Set force to override.")

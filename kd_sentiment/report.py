@@ -514,14 +514,25 @@ def interval_of(row, column: str) -> tuple[str, float | None]:
     return shown_speedup(row, column), float(row[column])
 
 
+def retention_target(layers: int | None) -> float:
+    """The share of the teacher's test metric a student of `layers` encoder layers must keep."""
+    return next((share for at_least, share in RETENTION_TARGETS if layers is not None and layers >= at_least),
+                RETENTION_TARGETS[-1][1])
+
+
+def int8_within_targets(quantize_metrics: dict) -> bool:
+    """The INT8 target on test: agreement with the fp32 parent and the accuracy drop."""
+    return (quantize_metrics["int8_agreement_with_fp32"] >= INT8_MIN_AGREEMENT
+            and -quantize_metrics["int8_accuracy_delta_points"] <= INT8_MAX_DROP_POINTS)
+
+
 def student_targets(dataset: str, n: dict) -> list[str]:
     """Retention, KD gain, INT8 and (for the 3-layer student) speed lines of one dataset."""
     lines, metric, big = [], n["metric"], n["big"]
     shown_metric = metric.replace("_", "-")
     for student, e in n["students"].items():
         layers = e["layers"]
-        need = next((share for at_least, share in RETENTION_TARGETS if layers is not None and layers >= at_least),
-                    RETENTION_TARGETS[-1][1])
+        need = retention_target(layers)
         lines.append(f"| {dataset} | {student} ({layers if layers is not None else '?'} layers) keeps >= "
                      f"{pct(need)}% of the teacher's test {shown_metric} | {pct(e['retention'])}% | "
                      f"{verdict(e['retention'] >= need)} |")
@@ -539,7 +550,7 @@ def student_targets(dataset: str, n: dict) -> list[str]:
         lines.append(f"| {dataset} | {student} INT8 ({e['int8_recipe']}): agreement with fp32 >= "
                      f"{pct(INT8_MIN_AGREEMENT)}%, accuracy drop <= {INT8_MAX_DROP_POINTS} point (test) | "
                      f"{pct(agreement)}%, {drop:+.2f} points{on_validation} | "
-                     f"{verdict(agreement >= INT8_MIN_AGREEMENT and drop <= INT8_MAX_DROP_POINTS)} |")
+                     f"{verdict(int8_within_targets(m))} |")
         if layers is None or layers > 3:
             continue
         for column, need in (("speedup_vs_teacher", SMALL_INT8_VS_TEACHER), ("speedup_vs_peer", SMALL_INT8_VS_PEER)):

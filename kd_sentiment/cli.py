@@ -29,6 +29,7 @@ COMMANDS = {
     "pipeline": ("pipeline", schema.PipelineArgs, "teacher -> distill -> quantize -> promote -> benchmark, from a config"),
     "study": ("study", schema.StudyArgs, "the calibration study: one student from teachers of different calibration"),
     "loadtest": ("loadtest", schema.LoadTestArgs, "serve a model and load it with concurrent clients (loopback only)"),
+    "score": ("score", schema.ScoreArgs, "label a file or folder of texts with a registered model through Spark"),
     "report": ("report", schema.ReportArgs, "write results/RESULTS.md from the MLflow runs"),
 }
 

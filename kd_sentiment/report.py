@@ -46,6 +46,7 @@ INT8_MIN_AGREEMENT, INT8_MAX_DROP_POINTS = 0.99, 0.5  # on test, against the fp3
 SMALL_INT8_VS_TEACHER, SMALL_INT8_VS_PEER = 30.0, 1.3  # the 3-layer INT8 as served, at batch 1 and the largest
 IN_PROCESS_P50_MS = 5.0  # one tweet end to end (tokenize + model), in-process
 SERVED_P99_MS, SERVED_RATE, SERVED_WORKERS = 30.0, 100.0, 2  # through mlflow models serve, open loop
+SPARK_VS_IN_PROCESS = 0.7  # `score` through Spark on one machine, over in-process batched predict, same run
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -599,9 +600,9 @@ def drift_notes(numbers: dict) -> list[str]:
     return notes
 
 
-def targets_section(numbers: dict, load_tests: dict) -> str:
-    """Every target of the project against the runs above (`load_tests`: `deployed_load_tests`): met or
-    not met, with its number."""
+def targets_section(numbers: dict, load_tests: dict, spark: dict) -> str:
+    """Every target of the project against the runs above (`load_tests`: `deployed_load_tests`; `spark`:
+    `spark_scoring`): met or not met, with its number."""
     lines = ["## Targets", "", "Each target against the runs above (test texts; speed on the machine above), met or not:",
              "", *drift_notes(numbers), "| dataset | target | measured | verdict |", "|---|---|---|---|"]
     for dataset, n in numbers.items():
@@ -623,6 +624,11 @@ def targets_section(numbers: dict, load_tests: dict) -> str:
                      f"at {SERVED_RATE:g} requests/s: p99 <= {SERVED_P99_MS:g} ms | "
                      + (f"{p99:.1f} ms over {requests} requests" if p99 is not None else "no such load test") + " | "
                      f"{verdict(None if p99 is None else p99 <= SERVED_P99_MS)} |")
+    for (model, _, source), run in sorted(spark.items()):
+        ratio = run.data.metrics["spark_to_in_process"]
+        lines.append(f"| {run.data.params.get('dataset', '')} | {model} through Spark ({run.data.params['spark_master_url']}, "
+                     f"{Path(source).name}): >= {SPARK_VS_IN_PROCESS:g}x in-process batched predict | {ratio:.2f}x | "
+                     f"{verdict(ratio >= SPARK_VS_IN_PROCESS)} |")
     return "\n".join(lines + [""])
 
 
@@ -776,12 +782,17 @@ def load_of(params: dict) -> str:
     return f"closed loop, {params['clients']} clients x {params['requests_per_client']}"
 
 
+def deployed_versions(numbers: dict) -> set[tuple[str, str]]:
+    """(registered name, version) of each quantized model the reported pipelines deployed."""
+    return {(e["int8_name"], str(e["int8_version"])) for n in numbers.values() for e in n["students"].values()
+            if e.get("int8")}
+
+
 def deployed_load_tests(numbers: dict) -> dict:
     """The latest load test (kd-sentiment loadtest, through real HTTP) of each quantized model the
     reported pipelines deployed, per (model, version, load, server workers), newest first; load tests
     of other versions are not theirs."""
-    deployed = {(e["int8_name"], str(e["int8_version"])) for n in numbers.values() for e in n["students"].values()
-                if e.get("int8")}
+    deployed = deployed_versions(numbers)
     latest = {}
     for run in tracking.find_runs("loadtest"):  # newest first
         p = run.data.params
@@ -815,6 +826,39 @@ def serving_section(latest: dict) -> str:
     return "\n".join(lines + [""])
 
 
+def spark_scoring(numbers: dict) -> dict:
+    """The latest `score --compare_in_process` run of each deployed model (as `deployed_load_tests`),
+    per (model, version, input): {(model, version, input): run}."""
+    deployed = deployed_versions(numbers)
+    latest = {}
+    for run in tracking.find_runs("score"):  # newest first
+        p = run.data.params
+        if (p.get("model_name"), p.get("model_version")) in deployed and "spark_to_in_process" in run.data.metrics:
+            latest.setdefault((p["model_name"], p["model_version"], p["input"]), run)
+    return latest
+
+
+def spark_section(latest: dict) -> str:
+    """The batch-scoring table: one row for each of `spark_scoring`, with the target's verdict."""
+    if not latest:
+        return ""
+    lines = ["## Batch scoring on Spark", "",
+             "`kd-sentiment score --compare_in_process`: every text of the input through `mlflow.pyfunc.spark_udf` "
+             "(read, score, write Parquet, check the row count), against the same model's in-process batched "
+             "`predict` on the same texts, timed before and after the Spark job in the same run (the ratio's range "
+             f"is over those two). Target: Spark at >= {SPARK_VS_IN_PROCESS:g}x the in-process rate.", "",
+             "| model | version | input | rows | Spark master | Spark texts/s | in-process texts/s (before / after) | "
+             "Spark / in-process | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for (model, version, source), run in sorted(latest.items()):
+        m, p = run.data.metrics, run.data.params
+        lines.append(f"| {model} | {version} | {Path(source).name} | {m['rows']:.0f} | {p['spark_master_url']} | "
+                     f"{m['texts_per_s']:.1f} | {m['in_process_texts_per_s_before']:.1f} / "
+                     f"{m['in_process_texts_per_s_after']:.1f} | {m['spark_to_in_process']:.2f}x "
+                     f"[{m['spark_to_in_process_low']:.2f}, {m['spark_to_in_process_high']:.2f}] | "
+                     f"{verdict(m['spark_to_in_process'] >= SPARK_VS_IN_PROCESS)} |")
+    return "\n".join(lines + [""])
+
+
 def run(args: ReportArgs) -> str:
     tracking.configure()
     read_run.cache_clear()  # runs may have changed since an earlier report in this process
@@ -830,11 +874,12 @@ def run(args: ReportArgs) -> str:
         raise UserError(f"No finished '{args.config}' pipeline runs in {mlflow.get_tracking_uri()}; run "
                         f"the pipeline step with config experiments/{args.config}.yaml first.")
     out = Path(args.out)
-    load_tests = deployed_load_tests(numbers)
+    load_tests, spark = deployed_load_tests(numbers), spark_scoring(numbers)
     body = ["# Results", "",
             f"Generated by `kd-sentiment report --config {args.config}` from the MLflow runs of the `{args.config}` "
             "pipeline (experiments/" + args.config + ".yaml); do not edit by hand.", "",
-            "## The study, measured", "", *sections, serving_section(load_tests), targets_section(numbers, load_tests),
+            "## The study, measured", "", *sections, serving_section(load_tests), spark_section(spark),
+            targets_section(numbers, load_tests, spark),
             comparison(numbers), calibration_section(out.parent)]
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(body))

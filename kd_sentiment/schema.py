@@ -504,6 +504,42 @@ class LoadTestArgs:
             raise UserError(f"tolerance={self.tolerance}: a probability difference in [0, 1).")
 
 
+BAD_ROWS = ("reject", "flag")  # score: refuse an input with a bad row, or write it with an `error` column
+
+
+@dataclass
+class ScoreArgs:
+    """Label every text of INPUT with a registered model through Spark (`mlflow.pyfunc.spark_udf`: the
+    pyfunc `mlflow models serve` answers with) and write OUTPUT as Parquet: the input's columns plus
+    `label`, `score` and `prob_<label>`, one row per input row, in the input's order."""
+
+    input: str = param(MISSING, "a CSV (with a header), JSONL or Parquet file, or a folder of such files of one "
+                                "kind (read in name order)")
+    output: str = param(MISSING, "where the Parquet output goes (a folder, as Spark writes it); must not exist")
+    model: str | None = param(None, "registry URI (empty: the one INT8 model of --dataset with alias champion)",
+                              read=optional_text)
+    dataset: str = param("tweeteval", "the experiment the run goes to, and whose INT8 champion is the default model")
+    text_column: str = param("text", "the input column that holds the texts")
+    bad_rows: str = param("reject", "a row whose text is missing, null or not text: 'reject' stops before scoring "
+                                    "with one line naming the file, row and column; 'flag' writes it with an "
+                                    "`error` column and no prediction", choices=BAD_ROWS)
+    spark_master: str = param("local[*]", "Spark master URL (local[N], spark://..., yarn, k8s://...)")
+    batch_rows: int = param(1024, "texts per Arrow batch handed to the model (it sorts each batch by length "
+                                  "and runs it 32 at a time: a larger batch pads less, and holds more in memory)")
+    partitions_per_slot: int = param(2, "input partitions per Spark task slot (more: better balance, and one more "
+                                        "model load per partition)")
+    compare_in_process: bool = param(False, "also time in-process batched predict on the same texts (collected on "
+                                            "the driver: for a measurement, not a corpus) before and after Spark, "
+                                            "and log the ratio")
+
+    def validate(self) -> None:
+        for name in ("batch_rows", "partitions_per_slot"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name}={getattr(self, name)}: at least 1.")
+        if not self.text_column:
+            raise UserError("text_column is empty: name the input column that holds the texts.")
+
+
 RESULTS_PAGE = "results/RESULTS.md"  # the committed results page, whose numbers the README repeats
 
 

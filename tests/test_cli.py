@@ -10,7 +10,7 @@ from kd_sentiment.cli import build_parser
 
 MLPROJECT = yaml.safe_load((Path(__file__).parents[1] / "MLproject").read_text())
 REQUIRED = {"model": "models:/kd-sentiment-minilm-tweeteval@champion", "name": "kd-sentiment-minilm-tweeteval-int8",
-            "version": "1"}  # parameters without a default: a value a user would pass
+            "version": "1", "input": "tweets.csv", "output": "labelled"}  # parameters without a default: a value a user would pass
 
 
 @pytest.mark.parametrize("entry_point", sorted(MLPROJECT["entry_points"]))
@@ -25,7 +25,7 @@ def test_entry_point_command_parses_with_its_defaults(entry_point):
 
 
 @pytest.mark.parametrize("entry_point", ["teacher", "distill", "quantize", "promote", "benchmark", "loadtest",
-                                         "report", "study"])
+                                         "report", "study", "score"])
 def test_every_step_flag_is_an_entry_point_parameter(entry_point):
     """A flag (a new TrainConfig field, say) missing from MLproject would be unreachable from `mlflow run`."""
     subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices

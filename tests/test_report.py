@@ -45,6 +45,30 @@ def test_serving_shows_the_deployed_version_only():
     assert report.served_latency(load_tests("3"), "kd-sentiment-tinybert-tweeteval-int8") == (None, None)
 
 
+def spark_score(version: str, ratio: float) -> None:
+    """A finished `score --compare_in_process` run of tinybert's INT8 version `version`."""
+    mlflow.set_experiment("kd-sentiment/tweeteval")
+    with mlflow.start_run(tags={tracking.STEP_TAG: "score"}):
+        mlflow.log_params({"model_name": "kd-sentiment-tinybert-tweeteval-int8", "model_version": version,
+                           "input": "/data/tweets-100k.parquet", "spark_master_url": "local[2]"})
+        mlflow.log_metrics({"rows": 100000, "texts_per_s": 700 * ratio, "in_process_texts_per_s_before": 690,
+                            "in_process_texts_per_s_after": 710, "spark_to_in_process": ratio,
+                            "spark_to_in_process_low": ratio * 700 / 710, "spark_to_in_process_high": ratio * 700 / 690})
+
+
+def test_spark_scoring_shows_the_deployed_versions_latest_run_with_its_verdict():
+    spark_score("2", ratio=0.5)
+    spark_score("2", ratio=0.8)  # the latest of the deployed version
+    spark_score("1", ratio=0.9)  # another version: not the deployed model's
+    text = report.spark_section(report.spark_scoring(numbers("2", [])))
+    rows = [line for line in text.splitlines() if line.startswith("| kd-sentiment-")]
+    assert rows == ["| kd-sentiment-tinybert-tweeteval-int8 | 2 | tweets-100k.parquet | 100000 | local[2] | 560.0 | "
+                    "690.0 / 710.0 | 0.80x [0.79, 0.81] | **met** |"]
+    spark_score("2", ratio=0.6)
+    assert "0.60x [0.59, 0.61] | **not met** |" in report.spark_section(report.spark_scoring(numbers("2", [])))
+    assert report.spark_section(report.spark_scoring(numbers("3", []))) == ""
+
+
 @pytest.mark.parametrize("drift, note", [
     ([], None),
     (["teacher.epochs: ran 1, now 2"], "**tweeteval's rows come from a pipeline that ran another version of its "

@@ -236,6 +236,12 @@ def registered_uri(run) -> str:
     return f"models:/{run.data.tags['registered_model']}/{run.data.tags['registered_version']}"
 
 
+def refusal_tag(student: str) -> str:
+    """The parent run's tag saying a student's INT8 promotion was refused (a tag key takes no comma:
+    the student's registry name)."""
+    return f"promotion.{distill.student_name(student)}"
+
+
 def select_seed(runs: list, alias: str = "champion"):
     """The seed run best on validation (the dataset's selection metric; the first on a tie): its
     version gets `alias` unless it did not beat the majority class, and a tag linking the others."""
@@ -321,7 +327,7 @@ class Pipeline(StepRunner):
                     name=name, version=version, alias="champion", margin=margin), f"{name}/{version}")
             except UserError as refusal:  # a refused gate is an outcome to record, not a pipeline failure
                 log.warning("[pipeline] promote %s v%s: %s", name, version, refusal)
-                mlflow.set_tag(f"promotion.{student}", "refused")
+                mlflow.set_tag(refusal_tag(student), "refused")
                 promotions[student] = "refused"
 
         b_section = cfg.get("benchmark") or {}

@@ -438,3 +438,11 @@ def test_code_version_ignores_comments_and_docstrings_not_code(tmp_path):
     (tmp_path / "c" / "m.py").write_text('"""A module."""\ndef f(x):\n    """Double."""\n    return 3 * x\n')
     versions = [pipeline.code_version(tmp_path / name) for name in "abc"]
     assert versions[0] == versions[1] != versions[2]
+
+
+def test_a_refused_promotion_is_recorded_for_any_student_name():
+    """A student cut from the teacher's layers (`teacher-layers:0,1`) made the pipeline crash when its
+    INT8 promotion was refused: MLflow refuses a comma in a tag key."""
+    with mlflow.start_run():
+        mlflow.set_tag(pipeline.refusal_tag("teacher-layers:0,1"), "refused")
+        assert mlflow.get_run(mlflow.active_run().info.run_id).data.tags["promotion.cut-l0-1"] == "refused"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
-from sklearn.metrics import confusion_matrix, f1_score, recall_score
+from sklearn.dummy import DummyClassifier
+from sklearn.metrics import brier_score_loss, confusion_matrix, f1_score, recall_score
 
 N_BINS = 15
 
@@ -19,15 +20,15 @@ def probabilities(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
 
 
 def nll(logits: np.ndarray, labels: np.ndarray, temperature: float = 1.0) -> float:
-    """Mean negative log-likelihood of the true labels."""
+    """Mean negative log-likelihood of the true labels, from log-softmax (not sklearn's `log_loss`,
+    which clips probabilities at machine epsilon and so caps the loss of a confidently wrong text)."""
     logp = log_softmax(np.asarray(logits, dtype=np.float64) / temperature, axis=1)
     return float(-logp[np.arange(len(labels)), labels].mean())
 
 
 def brier(probs: np.ndarray, labels: np.ndarray) -> float:
     """Multi-class Brier score: mean over examples of sum_k (p_k - onehot_k)^2 (range 0..2)."""
-    onehot = np.eye(probs.shape[1])[labels]
-    return float(((probs - onehot) ** 2).sum(axis=1).mean())
+    return float(brier_score_loss(labels, probs, labels=list(range(probs.shape[1])), scale_by_half=False))
 
 
 def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = N_BINS):
@@ -88,8 +89,8 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, label_names: 
 def majority_baseline(train_labels: np.ndarray, labels: np.ndarray, label_names: list[str]) -> dict[str, float]:
     """Accuracy and macro-recall of always predicting the most frequent training label (the lowest
     class id on a tie), on `labels`: the floor a model must beat to have learnt anything."""
-    majority = int(np.bincount(train_labels, minlength=len(label_names)).argmax())
-    preds = np.full(len(labels), majority)
+    dummy = DummyClassifier(strategy="most_frequent").fit(np.zeros((len(train_labels), 1)), train_labels)
+    preds = dummy.predict(np.zeros((len(labels), 1)))
     return {"accuracy": float((preds == labels).mean()),
             "macro_recall": float(recall_score(labels, preds, labels=list(range(len(label_names))),
                                                average="macro", zero_division=0))}

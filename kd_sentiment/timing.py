@@ -15,6 +15,7 @@ import time
 from typing import Callable, Iterable
 
 import numpy as np
+from scipy.stats import quantile_test
 
 PERCENTILES = (50, 95, 99)
 
@@ -69,23 +70,15 @@ def interleaved(names: list, rounds: int, settings: list) -> list[tuple[int, obj
 
 def median_interval(values: Iterable[float], confidence: float = 0.95) -> tuple[float, float, float]:
     """(median, low, high): the median of `values` and a distribution-free `confidence` interval for
-    it from order statistics, (x_(k), x_(n+1-k)) with the largest k whose binomial coverage
-    1 - 2 P(Bin(n, 1/2) <= k - 1) is still at least `confidence`. Needs n >= 6 at 95% (the interval
-    from the smallest to the largest of 5 values covers only 93.75%); with fewer the interval is NaN."""
-    x = np.sort(np.asarray(list(values), dtype=float))
-    n = len(x)
-    if n == 0:
+    it from order statistics (scipy's `quantile_test`). Needs n >= 6 at 95%; with fewer the interval is NaN."""
+    x = np.asarray(list(values), dtype=float)
+    if len(x) == 0:
         return math.nan, math.nan, math.nan
     median = float(np.median(x))
-    best = None
-    for k in range(1, n // 2 + 1):
-        coverage = 1 - 2 * sum(math.comb(n, j) for j in range(k)) / 2 ** n
-        if coverage < confidence:
-            break
-        best = k
-    if best is None:
+    interval = quantile_test(x, q=median, p=0.5).confidence_interval(confidence)
+    if not (np.isfinite(interval.low) and np.isfinite(interval.high)):
         return median, math.nan, math.nan
-    return median, float(x[best - 1]), float(x[n - best])
+    return median, float(interval.low), float(interval.high)
 
 
 def per_round_ratios(reference_ms: dict[int, list[float]], model_ms: dict[int, list[float]]) -> list[float]:

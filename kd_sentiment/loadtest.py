@@ -12,10 +12,10 @@ that cannot hold the rate shows it as growing latency and timeouts.
 
 In both, every `malformed_every`-th request is malformed instead, rotating through invalid JSON,
 `{"inputs": [123]}` (not a string) and `{}` (no input): a healthy server rejects each with a 4xx.
-Latency is measured to the last byte of the answer; one connection per request (urllib), so it
-includes connecting, as a fresh client would see it. `warmup_requests` good requests go first, one
-at a time, before the clock starts (a fresh server's one-off costs); one not answered 200 with one
-prediction is an error.
+Latency is measured to the last byte of the answer. Each sending thread keeps one HTTP/1.1
+connection open (as client libraries do), so neither side pays a TCP handshake per request.
+`warmup_requests` good requests go first, one at a time, before the clock starts (a fresh server's
+one-off costs); one not answered 200 with one prediction is an error.
 
 Bounded on every side, and nothing is dropped from the counts: a fixed number of requests; a hard
 stop at `timeout_s` (closed loop: no request starts after it, one cut off by it is counted in
@@ -41,6 +41,7 @@ few of each, for diagnosis.
 """
 from __future__ import annotations
 
+import http.client
 import ipaddress
 import json
 import logging
@@ -52,11 +53,11 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import asdict
+from typing import Callable
+from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -64,6 +65,7 @@ from urllib.parse import urlsplit, urlunsplit
 import mlflow
 import numpy as np
 import pandas as pd
+import psutil
 
 from kd_sentiment import processes, timing
 from kd_sentiment.errors import UserError
@@ -102,15 +104,46 @@ def invocations_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
+_CONNECTIONS = threading.local()  # each sending thread's open connection per server
+
+
+def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+    """This thread's keep-alive connection to `url`'s server (made on first use), and the path to post to."""
+    parts = urlsplit(url)
+    pool = _CONNECTIONS.__dict__.setdefault("by_server", {})
+    key = (parts.scheme, parts.netloc)
+    if key not in pool:
+        kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+        pool[key] = kind(parts.hostname, parts.port, timeout=timeout)
+    connection = pool[key]
+    connection.timeout = timeout
+    if connection.sock is not None:
+        connection.sock.settimeout(timeout)
+    return connection, parts.path
+
+
+def _drop_connection(url: str) -> None:
+    parts = urlsplit(url)
+    connection = _CONNECTIONS.__dict__.get("by_server", {}).pop((parts.scheme, parts.netloc), None)
+    if connection is not None:
+        connection.close()
+
+
 def _post(url: str, body: bytes, timeout: float) -> tuple[int | None, str]:
-    """(HTTP status, body text), or (None, reason) when no answer came."""
-    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json"})
+    """(HTTP status, body text), or (None, reason) when no answer came. Each sending thread keeps one
+    HTTP/1.1 connection open to the server, as client libraries do, so a request costs neither side
+    a TCP handshake; a kept connection the server closed while idle is opened again, once."""
+    connection, path = _connection(url, timeout)
+    reused = connection.sock is not None
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read().decode("utf-8", "replace")
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode("utf-8", "replace")
-    except (OSError, ValueError) as err:  # refused, reset, timed out (URLError and socket errors are OSErrors)
+        connection.request("POST", path, body, {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read().decode("utf-8", "replace")
+    except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError) as err:
+        _drop_connection(url)
+        return _post(url, body, timeout) if reused else (None, f"{type(err).__name__}: {err}")
+    except (OSError, http.client.HTTPException) as err:  # refused, timed out, a broken answer
+        _drop_connection(url)
         return None, f"{type(err).__name__}: {err}"
 
 
@@ -137,11 +170,29 @@ def difference(row: dict, expected: dict, tolerance: float) -> str | None:
     return None
 
 
-def reference_answers(model_uri: str, texts: list[str]) -> list[dict]:
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) used so far by process `pid` and its live descendants."""
+    root = psutil.Process(pid)
+    total = 0.0
+    for process in [root, *root.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:  # ended between the listing and the reading
+            pass
+    return total
+
+
+def reference_answers(model_uri: str, texts: list[str], cost: dict | None = None) -> list[dict]:
     """The model's answer for each text, loaded in this process and asked one text at a time, as
-    each load-test request asks the server: what every HTTP answer is checked against."""
+    each load-test request asks the server: what every HTTP answer is checked against. `cost`, if
+    given, gets `model_cpu_ms_per_call`: this process's CPU per call (tokenize + runtime + answer)."""
     model = mlflow.pyfunc.load_model(model_uri)
-    return [model.predict([text]).iloc[0].to_dict() for text in texts]
+    start = cpu_seconds(os.getpid())
+    answers = [model.predict([text]).iloc[0].to_dict() for text in texts]
+    if cost is not None:
+        cost["model_cpu_ms_per_call"] = 1000 * (cpu_seconds(os.getpid()) - start) / len(texts)
+    return answers
 
 
 class Tally:
@@ -344,10 +395,16 @@ def run_open_loop(url: str, texts: list[str], rate: float, requests: int = 500, 
 
 # ----------------------------------------------------------------------------- the `loadtest` step
 
+@dataclass(frozen=True)
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    pid: int  # of `mlflow models serve`, whose process tree serves
+
+
 @contextmanager
 def served(model_uri: str, startup_s: float = 180, workers: int = 1):
     """`mlflow models serve -m model_uri --workers N` on a free loopback port for the duration of the
-    block; yields its base URL. The server and its workers are always stopped afterwards (killed if
+    block; yields its Server. The server and its workers are always stopped afterwards (killed if
     they do not stop), and its log removed. The workers size their threads from the flag (serving.py)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -371,15 +428,78 @@ def served(model_uri: str, startup_s: float = 180, workers: int = 1):
                         break
                 except OSError:
                     time.sleep(0.5)
-            yield f"http://127.0.0.1:{port}"
+            yield Server(f"http://127.0.0.1:{port}", server.pid)
         finally:
             processes.stop(server, group=True)
 
 
+def with_cpu(server: Server, load: Callable[[], dict], warmup_requests: int) -> dict:
+    """`load()`'s result, with the CPU each side spent per request sent (warm-up included): the
+    server's process tree, and this process (the client)."""
+    client, serving = cpu_seconds(os.getpid()), cpu_seconds(server.pid)
+    result = load()
+    sent = max(1, result["requests"] + warmup_requests)
+    result["client_cpu_ms_per_request"] = 1000 * (cpu_seconds(os.getpid()) - client) / sent
+    result["server_cpu_ms_per_request"] = 1000 * (cpu_seconds(server.pid) - serving) / sent
+    return result
+
+
+def one_load(args: LoadTestArgs, server: Server, texts: list[str], expected: list[dict]) -> dict:
+    """The open- or closed-loop test `args` asks for, with its CPU per request."""
+    if args.rate > 0:
+        return with_cpu(server, lambda: run_open_loop(
+            server.url, texts, args.rate, args.requests, args.malformed_every, args.timeout_s, args.warmup_requests,
+            args.request_timeout_s, args.seed, expected, args.tolerance), args.warmup_requests)
+    return with_cpu(server, lambda: run_load_test(
+        server.url, texts, args.clients, args.requests_per_client, args.malformed_every, args.timeout_s,
+        args.warmup_requests, expected, args.tolerance), args.warmup_requests)
+
+
+def knee_failure(result: dict, p99_bound_ms: float) -> str | None:
+    """Why a trial's rate is not held (None: it is)."""
+    late = result["started_late"] > 0.01 * result["scheduled"]
+    for count, why in ((result["wrong"], "wrong answers"), (result["errors"], "errors"),
+                       (result["timeouts"], "timeouts"), (result["unsent"], "requests left unsent"),
+                       (result["started_late"] if late else 0, "requests the client sent late")):
+        if count:
+            return f"{count} {why}"
+    if result["p99_ms"] is None:
+        return "too few answers for a p99"
+    return None if result["p99_ms"] <= p99_bound_ms else f"p99 {result['p99_ms']:.1f} ms > {p99_bound_ms:g} ms"
+
+
+def find_knee(args: LoadTestArgs, server: Server, texts: list[str], expected: list[dict]) -> dict:
+    """The highest open-loop rate held (see `knee_failure`), by doubling from `args.rate` (or 50) until
+    a rate fails, then halving the gap to the last one held `args.knee_steps` times; every trial listed."""
+    needed = math.ceil(timing.percentile_floor(99) / (1 - 1 / args.malformed_every if args.malformed_every else 1))
+    warm_up(invocations_url(server.url), texts, args.warmup_requests, args.request_timeout_s, Tally(expected))
+    trials = []
+
+    def held(rate: float) -> bool:
+        requests = max(needed, math.ceil(rate * args.knee_trial_s))
+        result = with_cpu(server, lambda: run_open_loop(
+            server.url, texts, rate, requests, args.malformed_every, args.knee_trial_s * 3 + args.request_timeout_s,
+            0, args.request_timeout_s, args.seed + len(trials), expected, args.tolerance), 0)
+        why = knee_failure(result, args.knee_p99_ms)
+        numbers = {k: v for k, v in result.items() if v is None or isinstance(v, (int, float))}
+        trials.append({"rate": rate, "held": why is None, "why": why or "", **numbers})
+        log.info("knee trial %.0f requests/s: %s (%s)", rate, "held" if why is None else "not held",
+                 why or summary_line(result))
+        return why is None
+
+    rate, low, high = args.rate or 50.0, 0.0, None
+    while high is None and rate <= args.knee_max_rate:
+        low, high, rate = (rate, None, 2 * rate) if held(rate) else (low, rate, rate)
+    for _ in range(args.knee_steps if high is not None and low > 0 else 0):
+        middle = round((low + high) / 2)
+        low, high = (middle, high) if held(middle) else (low, middle)
+    return {"knee_rate_per_s": low, "knee_first_failed_rate_per_s": high, "knee_trials": trials}
+
+
 def run(args: LoadTestArgs) -> dict:
-    """Serve `args.model`, load it with real test texts, check every answer against the model's
-    in-process answer for its text, log the result and write a CSV row. A test with a wrong answer,
-    or in which no request succeeded, is logged, then ends the step with a UserError (the run FAILED)."""
+    """Serve `args.model`, load it with real test texts (or find its knee), check every answer against
+    the model's in-process answer for its text, log the result and write a CSV row. A test with a wrong
+    answer, or in which no request succeeded, is logged, then ends the step with a UserError (FAILED)."""
     from kd_sentiment import tracking
     from kd_sentiment.data import load_splits
 
@@ -388,40 +508,61 @@ def run(args: LoadTestArgs) -> dict:
     version = tracking.resolve_version(args.model, needed_by="Quantize and promote a model first.")
     splits = load_splits(args.dataset, args.data_dir, max_eval_samples=1000)
     tracking.use_experiment(splits.name)
-    mode = "open" if args.rate > 0 else "closed"
-    sent = args.requests if mode == "open" else args.clients * args.requests_per_client
+    mode = "knee" if args.find_knee else "open" if args.rate > 0 else "closed"
+    sent = {"knee": 1000, "open": args.requests, "closed": args.clients * args.requests_per_client}[mode]
     texts = splits.test["text"].tolist()[:max(sent, args.warmup_requests)]  # the texts the requests carry
     with tracking.step_run("loadtest", f"loadtest-{mode}-{version.name}-v{version.version}"):
         tracking.log_params({**asdict(args), "model_version": version.version, "mode": mode})
         tracking.log_environment()
         tracking.log_texts(pd.DataFrame({"text": texts}), f"{splits.name}-test-{len(texts)}", splits.source, "test")
-        expected = reference_answers(args.model, texts)
-        with served(args.model, workers=args.workers) as url:
-            if mode == "open":
-                result = run_open_loop(url, texts, args.rate, args.requests, args.malformed_every, args.timeout_s,
-                                       args.warmup_requests, args.request_timeout_s, args.seed, expected,
-                                       args.tolerance)
-            else:
-                result = run_load_test(url, texts, args.clients, args.requests_per_client, args.malformed_every,
-                                       args.timeout_s, args.warmup_requests, expected, args.tolerance)
-        samples, wrong = result.pop("error_samples"), result.pop("wrong_samples")
-        mlflow.log_metrics({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
-        mlflow.log_dict({"error_samples": samples, "wrong_samples": wrong}, "loadtest_errors.json")
-        out = Path(args.output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        path = out / f"serving-{splits.name}-{stamp}.csv"
-        pd.DataFrame([{"model": version.name, "version": version.version, "workers": args.workers, **result}]
-                     ).to_csv(path, index=False)
-        mlflow.log_artifact(str(path), "loadtest")
-        if result["wrong"]:
-            raise UserError(f"{result['wrong']} of {result['good_sent']} answers were not their own text's "
-                            f"prediction (the in-process answer, within {args.tolerance:g}), {result['errors']} "
-                            f"errors: {wrong[0]}")
-        if result["ok"] == 0:
-            raise UserError(f"no request succeeded ({result['requests']} answered or failed, "
-                            f"{result.get('timeouts', 0)} timed out): {samples[0] if samples else 'no answer'}")
-    log.info(summary_line(result) + f"; wrote {path}")
+        cost = {}
+        expected = reference_answers(args.model, texts, cost)
+        with served(args.model, workers=args.workers) as server:
+            load = find_knee if mode == "knee" else one_load
+            result = {**cost, **load(args, server, texts, expected)}
+        return log_knee(args, result, version) if mode == "knee" else log_load(args, result, version, splits.name)
+
+
+def log_knee(args: LoadTestArgs, result: dict, version) -> dict:
+    """Log the knee and every trial (`knee_trials.json`, and per-trial metrics stepped by trial)."""
+    trials = result.pop("knee_trials")
+    for step, trial in enumerate(trials):
+        mlflow.log_metrics({f"knee_trial_{k}": float(v) for k, v in trial.items()
+                            if k in ("rate", "held", "p99_ms", "server_cpu_ms_per_request") and v is not None}, step=step)
+    mlflow.log_table(pd.DataFrame(trials), "knee_trials.json")
+    knee = next((t for t in trials if t["held"] and t["rate"] == result["knee_rate_per_s"]), None)
+    mlflow.log_metrics({"knee_rate_per_s": result["knee_rate_per_s"], "knee_trials": len(trials),
+                        "model_cpu_ms_per_call": result["model_cpu_ms_per_call"],
+                        **({"knee_p99_ms": knee["p99_ms"], "knee_server_cpu_ms_per_request":
+                            knee["server_cpu_ms_per_request"]} if knee else {})})
+    log.info("%s v%s: knee %s requests/s (p99 <= %g ms, no wrong answer, error or timeout); first rate not held: %s",
+             version.name, version.version, f"{result['knee_rate_per_s']:g}", args.knee_p99_ms,
+             result["knee_first_failed_rate_per_s"] or f"none up to {args.knee_max_rate:g}")
+    return {**result, "knee_trials": trials}
+
+
+def log_load(args: LoadTestArgs, result: dict, version, dataset: str) -> dict:
+    """Log one load test and write its CSV row; a wrong answer, or no success at all, is a UserError."""
+    samples, wrong = result.pop("error_samples"), result.pop("wrong_samples")
+    mlflow.log_metrics({k: float(v) for k, v in result.items() if isinstance(v, (int, float))})
+    mlflow.log_dict({"error_samples": samples, "wrong_samples": wrong}, "loadtest_errors.json")
+    out = Path(args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = out / f"serving-{dataset}-{stamp}.csv"
+    pd.DataFrame([{"model": version.name, "version": version.version, "workers": args.workers, **result}]
+                 ).to_csv(path, index=False)
+    mlflow.log_artifact(str(path), "loadtest")
+    if result["wrong"]:
+        raise UserError(f"{result['wrong']} of {result['good_sent']} answers were not their own text's "
+                        f"prediction (the in-process answer, within {args.tolerance:g}), {result['errors']} "
+                        f"errors: {wrong[0]}")
+    if result["ok"] == 0:
+        raise UserError(f"no request succeeded ({result['requests']} answered or failed, "
+                        f"{result.get('timeouts', 0)} timed out): {samples[0] if samples else 'no answer'}")
+    log.info(summary_line(result) + f"; server CPU {result['server_cpu_ms_per_request']:.2f} ms, client CPU "
+             f"{result['client_cpu_ms_per_request']:.2f} ms per request (the model's own call "
+             f"{result['model_cpu_ms_per_call']:.2f} ms); wrote {path}")
     return result
 
 

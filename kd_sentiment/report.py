@@ -46,6 +46,8 @@ INT8_MIN_AGREEMENT, INT8_MAX_DROP_POINTS = 0.99, 0.5  # on test, against the fp3
 SMALL_INT8_VS_TEACHER, SMALL_INT8_VS_PEER = 30.0, 1.3  # the 3-layer INT8 as served, at batch 1 and the largest
 IN_PROCESS_P50_MS = 5.0  # one tweet end to end (tokenize + model), in-process
 SERVED_P99_MS, SERVED_RATE, SERVED_WORKERS = 30.0, 100.0, 2  # through mlflow models serve, open loop
+KNEE_TARGETS = {"tweeteval": 300.0, "imdb": 100.0}  # requests/s held (p99 within SERVED_P99_MS), one text each
+SERVER_CPU_VS_MODEL = 1.5  # server CPU per one-text request over the model's own call (tokenize + runtime)
 SPARK_VS_IN_PROCESS = 0.7  # `score` through Spark on one machine, over in-process batched predict, same run
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
@@ -576,15 +578,50 @@ def registered_name_of(uri: str) -> str:
     return uri.removeprefix("models:/").split("@")[0].split("/")[0]
 
 
-def served_latency(load_tests: dict, name: str) -> tuple[float | None, int | None]:
-    """(p99 ms, requests) of the latest open-loop load test at the target's rate and workers of the
-    version of `name` the reported pipeline deployed, among `deployed_load_tests`."""
+def served_test(load_tests: dict, name: str, mode: str = "open") -> object | None:
+    """The latest load test of the deployed version of `name` among `deployed_load_tests`, with the
+    targets' workers: open loop at the targets' rate, or (`mode="knee"`) a knee search."""
     for (model, _, _, workers), run in load_tests.items():
-        p, m = run.data.params, run.data.metrics
-        if (registered_name_of(model) == name and p.get("mode") == "open"
-                and float(p.get("rate", 0)) == SERVED_RATE and workers == SERVED_WORKERS):
-            return m.get("p99_ms"), int(m.get("latency_samples", 0))
-    return None, None
+        p = run.data.params
+        if (registered_name_of(model) == name and p.get("mode") == mode and workers == SERVED_WORKERS
+                and (mode == "knee" or float(p.get("rate", 0)) == SERVED_RATE)):
+            return run
+    return None
+
+
+def served_latency(load_tests: dict, name: str) -> tuple[float | None, int | None]:
+    """(p99 ms, requests) of `served_test`'s open-loop test of `name`."""
+    run = served_test(load_tests, name)
+    return (run.data.metrics.get("p99_ms"), int(run.data.metrics.get("latency_samples", 0))) if run else (None, None)
+
+
+def knee_row(dataset: str, name: str, load_tests: dict) -> str:
+    """The capacity-knee target's row for serving `name` (a 3-layer student's INT8)."""
+    knee = served_test(load_tests, name, mode="knee")
+    rate = knee.data.metrics.get("knee_rate_per_s") if knee else None
+    need = KNEE_TARGETS[dataset]
+    return (f"| {dataset} | {name}: capacity knee (p99 <= {SERVED_P99_MS:g} ms, every answer right) >= {need:g} "
+            f"requests/s | " + (f"{rate:g} requests/s" if rate is not None else "not measured") +
+            f" | {verdict(None if rate is None else rate >= need)} |")
+
+
+def served_rows(dataset: str, name: str, load_tests: dict) -> list[str]:
+    """The targets' rows on serving `name` (a 3-layer student's INT8): p99 at the targets' rate and the
+    server's CPU per request against the model's own call."""
+    p99, requests = served_latency(load_tests, name)
+    rows = [f"| {dataset} | {name} through `mlflow models serve`, {SERVED_WORKERS} workers, open loop at "
+            f"{SERVED_RATE:g} requests/s: p99 <= {SERVED_P99_MS:g} ms | "
+            + (f"{p99:.1f} ms over {requests} requests" if p99 is not None else "no such load test") + " | "
+            f"{verdict(None if p99 is None else p99 <= SERVED_P99_MS)} |"]
+    test = served_test(load_tests, name)
+    m = test.data.metrics if test else {}
+    ratio = (m["server_cpu_ms_per_request"] / m["model_cpu_ms_per_call"]
+             if "server_cpu_ms_per_request" in m and m.get("model_cpu_ms_per_call") else None)
+    rows.append(f"| {dataset} | {name}: server CPU per request at {SERVED_RATE:g} requests/s <= "
+                f"{SERVER_CPU_VS_MODEL:g}x the model's own call | "
+                + (f"{ratio:.2f}x ({m['server_cpu_ms_per_request']:.2f} / {m['model_cpu_ms_per_call']:.2f} ms)"
+                   if ratio is not None else "not measured") + f" | {verdict(None if ratio is None else ratio <= SERVER_CPU_VS_MODEL)} |")
+    return rows
 
 
 def drift_notes(numbers: dict) -> list[str]:
@@ -619,11 +656,11 @@ def targets_section(numbers: dict, load_tests: dict, spark: dict) -> str:
         p50 = e["int8_real_p50_ms"]
         lines.append(f"| tweeteval | {student} INT8: a tweet end to end in-process (tokenize + model, batch 1) p50 <= "
                      f"{IN_PROCESS_P50_MS:g} ms | {ms(p50, 2)} ms | {verdict(None if p50 is None else p50 <= IN_PROCESS_P50_MS)} |")
-        p99, requests = served_latency(load_tests, e["int8_name"])
-        lines.append(f"| tweeteval | {student} INT8 through `mlflow models serve`, {SERVED_WORKERS} workers, open loop "
-                     f"at {SERVED_RATE:g} requests/s: p99 <= {SERVED_P99_MS:g} ms | "
-                     + (f"{p99:.1f} ms over {requests} requests" if p99 is not None else "no such load test") + " | "
-                     f"{verdict(None if p99 is None else p99 <= SERVED_P99_MS)} |")
+        lines += served_rows("tweeteval", e["int8_name"], load_tests)
+    for dataset in KNEE_TARGETS:
+        for e in numbers.get(dataset, {}).get("students", {}).values():
+            if e.get("int8") and e["layers"] is not None and e["layers"] <= 3:
+                lines.append(knee_row(dataset, e["int8_name"], load_tests))
     for (model, _, source), run in sorted(spark.items()):
         ratio = run.data.metrics["spark_to_in_process"]
         lines.append(f"| {run.data.params.get('dataset', '')} | {model} through Spark ({run.data.params['spark_master_url']}, "
@@ -777,6 +814,8 @@ def calibration_section(out_dir: Path) -> str:
 
 def load_of(params: dict) -> str:
     """How a load test loaded the server: `open loop, 100 req/s x 1500` or `closed loop, 4 clients x 50`."""
+    if params.get("mode") == "knee":
+        return f"knee search, p99 <= {float(params['knee_p99_ms']):g} ms"
     if params.get("mode") == "open":
         return f"open loop, {float(params['rate']):g} req/s x {params['requests']}"
     return f"closed loop, {params['clients']} clients x {params['requests_per_client']}"
@@ -801,20 +840,29 @@ def deployed_load_tests(numbers: dict) -> dict:
     return latest
 
 
+def cpu_cell(m: dict, key: str) -> str:
+    return f"{m[key]:.2f}" if key in m else "n/a"  # load tests before the CPU was read
+
+
 def serving_section(latest: dict) -> str:
-    """The serving table: one row for each of `deployed_load_tests`."""
+    """The serving tables: one row for each of `deployed_load_tests`; knee searches in their own table."""
+    loads = {key: run for key, run in latest.items() if run.data.params.get("mode") != "knee"}
+    knees = {key: run for key, run in latest.items() if run.data.params.get("mode") == "knee"}
     if not latest:
         return ""
     lines = ["## Serving through `mlflow models serve`", "",
              "One test text of the model's dataset per request, some requests malformed on purpose (they must get "
-             "a 4xx); latency per request from the client, loopback only, on the machine above, the client on the "
-             "same cores. Open loop: requests sent at Poisson times whatever the server's state, latency counted from "
-             "each request's scheduled time, a timed-out request kept in the percentiles at the timeout (a lower "
-             "bound). Closed loop: each client sends its next request when the last is answered. Every answer is "
-             "compared with the model's in-process answer for its text: `wrong` counts those that differ.", "",
+             "a 4xx); latency per request from the client (keep-alive connections, one per sending thread), "
+             "loopback only, on the machine above, the client on the same cores. Open loop: requests sent at Poisson "
+             "times whatever the server's state, latency counted from each request's scheduled time, a timed-out "
+             "request kept in the percentiles at the timeout (a lower bound). Closed loop: each client sends its next "
+             "request when the last is answered. Every answer is compared with the model's in-process answer for its "
+             "text: `wrong` counts those that differ. CPU per request sent: the server's process tree, the client's "
+             "process, and the model's own call in-process (tokenize + runtime, one text).", "",
              "| model | version | server workers | load | ok | wrong | errors | timed out / unsent | malformed rejected | "
-             "p50 ms | p95 ms | p99 ms (samples) | ok/s |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (model, version, load, workers), run in sorted(latest.items()):
+             "p50 ms | p95 ms | p99 ms (samples) | ok/s | CPU ms/request: server / client / model's own call |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, version, load, workers), run in sorted(loads.items()):
         m = run.data.metrics
         lost = f"{m.get('timeouts', 0):.0f} / {m.get('unsent', 0):.0f}" if "open" in load else f"cut off {m.get('cut_off', 0):.0f}"
         # `wrong`: answered, but not with the in-process answer for its text; older tests did not check
@@ -822,7 +870,21 @@ def serving_section(latest: dict) -> str:
         lines.append(f"| {model} | {version} | {workers} | {load} | {m['ok']:.0f} | {wrong} | {m['errors']:.0f} | {lost} | "
                      f"{m['malformed_rejected_4xx']:.0f}/{m['malformed_sent']:.0f} | {ms(m.get('p50_ms', math.nan))} | "
                      f"{ms(m.get('p95_ms', math.nan))} | {ms(m.get('p99_ms', math.nan))} "
-                     f"({m.get('latency_samples', 0):.0f}) | {m['throughput_per_s']:.1f} |")
+                     f"({m.get('latency_samples', 0):.0f}) | {m['throughput_per_s']:.1f} | "
+                     f"{cpu_cell(m, 'server_cpu_ms_per_request')} / {cpu_cell(m, 'client_cpu_ms_per_request')} / "
+                     f"{cpu_cell(m, 'model_cpu_ms_per_call')} |")
+    if knees:
+        lines += ["", "Capacity knee (`loadtest --find_knee`): the highest open-loop rate whose p99 stayed within the "
+                  "bound with no wrong answer, error, timeout or request the client sent late, doubling the rate "
+                  "until one failed, then halving the gap; each trial's rate, p99 and CPU are in the run's "
+                  "`knee_trials.json`.", "",
+                  "| model | version | server workers | search | knee requests/s | p99 ms at the knee | "
+                  "server CPU ms/request at the knee | trials |", "|---|---|---|---|---|---|---|---|"]
+        for (model, version, load, workers), run in sorted(knees.items()):
+            m = run.data.metrics
+            lines.append(f"| {model} | {version} | {workers} | {load} | {m['knee_rate_per_s']:g} | "
+                         f"{ms(m.get('knee_p99_ms', math.nan))} | {cpu_cell(m, 'knee_server_cpu_ms_per_request')} | "
+                         f"{m['knee_trials']:.0f} |")
     return "\n".join(lines + [""])
 
 

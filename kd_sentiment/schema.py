@@ -492,6 +492,13 @@ class LoadTestArgs:
                                    "for the same text (asked one text at a time, like each request) before the "
                                    "answer counts as wrong")
     timeout_s: float = param(120.0, "hard stop for the whole test")
+    find_knee: bool = param(False, "instead of one load: the highest open-loop rate whose p99 stays within "
+                                   "knee_p99_ms with no wrong answer, error or timeout (doubling from --rate, or 50, "
+                                   "then halving the gap knee_steps times), each trial knee_trial_s seconds")
+    knee_p99_ms: float = param(30.0, "find_knee: the p99 latency bound a rate must hold")
+    knee_trial_s: float = param(10.0, "find_knee: seconds of arrivals per trial rate")
+    knee_max_rate: float = param(1600.0, "find_knee: the highest rate tried (requests per second)")
+    knee_steps: int = param(3, "find_knee: halvings of the gap between the last rate held and the first not held")
     seed: int = param(42, "open loop: seed of the arrival times")
     output_dir: str = param("results/benchmarks", "where the serving CSV goes")
 
@@ -502,6 +509,9 @@ class LoadTestArgs:
             raise UserError(f"workers={self.workers}: at least 1.")
         if not 0 <= self.tolerance < 1:
             raise UserError(f"tolerance={self.tolerance}: a probability difference in [0, 1).")
+        if self.find_knee and not (self.knee_p99_ms > 0 and self.knee_trial_s > 0 and self.knee_max_rate > 0):
+            raise UserError(f"knee_p99_ms={self.knee_p99_ms}, knee_trial_s={self.knee_trial_s}, "
+                            f"knee_max_rate={self.knee_max_rate}: all must be positive.")
 
 
 BAD_ROWS = ("reject", "flag")  # score: refuse an input with a bad row, or write it with an `error` column

@@ -1,5 +1,6 @@
 """The bounded load test (kd_sentiment/loadtest.py) against a real `mlflow models serve`, and its bounds."""
 import json
+import os
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,8 +32,8 @@ def test_served_model_under_concurrent_load_answers_every_request_with_its_own_t
     texts = pd.read_csv(DATA_DIR / "tweeteval_sentiment" / "test.csv", keep_default_na=False)["text"].iloc[:100].tolist()
     expected = loadtest.reference_answers(uri, texts)
 
-    with served(uri, workers=workers) as url:  # the same server `kd-sentiment loadtest` starts
-        result = run_load_test(url, texts, clients=4, requests_per_client=25, malformed_every=5, timeout_s=120,
+    with served(uri, workers=workers) as server:  # the same server `kd-sentiment loadtest` starts
+        result = run_load_test(server.url, texts, clients=4, requests_per_client=25, malformed_every=5, timeout_s=120,
                                expected=expected, tolerance=1e-4)
 
     assert result["wrong"] == 0 and result["errors"] == 0, result["error_samples"]
@@ -194,11 +195,11 @@ def test_a_test_where_nothing_succeeded_fails_the_step(fake_server, monkeypatch)
 
     @contextmanager
     def fake_served(model_uri, workers=1):
-        yield f"http://127.0.0.1:{port}"
+        yield loadtest.Server(f"http://127.0.0.1:{port}", os.getpid())
 
     monkeypatch.setattr(tracking, "resolve_version", lambda uri, needed_by="": SimpleNamespace(name="m", version="1"))
     monkeypatch.setattr(loadtest, "served", fake_served)
-    monkeypatch.setattr(loadtest, "reference_answers", lambda uri, texts: [{"label": "x"}] * len(texts))
+    monkeypatch.setattr(loadtest, "reference_answers", lambda uri, texts, cost: [{"label": "x"}] * len(texts))
     monkeypatch.setattr(loadtest, "_prediction", lambda text: None)  # every answer is a wrong payload
     with pytest.raises(UserError, match="no request succeeded"):
         loadtest.run(schema.LoadTestArgs(model="models:/m/1", rate=50, requests=20, malformed_every=0, timeout_s=30,
@@ -219,16 +220,93 @@ def test_answers_that_are_another_texts_are_counted_and_fail_the_step(fake_serve
 
     @contextmanager
     def fake_served(model_uri, workers=1):
-        yield f"http://127.0.0.1:{port}"
+        yield loadtest.Server(f"http://127.0.0.1:{port}", os.getpid())
 
     monkeypatch.setattr(tracking, "resolve_version", lambda uri, needed_by="": SimpleNamespace(name="m", version="1"))
     monkeypatch.setattr(loadtest, "served", fake_served)
     # in-process, every third text has another label than the server gives it
     monkeypatch.setattr(loadtest, "reference_answers",
-                        lambda uri, texts: [{"label": "y" if k % 3 == 0 else "x"} for k in range(len(texts))])
+                        lambda uri, texts, cost: [{"label": "y" if k % 3 == 0 else "x"} for k in range(len(texts))])
     with pytest.raises(UserError, match="7 of 20 answers were not their own text's prediction"):
         loadtest.run(schema.LoadTestArgs(model="models:/m/1", rate=50, requests=20, malformed_every=0, timeout_s=30,
                                          warmup_requests=0))
     run = mlflow.search_runs(experiment_names=["kd-sentiment/tweeteval"], output_format="list")[0]
     assert run.info.status == "FAILED"
     assert run.data.metrics["wrong"] == 7 and run.data.metrics["ok"] == 13 and run.data.metrics["errors"] == 0
+
+
+def test_each_sending_thread_keeps_one_connection_open(fake_server):
+    """Keep-alive: 2 clients x 15 requests reach an HTTP/1.1 server over 2 connections, not 30."""
+    port = fake_server(0.0)
+    peers = []
+    server_handler = _SlowHandler
+
+    class KeepAliveHandler(server_handler):
+        protocol_version = "HTTP/1.1"
+        bodies = []
+
+        def do_POST(self):
+            peers.append(self.client_address)
+            super().do_POST()
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), KeepAliveHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        result = run_load_test(f"http://127.0.0.1:{server.server_address[1]}", ["x"], clients=2,
+                               requests_per_client=15, malformed_every=0, timeout_s=20)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result["ok"] == 30 and len(peers) == 30
+    assert len(set(peers)) == 2
+
+
+def open_loop_result(rate: float, requests: int, p99: float, **counts) -> dict:
+    return {"mode": "open", "rate": rate, "scheduled": requests, "requests": requests, "wrong": 0, "errors": 0,
+            "timeouts": 0, "unsent": 0, "started_late": 0, "p99_ms": p99, "ok": requests, "good_sent": requests,
+            "malformed_sent": 0, "malformed_rejected_4xx": 0, "p50_ms": None, "p95_ms": None,
+            "latency_samples": requests, "throughput_per_s": rate, "cut_off": 0, **counts}
+
+
+@pytest.mark.parametrize("counts, p99, why", [
+    ({}, 29.0, None),
+    ({}, 31.0, "p99 31.0 ms > 30 ms"),
+    ({"wrong": 1}, 5.0, "1 wrong answers"),
+    ({"errors": 2}, 5.0, "2 errors"),
+    ({"timeouts": 1}, 5.0, "1 timeouts"),
+    ({"started_late": 2}, 5.0, None),  # 2 of 1000 sent late: the client kept up
+    ({"started_late": 20}, 5.0, "20 requests the client sent late"),
+    ({}, None, "too few answers for a p99")])
+def test_a_rate_is_held_only_with_p99_within_the_bound_and_every_answer_right(counts, p99, why):
+    assert loadtest.knee_failure(open_loop_result(100, 1000, p99, **counts), 30.0) == why
+
+
+def test_the_knee_search_doubles_then_halves_the_gap_and_logs_every_trial(monkeypatch):
+    """A server that holds 230 requests/s: 50, 100, 200 held, 400 not, then 300, 250 not, 225 held."""
+    from types import SimpleNamespace
+
+    from kd_sentiment import schema
+
+    tried = []
+
+    def fake_open_loop(url, texts, rate, requests, *args, **kwargs):
+        tried.append((rate, requests))
+        return open_loop_result(rate, requests, 12.0 if rate <= 230 else 80.0)
+
+    monkeypatch.setattr(loadtest, "run_open_loop", fake_open_loop)
+    monkeypatch.setattr(loadtest, "warm_up", lambda *args: None)
+    args = schema.LoadTestArgs(model="models:/m/1", find_knee=True, knee_trial_s=10, knee_steps=3)
+    result = loadtest.find_knee(args, loadtest.Server("http://127.0.0.1:1", os.getpid()), ["x"], None)
+    assert [rate for rate, _ in tried] == [50, 100, 200, 400, 300, 250, 225]
+    assert [requests for _, requests in tried][:2] == [500, 1000]  # knee_trial_s of arrivals at each rate
+    assert result["knee_rate_per_s"] == 225 and result["knee_first_failed_rate_per_s"] == 250
+    assert [t["held"] for t in result["knee_trials"]] == [True, True, True, False, False, False, True]
+    assert all("server_cpu_ms_per_request" in t for t in result["knee_trials"])
+
+    with mlflow.start_run():
+        loadtest.log_knee(args, {**result, "model_cpu_ms_per_call": 2.0}, SimpleNamespace(name="m", version="1"))
+        run = mlflow.get_run(mlflow.active_run().info.run_id)
+    assert run.data.metrics["knee_rate_per_s"] == 225 and run.data.metrics["knee_p99_ms"] == 12.0
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "knee_trial_rate")
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [50, 100, 200, 400, 300, 250, 225]

@@ -45,6 +45,36 @@ def test_serving_shows_the_deployed_version_only():
     assert report.served_latency(load_tests("3"), "kd-sentiment-tinybert-tweeteval-int8") == (None, None)
 
 
+def knee_search(version: str, knee: float) -> None:
+    """A finished `loadtest --find_knee` of tinybert's INT8 version `version` with 2 workers."""
+    mlflow.set_experiment("kd-sentiment/tweeteval")
+    with mlflow.start_run(tags={tracking.STEP_TAG: "loadtest"}):
+        mlflow.log_params({"model": "models:/kd-sentiment-tinybert-tweeteval-int8@champion", "model_version": version,
+                           "mode": "knee", "knee_p99_ms": 30.0, "workers": 2, "rate": 0.0})
+        mlflow.log_metrics({"knee_rate_per_s": knee, "knee_p99_ms": 21.5, "knee_server_cpu_ms_per_request": 3.1,
+                            "knee_trials": 7, "model_cpu_ms_per_call": 2.0})
+
+
+def test_knee_searches_and_cpu_per_request_reach_the_serving_tables_and_the_targets():
+    load_test("2", p99=25.0)
+    with mlflow.start_run(run_id=mlflow.search_runs(output_format="list")[0].info.run_id):
+        mlflow.log_metrics({"server_cpu_ms_per_request": 3.3, "client_cpu_ms_per_request": 0.8,
+                            "model_cpu_ms_per_call": 2.0})
+    knee_search("2", knee=250)
+    tests = report.deployed_load_tests(numbers("2", []))
+    text = report.serving_section(tests)
+    assert "| 89.0 | 3.30 / 0.80 / 2.00 |" in text  # the open-loop row, with its CPU per request
+    knee = [line for line in text.splitlines() if "knee search" in line]
+    assert knee == ["| models:/kd-sentiment-tinybert-tweeteval-int8@champion | 2 | 2 | knee search, p99 <= 30 ms | "
+                    "250 | 21.5 | 3.10 | 7 |"]
+    rows = report.served_rows("tweeteval", "kd-sentiment-tinybert-tweeteval-int8", tests)
+    assert rows[0].endswith("| 25.0 ms over 1350 requests | **met** |")
+    assert rows[1].endswith("| 1.65x (3.30 / 2.00 ms) | **not met** |")
+    assert report.knee_row("tweeteval", "kd-sentiment-tinybert-tweeteval-int8", tests).endswith(
+        "| 250 requests/s | **not met** |")
+    assert report.knee_row("imdb", "kd-sentiment-tinybert-imdb-int8", tests).endswith("| not measured | not measured |")
+
+
 def spark_score(version: str, ratio: float) -> None:
     """A finished `score --compare_in_process` run of tinybert's INT8 version `version`."""
     mlflow.set_experiment("kd-sentiment/tweeteval")

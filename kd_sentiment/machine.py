@@ -53,9 +53,7 @@ def bf16_capable(features: dict) -> bool:
 def native_mixed_precision(on_gpu: bool) -> str:
     """What `mixed_precision: auto` trains in: bf16 where the device computes it natively (a CUDA GPU
     that supports it, a CPU with AVX512_BF16 or AMX), fp16 on an older GPU, else "no" (fp32).
-    Emulated bf16 costs more than it saves: on an AVX-512 Xeon without AVX512_BF16 an MPNet training
-    step (batch 16 x 40 tokens) took 7.5 s in bf16 autocast against 2.5 s in fp32, where an EPYC with
-    AVX512_BF16 ran it 1.75x faster than fp32."""
+    Emulated bf16 costs more than it saves (measured in the README, "GPUs: where each step runs")."""
     if on_gpu:
         import torch
 

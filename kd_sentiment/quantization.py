@@ -103,16 +103,13 @@ def quantize_onnx(onnx_dir: Path, out_dir: Path, mode: str = "dynamic", per_chan
     static:  activation ranges calibrated (`calibration_method` minmax or percentile) on
              `calibration_texts` tokenized to at most `max_length` tokens; needs the unfused export.
     float_ffn_output (dynamic): keep the feed-forward output projections in float, as static mode
-    always does (`_ffn_output_matmuls`): slower and larger, closer to fp32. On the 6-layer cut of
-    MPNet (quantize step, 1000 tweets) agreement with fp32 went from 0.945 to 0.968 and the largest
-    logit difference from 0.74 to 0.36; the file from 64 to 105 MB.
+    always does (`_ffn_output_matmuls`): slower and larger, closer to fp32 (README, "Step 3").
     reduce_range None (default) chooses per CPU: 7-bit weights on x86 without VNNI (AVX2, AVX-512),
     8-bit with VNNI and on ARM64. Without VNNI, onnxruntime's u8 x s8 kernels multiply with
     VPMADDUBSW, which sums pairs of products into a saturating int16: full 8-bit weights can
     overflow it and silently cost accuracy, 7-bit weights cannot. (optimum's avx2 preset uses u8
     weights, which take a non-saturating path in current kernels; 7 bits keep accuracy whatever
-    path runs, at little cost: MiniLM on 600 tweets kept its accuracy, agreement with fp32 went
-    from 0.93 to 0.91.) VNNI and ARM64 accumulate in int32 and keep the full 8 bits.
+    path runs, at little cost: README, "Step 3".) VNNI and ARM64 accumulate in int32 and keep the full 8 bits.
     float_nodes (dynamic): these nodes (by name) stay float too; only_nodes (dynamic): quantize these
     alone (how search.py measures one node's sensitivity).
 

@@ -18,9 +18,7 @@ SERVING_CODE = Path(__file__).with_name("serving.py")
 SESSION_CODE = Path(__file__).with_name("onnx_session.py")  # shipped beside it: serving.py imports it
 # What serving.py imports, pinned to this environment's versions: no torch or transformers needed;
 # and the C HTTP parser and event loop `mlflow models serve`'s uvicorn picks up when installed
-# (without them it parses HTTP in pure Python): one tweet a request, one client waiting for each answer,
-# they served 1.06-1.12x the requests per second (3 interleaved rounds, tinybert, 2-core Xeon kept busy
-# by a training run); at 100 requests/s open loop on that CPU the p99 showed no reliable change.
+# (without them it parses HTTP in pure Python; measured in the README, "Step 3").
 SERVING_PIP_REQUIREMENTS = [f"{lib}=={version(lib)}"
                             for lib in ("mlflow", "numpy", "pandas", "onnxruntime", "tokenizers", "httptools")]
 if sys.platform != "win32":  # uvloop does not support Windows; the marker lets a Windows server skip it

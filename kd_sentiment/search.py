@@ -13,7 +13,7 @@ that opens it:
   ort-static                  static QDQ INT8, activation ranges calibrated on train texts
   ort-f32                     ONNX Runtime on the fused fp32 graph, no quantization: where no INT8 recipe
                               keeps the budget, auto falls back to the fastest float model, never to one
-                              slower than this (OpenVINO fp32 ran 0.9x of it on an AVX-512 Xeon)
+                              slower than this
   openvino-f32                OpenVINO reading the unfused fp32 ONNX graph
   openvino-bf16               the same computing in bf16 (only on CPUs with AVX512_BF16 or AMX)
   openvino-int8               OpenVINO running the static QDQ graph (INT8 without NNCF)
@@ -26,8 +26,7 @@ serving case) and batches of 1 and 32 at a fixed length. The chosen one is the f
 mean of the three ratios) whose accuracy and macro-recall drop at most
 `max_accuracy_drop` points and whose agreement is at least `min_agreement` by its one-sided 95%
 lower confidence bound (stats.share_lower_bound), not by the share alone: on a few hundred texts a
-share of 99% is a few disagreements, and a candidate chosen on 300 validation reviews at 99.0% agreed
-with fp32 on 97.8% of 400 test reviews. Every candidate is logged: a table and an accuracy-vs-speed
+share of 99% is a few disagreements (README, "Step 3"). Every candidate is logged: a table and an accuracy-vs-speed
 figure. Test texts are never looked at here.
 """
 from __future__ import annotations
@@ -51,8 +50,7 @@ log = logging.getLogger(__name__)
 TIMING_ROUNDS = 3        # interleaved rounds of the in-process timing (a ranking, not the benchmark's claim)
 # The timed settings: name -> (batch size, padded to fixed_length or each text at its own length,
 # batches timed per round after WARMUP_BATCHES). "real_b1" is the serving case, one text as it comes: there a
-# runtime's per-call overhead can outweigh its faster kernels (OpenVINO bf16 on tweets, about 30
-# tokens, ran at ONNX Runtime fp32's speed while 1.7x faster at 128 tokens).
+# runtime's per-call overhead can outweigh its faster kernels (README, "Step 3").
 TIMED = {"real_b1": (1, False, 24), "fixed_b1": (1, True, 12), "fixed_b32": (32, True, 3)}
 WARMUP_BATCHES = 2
 MAX_FLOAT_SHARE = 0.25   # the sensitivity search keeps at most this share of the quantizable nodes float

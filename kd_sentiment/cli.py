@@ -1,6 +1,6 @@
 """`kd-sentiment`: one sub-command per pipeline step; MLproject entry points call the same commands.
 
-Each command's flags come from its step's arguments dataclass in kd_sentiment/schema.py (one
+Each command's flags come from its step's arguments dataclass in kd_sentiment/core/parameters.py (one
 declaration per parameter: type, default, help, choices), through transformers' HfArgumentParser
 (`kd-sentiment STEP --help` documents them). Values are checked before any data or model is
 loaded. A mistake the user can fix (bad data, unknown model, bad parameter) prints one line and
@@ -16,21 +16,21 @@ import os
 import sys
 from dataclasses import MISSING
 
-from kd_sentiment import schema
-from kd_sentiment.errors import UserError
+from kd_sentiment.core import parameters
+from kd_sentiment.core.errors import UserError
 
 # command -> (step module whose run() takes the arguments, arguments dataclass, one-line help)
 COMMANDS = {
-    "teacher": ("teacher", schema.TeacherArgs, "fine-tune and register the teacher"),
-    "distill": ("distill", schema.DistillArgs, "distil students from the registered teacher"),
-    "quantize": ("quantize", schema.QuantizeArgs, "export a registered model to ONNX and INT8, check, register"),
-    "promote": ("promote", schema.PromoteArgs, "move an alias to a version that passes its accuracy gate"),
-    "benchmark": ("benchmark", schema.BenchmarkArgs, "latency, throughput, memory, accuracy and ECE of every model"),
-    "pipeline": ("pipeline", schema.PipelineArgs, "teacher -> distill -> quantize -> promote -> benchmark, from a config"),
-    "study": ("study", schema.StudyArgs, "the calibration study: one student from teachers of different calibration"),
-    "loadtest": ("loadtest", schema.LoadTestArgs, "serve a model and load it with concurrent clients (loopback only)"),
-    "score": ("score", schema.ScoreArgs, "label a file or folder of texts with a registered model through Spark"),
-    "report": ("report", schema.ReportArgs, "write results/RESULTS.md from the MLflow runs"),
+    "teacher": ("training.teacher", parameters.TeacherArgs, "fine-tune and register the teacher"),
+    "distill": ("training.distill", parameters.DistillArgs, "distil students from the registered teacher"),
+    "quantize": ("deploy.quantize", parameters.QuantizeArgs, "export a registered model to ONNX and INT8, check, register"),
+    "promote": ("deploy.promote", parameters.PromoteArgs, "move an alias to a version that passes its accuracy gate"),
+    "benchmark": ("measure.benchmark", parameters.BenchmarkArgs, "latency, throughput, memory, accuracy and ECE of every model"),
+    "pipeline": ("pipeline", parameters.PipelineArgs, "teacher -> distill -> quantize -> promote -> benchmark, from a config"),
+    "study": ("study", parameters.StudyArgs, "the calibration study: one student from teachers of different calibration"),
+    "loadtest": ("measure.loadtest", parameters.LoadTestArgs, "serve a model and load it with concurrent clients (loopback only)"),
+    "score": ("deploy.score", parameters.ScoreArgs, "label a file or folder of texts with a registered model through Spark"),
+    "report": ("report.results", parameters.ReportArgs, "write results/RESULTS.md from the MLflow runs"),
 }
 
 
@@ -49,7 +49,7 @@ def step_parser_class():
 
     def is_boolean(text: str) -> bool:
         try:
-            schema.boolean(text)
+            parameters.boolean(text)
             return True
         except argparse.ArgumentTypeError:
             return False
@@ -65,7 +65,7 @@ def step_parser_class():
             return super().parse_known_args(args, namespace)
 
         def _add_dataclass_arguments(self, dtype):
-            for f in schema.flat_fields(dtype).values():
+            for f in parameters.flat_fields(dtype).values():
                 self._parse_dataclass_field(self, f)
 
         def _parse_dataclass_field(self, parser, f):
@@ -75,12 +75,12 @@ def step_parser_class():
             flag.type = bool if isinstance(f.default, bool) else str
             if f.metadata.get("positional"):
                 required = f.default is MISSING
-                parser.add_argument(f.name, nargs=None if required else "?", type=schema.reader(f),
+                parser.add_argument(f.name, nargs=None if required else "?", type=parameters.reader(f),
                                     **({} if required else {"default": f.default}), **flag.metadata)
                 return
             super()._parse_dataclass_field(parser, flag)
             action = parser._option_string_actions[f"--{f.name}"]
-            action.type = schema.reader(f)
+            action.type = parameters.reader(f)
             if isinstance(f.default, bool):  # `--flag`, `--flag true|false` (MLproject's form), `--flag=false`
                 action.metavar = BOOLEAN_METAVAR
 
@@ -104,8 +104,8 @@ def step_arguments(ns: argparse.Namespace):
     """The command's arguments dataclass from the parsed flags, validated before the step's module
     (and with it MLflow, ONNX Runtime...) is imported."""
     args_class = COMMANDS[ns.command][1]
-    values = {name: getattr(ns, name) for name in schema.flat_fields(args_class)}
-    args = schema.build(args_class, values)
+    values = {name: getattr(ns, name) for name in parameters.flat_fields(args_class)}
+    args = parameters.build(args_class, values)
     if hasattr(args, "validate"):
         args.validate()
     return args

@@ -28,7 +28,6 @@ reads its dataset's (and refuses a config without one); the run logs the values 
 """
 from __future__ import annotations
 
-import argparse
 import ast
 import hashlib
 import json
@@ -42,22 +41,26 @@ from pathlib import Path
 import mlflow
 from accelerate import PartialState
 
-from kd_sentiment import benchmark, descriptions, distill, promote, quantize, schema, teacher, tracking
-from kd_sentiment.data import data_fingerprint
-from kd_sentiment.errors import UserError
-from kd_sentiment.models import load_catalog, read_yaml
-from kd_sentiment.schema import PipelineArgs
+from kd_sentiment.measure import benchmark
+from kd_sentiment.core import parameters, tracking
+from kd_sentiment.report import results
+from kd_sentiment.training import distill, teacher
+from kd_sentiment.deploy import promote, quantize
+from kd_sentiment.core.data import data_fingerprint
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.core.configs import load_config
+from kd_sentiment.core.models import load_catalog
+from kd_sentiment.core.parameters import PipelineArgs
 
 log = logging.getLogger(__name__)
 
-SECTIONS = ("catalog", "data", "teacher", "distill", "quantize", "promote", "benchmark")
 
 
 def code_version(folder: Path = Path(__file__).parent) -> str:
     """Hash of the package's code, not of its comments and docstrings: a changed step implementation
     invalidates reuse, a reworded comment does not retrain a teacher."""
     h = hashlib.sha256()
-    for path in sorted(folder.glob("*.py")):
+    for path in sorted(folder.rglob("*.py")):
         tree = ast.parse(path.read_text())
         for node in ast.walk(tree):
             body = getattr(node, "body", None)
@@ -65,7 +68,7 @@ def code_version(folder: Path = Path(__file__).parent) -> str:
                     and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
                     and isinstance(body[0].value.value, str)):
                 node.body = body[1:] or [ast.Pass()]
-        h.update(path.name.encode() + ast.dump(tree).encode())
+        h.update(path.relative_to(folder).as_posix().encode() + ast.dump(tree).encode())
     return h.hexdigest()[:12]
 
 
@@ -80,98 +83,6 @@ def step_context(dataset: str, data_dir: str | None, catalog: str | None) -> dic
     return {"code": code_version(), "data": digest(data_fingerprint(dataset, data_dir)),
             "catalog": digest(load_catalog(catalog)),
             "libraries": digest({lib: version(lib) for lib in tracking.LIBRARIES})}
-
-
-# What the pipeline sets itself in a training step's arguments; a config section may not.
-SET_FOR_TRAINING = {"dataset", "data_dir", "catalog", *schema.DATA_KEYS, "output_dir", "resume", "alias", "name"}
-DISTILL_PLAN = {"students", "baseline", "seeds"}  # distill-section keys the pipeline itself reads
-
-
-def section_keys() -> dict[str, set[str]]:
-    """The keys each config section takes: the parameters of the step's schema (schema.py) that the
-    config sets, minus what the pipeline sets itself (dataset, data, upstream models, names)."""
-    flat = schema.flat_fields
-    return {
-        "data": set(schema.DATA_KEYS),
-        "teacher": set(flat(schema.TeacherArgs)) - SET_FOR_TRAINING,
-        "distill": set(flat(schema.DistillArgs)) - SET_FOR_TRAINING - {"student", "teacher"} | DISTILL_PLAN,
-        "quantize": set(flat(schema.QuantizeArgs)) - {"model", "dataset", "data_dir", "max_eval_samples"},
-        "promote": {"margin"},
-        "benchmark": set(flat(schema.BenchmarkArgs)) - {"dataset", "data_dir", "models"},
-    }
-
-
-SECTION_SCHEMA = {"data": schema.StepArgs, "teacher": schema.TeacherArgs, "distill": schema.DistillArgs,
-                  "quantize": schema.QuantizeArgs, "promote": schema.PromoteArgs, "benchmark": schema.BenchmarkArgs}
-
-
-def read_plan(plan: dict, where: str) -> dict:
-    """The distill section's own keys: students (a list of names), seeds (a list of whole numbers),
-    baseline (true or false)."""
-    students, seeds = plan.get("students", []), plan.get("seeds", [])
-    if not isinstance(students, list) or not all(isinstance(s, str) and s for s in students):
-        raise UserError(f"{where}: students must be a list of student names, e.g. [minilm, tinybert].")
-    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise UserError(f"{where}: seeds must be a list of whole numbers, e.g. [42, 43, 44].")
-    if "baseline" in plan:
-        try:
-            plan["baseline"] = schema.boolean(plan["baseline"])
-        except argparse.ArgumentTypeError as err:
-            raise UserError(f"{where}: baseline: {err}") from None
-    return plan
-
-
-def read_block(section: str, block: dict, where: str) -> dict:
-    """One section's values read as their flags would (the distill plan's own keys as read_plan does)."""
-    plan = read_plan({k: block[k] for k in DISTILL_PLAN & set(block)}, where)
-    return {**schema.read_values(SECTION_SCHEMA[section], {k: v for k, v in block.items() if k not in plan}, where),
-            **plan}
-
-
-def check_sections(config: dict, file: Path, dataset: str | None = None) -> None:
-    """Refuse a key no step would read (a typo would otherwise be dropped silently or crash later)
-    and read every value as its flag would, in place: one line naming the file, the section, the
-    key and the valid keys (or what the value should be). A value given per dataset becomes
-    `dataset`'s (refused where it has none); without a `dataset` each one is read and kept per dataset."""
-    for section, keys in section_keys().items():
-        content = config.get(section) or {}
-        blocks = content.items() if section == "data" else [(None, content)]
-        for data_name, block in blocks:
-            name = f"data.{data_name}" if data_name else section
-            where = f"config {file}: section '{name}'"
-            if not isinstance(block, dict):
-                raise UserError(f"{where} must be a mapping of keys {sorted(keys)}.")
-            unknown = sorted(set(block) - keys)
-            if unknown:
-                raise UserError(f"config {file}: unknown key(s) {unknown} in section '{name}'; valid keys: "
-                                f"{sorted(keys)}.")
-            if data_name:
-                content[data_name] = read_block(section, block, where)
-                continue
-            per_dataset = {k: v for k, v in block.items() if isinstance(v, dict)}
-            if dataset is not None:
-                missing = sorted(k for k, values in per_dataset.items() if dataset not in values)
-                if missing:
-                    raise UserError(f"{where}: {missing} give a value per dataset but none for '{dataset}'; add "
-                                    f"`{dataset}: VALUE` to each.")
-                block, per_dataset = {**block, **{k: v[dataset] for k, v in per_dataset.items()}}, {}
-            read = read_block(section, {k: v for k, v in block.items() if k not in per_dataset}, where)
-            for key, values in per_dataset.items():
-                read[key] = {each: read_block(section, {key: value}, f"{where}, {key} for {each}")[key]
-                             for each, value in values.items()}
-            config[section] = read
-
-
-def load_config(path: str, dataset: str | None = None) -> dict:
-    """The config file's sections, checked and read as their flags would be; values given per dataset
-    resolved to `dataset`'s where one is named (a pipeline run), kept per dataset otherwise."""
-    file = Path(path)
-    config = read_yaml(file, "config (see experiments/smoke.yaml, cpu.yaml, paper.yaml)", SECTIONS)
-    check_sections(config, file, dataset)
-    catalog = config.get("catalog")
-    if catalog and not Path(catalog).exists():  # written relative to the project root (experiments/..)
-        config["catalog"] = str(file.resolve().parent.parent / catalog)
-    return config
 
 
 # A step's label names a metric (`step_seconds.<label>`) and is listed comma-separated in `reused_steps`:
@@ -287,7 +198,7 @@ class Pipeline(StepRunner):
                 if kind != "kd":
                     overrides = {**overrides, "name": tracking.registered_name(
                         distill.student_name(student), dataset, kind.replace("_", "-"))}
-                args = schema.build(schema.DistillArgs, {**self.common, **section, "seed": seed, "student": student,
+                args = parameters.build(parameters.DistillArgs, {**self.common, **section, "seed": seed, "student": student,
                                                          "teacher": teacher_uri, **overrides})
                 runs[kind].append(self.step(f"distill-{student}{tail}{suffix}", distill.run, args, teacher_uri))
         return runs
@@ -295,13 +206,13 @@ class Pipeline(StepRunner):
     def run(self) -> dict:
         cfg, dataset = self.config, self.args.dataset
         t_section = dict(cfg.get("teacher") or {})
-        teacher_run = self.step("teacher", teacher.run, schema.build(schema.TeacherArgs, {**self.common, **t_section}))
+        teacher_run = self.step("teacher", teacher.run, parameters.build(parameters.TeacherArgs, {**self.common, **t_section}))
         teacher_uri = registered_uri(teacher_run)
 
         d_section = dict(cfg.get("distill") or {})
         students = d_section.pop("students", None) or load_catalog(cfg.get("catalog"))["students"]
         baseline = d_section.pop("baseline", True)
-        seeds = d_section.pop("seeds", None) or [d_section.get("seed", schema.TrainConfig.seed)]
+        seeds = d_section.pop("seeds", None) or [d_section.get("seed", parameters.TrainConfig.seed)]
         record = {"teacher": teacher_run.info.run_id, "students": {}}
         student_runs, models = {}, [teacher_uri]
         for student in students:
@@ -316,14 +227,14 @@ class Pipeline(StepRunner):
         promotions = {}
         for student, kd in student_runs.items():
             parent = registered_uri(kd)
-            q = self.step(f"quantize-{student}", quantize.run, schema.QuantizeArgs(
+            q = self.step(f"quantize-{student}", quantize.run, parameters.QuantizeArgs(
                 model=parent, dataset=dataset, data_dir=self.args.data_dir,
                 max_eval_samples=self.common.get("max_eval_samples"), **q_section), parent)
             record["students"][student]["quantize"] = q.info.run_id
             name, version = q.data.tags["registered_model"], q.data.tags["registered_version"]
             models.append(f"models:/{name}/{version}")
             try:  # a step like the others: a re-run reuses the recorded decision
-                self.step(f"promote-{student}", promote.run, schema.PromoteArgs(
+                self.step(f"promote-{student}", promote.run, parameters.PromoteArgs(
                     name=name, version=version, alias="champion", margin=margin), f"{name}/{version}")
             except UserError as refusal:  # a refused gate is an outcome to record, not a pipeline failure
                 log.warning("[pipeline] promote %s v%s: %s", name, version, refusal)
@@ -331,7 +242,7 @@ class Pipeline(StepRunner):
                 promotions[student] = "refused"
 
         b_section = cfg.get("benchmark") or {}
-        bench = self.step("benchmark", benchmark.run, schema.BenchmarkArgs(
+        bench = self.step("benchmark", benchmark.run, parameters.BenchmarkArgs(
             dataset=dataset, data_dir=self.args.data_dir, models=",".join(models), **b_section), ",".join(models))
         record["benchmark"] = bench.info.run_id
         mlflow.set_tag("reused_steps", ",".join(self.reused) or "none")
@@ -341,7 +252,7 @@ class Pipeline(StepRunner):
         client = mlflow.MlflowClient()
         client.log_inputs(mlflow.active_run().info.run_id,
                           datasets=list(client.get_run(record["teacher"]).inputs.dataset_inputs))
-        tracking.describe_run(descriptions.pipeline_summary(record, dataset, promotions))
+        tracking.describe_run(results.pipeline_summary(record, dataset, promotions))
         return {"models": models, "reused": self.reused}
 
 

@@ -36,9 +36,10 @@ from itertools import product
 
 import mlflow
 
-from kd_sentiment import distill, teacher, tracking
-from kd_sentiment.errors import UserError
-from kd_sentiment.schema import TRAINED_VARIANTS, DistillArgs, StudyArgs, TeacherArgs, TrainConfig
+from kd_sentiment.training import distill, teacher
+from kd_sentiment.core import tracking
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.core.parameters import TRAINED_VARIANTS, DistillArgs, StudyArgs, TeacherArgs, TrainConfig
 from kd_sentiment.pipeline import StepRunner, registered_uri
 
 log = logging.getLogger(__name__)

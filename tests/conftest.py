@@ -117,7 +117,7 @@ def wait_until_ok(url: str, server, log: Path, seconds: float) -> None:
 
 
 def tiny_train_config(**overrides):
-    from kd_sentiment.train import TrainConfig
+    from kd_sentiment.training.loop import TrainConfig
 
     return TrainConfig(**{"epochs": 3, "batch_size": 32, "lr": 2e-3, "max_length": 96, "checkpoint_every": 0,
                           "seed": 0, **overrides})
@@ -127,7 +127,7 @@ def tiny_train_config(**overrides):
 def teacher_home(tiny_model, tmp_path_factory):
     """A working directory whose MLflow store holds a tiny teacher trained on an IMDb slice and
     registered as kd-sentiment-teacher-imdb@champion: (folder, the teacher's final metrics)."""
-    from kd_sentiment import teacher
+    from kd_sentiment.training import teacher
 
     home = tmp_path_factory.mktemp("teacher-home")
     old = os.getcwd()

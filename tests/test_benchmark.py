@@ -8,10 +8,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kd_sentiment import benchmark
-from kd_sentiment.benchmark import summary_table
-from kd_sentiment.schema import BenchmarkArgs
-from kd_sentiment.machine import peak_rss_mb
+from kd_sentiment.measure import benchmark
+from kd_sentiment.measure.benchmark import summary_table
+from kd_sentiment.core.parameters import BenchmarkArgs
+from kd_sentiment.core.machine import peak_rss_mb
 
 
 def test_two_versions_of_one_model_get_a_row_each():
@@ -35,14 +35,14 @@ def test_peak_memory_of_a_subprocess_is_its_own():
     """A measuring subprocess must not report its parent's peak (getrusage's ru_maxrss would)."""
     ballast = np.ones(400 * 2 ** 20 // 8)  # 400 MB, touched, in this (parent) process
     ballast += 1
-    out = subprocess.run([sys.executable, "-c", "from kd_sentiment.machine import peak_rss_mb; print(peak_rss_mb())"],
+    out = subprocess.run([sys.executable, "-c", "from kd_sentiment.core.machine import peak_rss_mb; print(peak_rss_mb())"],
                          capture_output=True, text=True, check=True).stdout
     assert 0 < float(out) < 300  # an interpreter with numpy, pandas and MLflow imported, not 400 MB more
     assert peak_rss_mb() > 400
 
 
 def test_the_memory_probe_sees_a_planted_allocation():
-    code = ("import numpy as np; from kd_sentiment.machine import rss_mb, peak_rss_mb; before = rss_mb(); "
+    code = ("import numpy as np; from kd_sentiment.core.machine import rss_mb, peak_rss_mb; before = rss_mb(); "
             "ballast = np.ones(300 * 2 ** 20 // 8); after = rss_mb(); del ballast; print(before, after, peak_rss_mb())")
     before, after, peak = map(float, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                                     check=True).stdout.split())
@@ -50,7 +50,7 @@ def test_the_memory_probe_sees_a_planted_allocation():
 
 
 def worker_hello(backend: str) -> dict:
-    process = subprocess.Popen([sys.executable, "-m", "kd_sentiment.bench_worker", backend, "1"],
+    process = subprocess.Popen([sys.executable, "-m", "kd_sentiment.measure.bench_worker", backend, "1"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     hello = json.loads(process.stdout.readline())
     process.communicate('{"cmd": "exit"}\n', timeout=60)
@@ -87,7 +87,7 @@ def test_too_few_rounds_for_a_speedup_interval_are_warned_before_measuring(round
 def test_speedups_point_the_right_way_round():
     """Rows from planted timings: a model that takes a fifth of the teacher's time is 5x faster (not
     0.2x), the served INT8 model against its own peer baseline; the peer's accuracy is subtracted."""
-    from kd_sentiment.benchmark import PEER, Target, rows_of
+    from kd_sentiment.measure.benchmark import PEER, Target, rows_of
 
     targets = [Target("kd-sentiment-teacher-imdb", "1", "teacher", "torch_fp32", "u", 64),
                Target("kd-sentiment-tiny-imdb", "1", "distill", "torch_fp32", "u", 64),

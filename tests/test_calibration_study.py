@@ -8,7 +8,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd_sentiment import report, tracking
+from kd_sentiment.report import results
+from kd_sentiment.core import tracking
 from kd_sentiment.cli import main
 
 
@@ -70,7 +71,7 @@ def test_study_runs_each_variant_once_and_reports_them(study, tmp_path, caplog):
     assert parents[0].data.tags["reused_steps"].split(",") == ["teacher-label-smoothed"] + [
         f"distill-{v}-T2-s{s}" for s in (7, 8) for v in ("raw", "calibrated", "label-smoothed")]
 
-    section = report.calibration_section(tmp_path / "results")
+    section = results.calibration_section(tmp_path / "results")
     assert (tmp_path / "results" / "calibration_study.png").stat().st_size > 0
     table = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| teacher variant")]
     assert len(table) == 3
@@ -105,7 +106,7 @@ def test_report_compares_each_variant_with_the_raw_teacher_over_both_sides_seeds
     one of another setting replaces it. Runs with known predictions, so every number is known."""
     import numpy as np
 
-    from kd_sentiment.stats import paired_difference
+    from kd_sentiment.core.stats import paired_difference
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/mlflow.db")
     labels = np.arange(200) % 2
@@ -135,7 +136,7 @@ def test_report_compares_each_variant_with_the_raw_teacher_over_both_sides_seeds
 
     # seed 1 alone would differ by 20 points, the means over both seeds by 22.5
     log_study({("raw", 1): 0.6, ("raw", 2): 0.7, ("calibrated", 1): 0.8, ("calibrated", 2): 0.95})
-    section = report.calibration_section(tmp_path / "results")
+    section = results.calibration_section(tmp_path / "results")
     cells = table(section)["calibrated"]
     assert cells[5:8] == ["2", "87.5", "87.5"] and cells[9] == "0.150"  # seeds; means over them
     assert cells[8].startswith("+22.5 [")
@@ -146,6 +147,6 @@ def test_report_compares_each_variant_with_the_raw_teacher_over_both_sides_seeds
     assert "Held fixed across these runs (from their params): n_train=300, n_test=200, epochs=1." in section
 
     log_study({("sharpened", 1): 0.5})  # the same study, one more variant
-    assert set(table(report.calibration_section(tmp_path / "results"))) == {"raw", "calibrated", "sharpened"}
+    assert set(table(results.calibration_section(tmp_path / "results"))) == {"raw", "calibrated", "sharpened"}
     log_study({("raw", 1): 0.6}, student="minilm")  # another study
-    assert set(table(report.calibration_section(tmp_path / "results"))) == {"raw"}
+    assert set(table(results.calibration_section(tmp_path / "results"))) == {"raw"}

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kd_sentiment.cli import build_parser
+from kd_sentiment.cli import COMMANDS, build_parser
 
 MLPROJECT = yaml.safe_load((Path(__file__).parents[1] / "MLproject").read_text())
 REQUIRED = {"model": "models:/kd-sentiment-minilm-tweeteval@champion", "name": "kd-sentiment-minilm-tweeteval-int8",
@@ -38,7 +38,7 @@ def test_every_step_flag_is_an_entry_point_parameter(entry_point):
 def test_entry_point_parameters_match_the_flags_field_by_field(entry_point):
     """Each MLproject parameter has its flag's default (read through the flag's own parser) and, for
     a whole-number flag, type int: a default changed in one place and not the other fails here."""
-    from kd_sentiment.schema import whole_number
+    from kd_sentiment.core.parameters import whole_number
 
     command = "pipeline" if entry_point == "main" else entry_point
     subcommands = next(a for a in build_parser()._actions if a.dest == "command").choices
@@ -77,3 +77,11 @@ def test_a_boolean_flag_still_takes_the_value_mlproject_passes():
     ns = build_parser().parse_args(["teacher", "--resume", "false", "--cpu", "--dataset", "imdb"])
     assert ns.resume is False and ns.cpu is True and ns.dataset == "imdb"
     assert "--history [true|false]" in build_parser()._subparsers._group_actions[0].choices["promote"].format_help()
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_commands_help_renders(command, capsys):
+    """`kd-sentiment COMMAND --help` prints its flags (a bare % in a help text made argparse crash)."""
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args([command, "--help"])
+    assert done.value.code == 0 and "--" in capsys.readouterr().out

@@ -8,7 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kd_sentiment import export, machine, quantization, runtime, serving
+from kd_sentiment.deploy import export, int8_recipes, runtimes, served_model
+from kd_sentiment.core import machine
 
 from conftest import DATA_DIR
 from test_export import LABELS, tiny_classifier
@@ -29,8 +30,8 @@ def graphs(tiny_model, tmp_path_factory, tweets):
     tiny_classifier(tiny_model, tmp / "hf")
     fp32 = export.export_onnx(tmp / "hf", tmp / "fp32")
     fused = export.optimize_onnx(tmp / "fp32", tmp / "fused")
-    dynamic, _ = quantization.quantize_onnx(tmp / "fused", tmp / "dynamic")
-    static, _ = quantization.quantize_onnx(tmp / "fp32", tmp / "static", mode="static", calibration_texts=tweets,
+    dynamic, _ = int8_recipes.quantize_onnx(tmp / "fused", tmp / "dynamic")
+    static, _ = int8_recipes.quantize_onnx(tmp / "fp32", tmp / "static", mode="static", calibration_texts=tweets,
                                            max_length=MAX_LENGTH)
     found = [("ort-f32", fused, "onnxruntime", "f32"), ("ort-dynamic", dynamic, "onnxruntime", "f32"),
              ("ort-static", static, "onnxruntime", "f32"), ("openvino-f32", fp32, "openvino", "f32"),
@@ -59,7 +60,7 @@ def test_served_model_gives_every_concurrent_caller_its_own_answer(graphs, tweet
         pytest.skip(f"{name}: this CPU does not compute bf16 natively")
     path, rt, precision, tokenizer_dir = graphs[name]
     with mlflow.start_run():
-        uri = runtime.log_onnx_pyfunc(path, tokenizer_dir, LABELS, MAX_LENGTH, tweets[:2], runtime=rt,
+        uri = runtimes.log_onnx_pyfunc(path, tokenizer_dir, LABELS, MAX_LENGTH, tweets[:2], runtime=rt,
                                       precision=precision)
     model = mlflow.pyfunc.load_model(uri)
     jobs = jobs_of(tweets)
@@ -76,7 +77,7 @@ def test_served_model_gives_every_concurrent_caller_its_own_answer(graphs, tweet
 @pytest.mark.parametrize("name", ["ort-dynamic", "openvino-f32", "openvino-int8"])
 def test_measuring_runner_gives_every_concurrent_caller_its_own_logits(graphs, tweets, name):
     path, rt, precision, tokenizer_dir = graphs[name]
-    runner = runtime.OnnxClassifier(path, tokenizer_dir, runtime=rt, precision=precision)
+    runner = runtimes.OnnxClassifier(path, tokenizer_dir, runtime=rt, precision=precision)
     alone = {text: runner.predict_logits([text], MAX_LENGTH)[0] for text in tweets}
     answers = at_once(lambda text: runner.predict_logits([text], MAX_LENGTH)[0], tweets * 6)
     for text, logits in zip(tweets * 6, answers):
@@ -93,20 +94,29 @@ def test_measuring_runner_gives_every_concurrent_caller_its_own_logits(graphs, t
     (["pytest"], {}, (1, "loaded in-process")),
 ])
 def test_server_processes_are_read_from_the_environment_or_uvicorns_command_line(argv, environ, expected):
-    assert serving.server_processes(argv, environ) == expected
+    assert served_model.server_processes(argv, environ) == expected
 
 
 def test_threads_are_the_cores_shared_among_server_processes_and_an_unknown_server_is_warned_about(
         monkeypatch, caplog, capsys):
-    monkeypatch.setattr(serving.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(served_model.os, "cpu_count", lambda: 8)
     uvicorn = ["/env/bin/uvicorn", "--workers", "2", "mlflow.pyfunc.scoring_server.app:app"]
-    assert serving.intra_op_threads(0, uvicorn, {}) == 4
+    assert served_model.intra_op_threads(0, uvicorn, {}) == 4
     assert "4 runtime thread(s) per process (8 cores / 2 server process(es), from uvicorn --workers)" in \
         capsys.readouterr().err
-    assert serving.intra_op_threads(0, ["pytest"], {}) == 8
-    assert serving.intra_op_threads(3, uvicorn, {}) == 3  # the model's own setting
-    assert serving.intra_op_threads(3, uvicorn, {"KD_SENTIMENT_ORT_THREADS": "1"}) == 1  # the user's, above all
+    assert served_model.intra_op_threads(0, ["pytest"], {}) == 8
+    assert served_model.intra_op_threads(3, uvicorn, {}) == 3  # the model's own setting
+    assert served_model.intra_op_threads(3, uvicorn, {"KD_SENTIMENT_ORT_THREADS": "1"}) == 1  # the user's, above all
     assert not caplog.records
-    assert serving.intra_op_threads(0, ["gunicorn"], {"__pyfunc_model_path__": "/m"}) == 8
+    assert served_model.intra_op_threads(0, ["gunicorn"], {"__pyfunc_model_path__": "/m"}) == 8
     (record,) = caplog.records
     assert record.levelname == "WARNING" and "MLFLOW_MODELS_WORKERS" in record.getMessage()
+
+
+def test_openvino_never_pins_its_threads_to_cores(graphs):
+    """OpenVINO pins inference threads by default; in Spark's Python workers (one runtime thread each)
+    that put every task on the same core. The session turns pinning off."""
+    from kd_sentiment.deploy.onnx_session import Session
+
+    path, _, _, _ = graphs["openvino-f32"]
+    assert Session(path, "openvino", "f32", threads=1).compiled.get_property("ENABLE_CPU_PINNING") is False

@@ -3,8 +3,8 @@ import gzip
 import pandas as pd
 import pytest
 
-from kd_sentiment.data import load_splits
-from kd_sentiment.errors import UserError
+from kd_sentiment.core.data import load_splits
+from kd_sentiment.core.errors import UserError
 
 from conftest import DATA_DIR
 
@@ -124,7 +124,7 @@ def test_bad_sizes(kwargs, message):
 def test_an_unreachable_hub_is_the_users_to_fix_a_bug_is_not(monkeypatch):
     import datasets
 
-    from kd_sentiment import data
+    from kd_sentiment.core import data
 
     info = data.KNOWN_DATASETS["tweeteval"]
 

@@ -14,9 +14,10 @@ import torch
 from accelerate import Accelerator
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from kd_sentiment import soft_targets, tracking
-from kd_sentiment.models import load_classifier
-from kd_sentiment.train import predict_logits
+from kd_sentiment.training import soft_targets
+from kd_sentiment.core import tracking
+from kd_sentiment.core.models import load_classifier
+from kd_sentiment.training.loop import predict_logits
 
 TEXTS = ["a fine film", "dull and far too long", "not bad at all", "I left early", "great cast, weak plot"]
 

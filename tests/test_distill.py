@@ -3,8 +3,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from kd_sentiment import distill, tracking
-from kd_sentiment.errors import UserError
+from kd_sentiment.training import distill
+from kd_sentiment.core import tracking
+from kd_sentiment.core.errors import UserError
 
 from conftest import run_cli, tiny_train_config
 
@@ -58,7 +59,7 @@ def test_students_from_registry_share_cached_soft_targets(in_teacher_home, tiny_
 
 
 def test_alpha_zero_baseline_never_uses_teacher_for_training(in_teacher_home, tiny_model, monkeypatch):
-    from kd_sentiment import losses, train
+    from kd_sentiment.training import loop, losses
 
     seen = []  # the teacher logits every training batch's loss was given
 
@@ -66,7 +67,7 @@ def test_alpha_zero_baseline_never_uses_teacher_for_training(in_teacher_home, ti
         seen.append(teacher_logits)
         return losses.distillation_loss(student_logits, labels, teacher_logits, *rest, **kwargs)
 
-    monkeypatch.setattr(train, "distillation_loss", spy)
+    monkeypatch.setattr(loop, "distillation_loss", spy)
     metrics = distill.run(distill_args(tiny_model, alpha=0.0, name="kd-sentiment-baseline-imdb", alias=""))
     assert seen and all(t is None for t in seen)  # no soft target reached any batch's loss
     (baseline,) = metrics.values()
@@ -100,7 +101,7 @@ def test_a_bf16_student_after_an_fp32_teacher_in_one_process(in_teacher_home, ti
                                              ({"avx512_bf16": True, "amx": False}, "bf16"),
                                              ({"avx512_bf16": False, "amx": True}, "bf16")])
 def test_auto_mixed_precision_is_bf16_only_where_the_cpu_computes_it(monkeypatch, flags, expected):
-    from kd_sentiment import machine
+    from kd_sentiment.core import machine
 
     monkeypatch.setattr(machine, "cpu_features", lambda: {"model_name": "test cpu", **flags})
     assert machine.native_mixed_precision(on_gpu=False) == expected
@@ -112,7 +113,7 @@ def test_a_student_trained_with_auto_mixed_precision_logs_what_it_trained_in(in_
     and the run's param says so, not "auto"."""
     from dataclasses import replace
 
-    from kd_sentiment import machine
+    from kd_sentiment.core import machine
 
     monkeypatch.setattr(machine, "cpu_features", lambda: {"model_name": "test cpu", "avx512_bf16": False, "amx": False})
     args = distill_args(tiny_model, alpha=0.5, name="kd-sentiment-auto-imdb", alias="", cpu=True)
@@ -147,7 +148,7 @@ def test_soft_target_cache_survives_a_concurrent_tag_write(monkeypatch, raced):
     import numpy as np
     from mlflow.exceptions import MlflowException
 
-    from kd_sentiment import soft_targets
+    from kd_sentiment.training import soft_targets
 
     class RacingClient:
         tags, artifacts = [], []
@@ -189,7 +190,7 @@ def test_cut_students_start_from_the_teachers_pretrained_source(in_teacher_home,
     """`teacher-layers:every-other` cuts the teacher's pre-trained source (tiny_model here, as
     DistilBERT cut BERT), not the fine-tuned teacher: the KD student and its alpha=0 twin start from
     identical weights, equal to that source's, and the alpha=0 run loads nothing of the teacher."""
-    from kd_sentiment.models import load_classifier
+    from kd_sentiment.core.models import load_classifier
 
     initial, teacher_loads = [], []
     real_build, real_load = distill.build_student, tracking.load_registered_classifier
@@ -248,7 +249,7 @@ def test_soft_target_cache_misses_on_other_length_version_or_texts(teacher_home,
 
     from accelerate import Accelerator
 
-    from kd_sentiment import soft_targets
+    from kd_sentiment.training import soft_targets
 
     home, _ = teacher_home
     shutil.copy(home / "mlflow.db", tmp_path / "mlflow.db")  # a copy: the cache runs written here stay here

@@ -10,9 +10,10 @@ import pytest
 import torch
 from mlflow.exceptions import MlflowException
 
-from kd_sentiment import export, machine, quantization, runtime
-from kd_sentiment.errors import UserError
-from kd_sentiment.models import load_classifier
+from kd_sentiment.deploy import export, int8_recipes, runtimes
+from kd_sentiment.core import machine
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.core.models import load_classifier
 
 from conftest import DATA_DIR
 
@@ -52,7 +53,7 @@ def exported(tiny_model, tmp_path_factory, texts):
         reference = model(**encoded).logits.numpy()
     fp32 = export.export_onnx(root / "hf", root / "fp32")
     fused = export.optimize_onnx(root / "fp32", root / "fused")
-    int8, described = quantization.quantize_onnx(root / "fused", root / "int8", mode="dynamic")
+    int8, described = int8_recipes.quantize_onnx(root / "fused", root / "int8", mode="dynamic")
     return {"root": root, "reference": reference, "fp32": fp32, "fused": fused, "int8": int8, "described": described}
 
 
@@ -74,14 +75,14 @@ def test_fp32_onnx_matches_pytorch(exported, texts):
     assert all(isinstance(d, str) for dims in shapes.values() for d in dims), shapes  # batch and sequence dynamic
     assert {"tokenizer.json", "config.json"} <= {p.name for p in exported["fp32"].parent.iterdir()}
     # batch_size 7: batches of mixed lengths, sorted and put back in order by predict_logits
-    logits = runtime.OnnxClassifier(exported["fp32"]).predict_logits(texts, MAX_LENGTH, batch_size=7)
+    logits = runtimes.OnnxClassifier(exported["fp32"]).predict_logits(texts, MAX_LENGTH, batch_size=7)
     np.testing.assert_allclose(logits, exported["reference"], atol=1e-4)
 
 
 def test_fused_graph_is_fused_and_equivalent(exported, texts):
     ops = {node.op_type for node in onnx.load(str(exported["fused"])).graph.node}
     assert {"Attention", "SkipLayerNormalization"} <= ops
-    logits = runtime.OnnxClassifier(exported["fused"], intra_op_num_threads=1).predict_logits(texts, MAX_LENGTH)
+    logits = runtimes.OnnxClassifier(exported["fused"], intra_op_num_threads=1).predict_logits(texts, MAX_LENGTH)
     np.testing.assert_allclose(logits, exported["reference"], atol=1e-4)
 
 
@@ -91,12 +92,12 @@ def test_dynamic_int8_agrees_with_fp32(exported, texts):
     assert described["quantized_ops"].get("MatMulInteger", 0) > 0 and described["quantized_ops"].get("QAttention")
     json.dumps(described)  # loggable as is
     assert export.file_size_mb(exported["int8"]) < 0.5 * export.file_size_mb(exported["fused"])
-    logits = runtime.OnnxClassifier(exported["int8"]).predict_logits(texts, MAX_LENGTH)
+    logits = runtimes.OnnxClassifier(exported["int8"]).predict_logits(texts, MAX_LENGTH)
     assert_close_to_fp32(logits, exported["reference"], mean=0.06, worst=0.2)  # measured 0.023 and 0.066
 
 
 def test_dynamic_int8_can_keep_the_ffn_output_projections_float(exported, texts):
-    path, described = quantization.quantize_onnx(exported["root"] / "fused", exported["root"] / "int8-ffn-float",
+    path, described = int8_recipes.quantize_onnx(exported["root"] / "fused", exported["root"] / "int8-ffn-float",
                                            mode="dynamic", float_ffn_output=True)
     graph = onnx.load(str(path)).graph
     float_nodes = set(described["float_ffn_output_nodes"])
@@ -106,7 +107,7 @@ def test_dynamic_int8_can_keep_the_ffn_output_projections_float(exported, texts)
     full = exported["described"]["quantized_ops"]["MatMulInteger"]
     assert described["quantized_ops"]["MatMulInteger"] == full - 2
     assert exported["described"]["float_ffn_output_nodes"] == []
-    logits = runtime.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH)
+    logits = runtimes.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH)
     assert_close_to_fp32(logits, exported["reference"], mean=0.06, worst=0.2)
 
 
@@ -124,31 +125,31 @@ def assert_close_to_fp32(logits, reference, mean: float, worst: float):
 
 
 def test_the_sensitivity_search_keeps_the_nodes_that_move_the_logits_most_float(exported, texts):
-    """search.sensitive: each quantizable node quantized alone, ranked by how far it moves the logits
+    """candidates.sensitive: each quantizable node quantized alone, ranked by how far it moves the logits
     from fp32; the most sensitive stay float in the candidate; nothing is built where plain INT8
     already agrees with fp32 on the texts."""
-    from kd_sentiment import search
+    from kd_sentiment.deploy import candidates
 
     root, fused = exported["root"], exported["fused"]
-    plain = search.Candidate("ort-dynamic", exported["int8"], recipe=exported["described"])
-    assert search.sensitive(root / "s0", fused, plain, texts, MAX_LENGTH, None, min_agreement=0.0) is None
+    plain = candidates.Candidate("ort-dynamic", exported["int8"], recipe=exported["described"])
+    assert candidates.sensitive(root / "s0", fused, plain, texts, MAX_LENGTH, None, min_agreement=0.0) is None
     # sensitivity_texts 0: no search, even where plain INT8 misses the agreement.
-    assert search.sensitive(root / "s0", fused, plain, [], MAX_LENGTH, None, min_agreement=1.01) is None
+    assert candidates.sensitive(root / "s0", fused, plain, [], MAX_LENGTH, None, min_agreement=1.01) is None
 
     # An agreement no graph reaches: the search keeps its largest number of float nodes.
-    found = search.sensitive(root / "s1", fused, plain, texts, MAX_LENGTH, None, min_agreement=1.01)
+    found = candidates.sensitive(root / "s1", fused, plain, texts, MAX_LENGTH, None, min_agreement=1.01)
     graph = onnx.load(str(fused)).graph
-    nodes = quantization.quantizable_nodes(graph, exported["described"]["operators_to_quantize"])
+    nodes = int8_recipes.quantizable_nodes(graph, exported["described"]["operators_to_quantize"])
     assert set(found.recipe["sensitivity_mse"]) == set(nodes) and len(nodes) >= 8
     kept = found.recipe["float_nodes"]
-    assert len(kept) == max(1, int(search.MAX_FLOAT_SHARE * len(nodes)))
+    assert len(kept) == max(1, int(candidates.MAX_FLOAT_SHARE * len(nodes)))
 
     # Measured again here: the node whose lone quantization moves the logits most is kept float.
-    reference = runtime.OnnxClassifier(fused).predict_logits(texts, MAX_LENGTH)
+    reference = runtimes.OnnxClassifier(fused).predict_logits(texts, MAX_LENGTH)
     moved = {}
     for node in nodes:
-        path, _ = quantization.quantize_onnx(fused.parent, root / "probe", only_nodes=[node])
-        moved[node] = float(np.mean((runtime.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH) - reference) ** 2))
+        path, _ = int8_recipes.quantize_onnx(fused.parent, root / "probe", only_nodes=[node])
+        moved[node] = float(np.mean((runtimes.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH) - reference) ** 2))
     assert max(moved, key=moved.get) in kept
     assert min(moved, key=moved.get) not in kept
     # ... and stays float in the graph: its name is still a float MatMul/Attention/Gather there.
@@ -161,13 +162,13 @@ def test_static_int8_calibrates_loads_and_runs(exported, texts):
     calibration = list(pd.read_csv(DATA_DIR / "tweeteval_sentiment" / "validation.csv",
                                    keep_default_na=False)["text"].iloc[:64])
     for method in ("minmax", "percentile"):
-        path, described = quantization.quantize_onnx(root / "fp32", root / f"static-{method}", mode="static",
+        path, described = int8_recipes.quantize_onnx(root / "fp32", root / f"static-{method}", mode="static",
                                                calibration_texts=calibration, max_length=64,
                                                calibration_method=method)
         assert described["format"] == "QDQ" and described["calibration_samples"] == 64
         assert len(described["float_ffn_output_nodes"]) == 2  # the unfused GELU (Erf...) found in each layer
         assert described["quantized_ops"].get("QuantizeLinear", 0) > 0
-        logits = runtime.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH)
+        logits = runtimes.OnnxClassifier(path).predict_logits(texts, MAX_LENGTH)
         assert logits.shape == exported["reference"].shape
         assert_close_to_fp32(logits, exported["reference"], mean=0.1, worst=0.3)  # measured 0.028 and 0.079
 
@@ -175,13 +176,13 @@ def test_static_int8_calibrates_loads_and_runs(exported, texts):
 def test_quantization_refuses_what_it_cannot_do(exported):
     root = exported["root"]
     with pytest.raises(UserError, match="fused graph"):
-        quantization.quantize_onnx(root / "fused", root / "bad", mode="static", calibration_texts=["a"])
+        int8_recipes.quantize_onnx(root / "fused", root / "bad", mode="static", calibration_texts=["a"])
     with pytest.raises(UserError, match="calibration_texts"):
-        quantization.quantize_onnx(root / "fp32", root / "bad", mode="static")
+        int8_recipes.quantize_onnx(root / "fp32", root / "bad", mode="static")
     with pytest.raises(UserError, match="mode 'int4'"):
-        quantization.quantize_onnx(root / "fp32", root / "bad", mode="int4")
+        int8_recipes.quantize_onnx(root / "fp32", root / "bad", mode="int4")
     with pytest.raises(UserError, match="no model.onnx"):
-        quantization.quantize_onnx(root / "hf", root / "bad")
+        int8_recipes.quantize_onnx(root / "hf", root / "bad")
 
 
 def test_optimizer_falls_back_for_unsupported_model_type(exported, tmp_path):
@@ -192,9 +193,9 @@ def test_optimizer_falls_back_for_unsupported_model_type(exported, tmp_path):
         path = export.optimize_onnx(tmp_path / "other", tmp_path / "fused")
     assert path == tmp_path / "other" / "model.onnx"
     # and quantize's float candidate on it is not called fused
-    from kd_sentiment import search
+    from kd_sentiment.deploy import candidates
 
-    (ort_f32,) = search.build(tmp_path / "work", path, path, [], 64, None, 0.99, 0, names=("ort-f32",))
+    (ort_f32,) = candidates.build(tmp_path / "work", path, path, [], 64, None, 0.99, 0, names=("ort-f32",))
     assert ort_f32.recipe["graph"].startswith("unfused fp32")
 
 
@@ -206,8 +207,8 @@ def test_export_rejects_folder_without_config(tmp_path):
 def test_pyfunc_logs_loads_and_predicts(exported, texts):
     int8 = exported["int8"]
     with mlflow.start_run():
-        uri = runtime.log_onnx_pyfunc(int8, int8.parent, LABELS, MAX_LENGTH, ["great movie", "awful"],
-                                     pip_requirements=runtime.SERVING_PIP_REQUIREMENTS)
+        uri = runtimes.log_onnx_pyfunc(int8, int8.parent, LABELS, MAX_LENGTH, ["great movie", "awful"],
+                                     pip_requirements=runtimes.SERVING_PIP_REQUIREMENTS)
     model = mlflow.pyfunc.load_model(uri)
 
     out = model.predict(texts)
@@ -216,8 +217,8 @@ def test_pyfunc_logs_loads_and_predicts(exported, texts):
     np.testing.assert_allclose(probs.sum(axis=1), 1, atol=1e-6)
     np.testing.assert_allclose(out["score"], probs.max(axis=1))
     assert list(out["label"]) == [LABELS[i] for i in probs.argmax(axis=1)]
-    # serving.py tokenizes with `tokenizers` alone; it must see exactly what OnnxClassifier sees
-    logits = runtime.OnnxClassifier(int8).predict_logits(texts, MAX_LENGTH)
+    # served_model.py tokenizes with `tokenizers` alone; it must see exactly what OnnxClassifier sees
+    logits = runtimes.OnnxClassifier(int8).predict_logits(texts, MAX_LENGTH)
     np.testing.assert_allclose(probs, torch.softmax(torch.from_numpy(logits), dim=1).numpy(), atol=1e-5)
 
     # Same texts in the same batch, so the same answer. (Not the rows of `out`: dynamic INT8 picks

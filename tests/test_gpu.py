@@ -31,7 +31,7 @@ def texts_and_labels(n: int, seed: int) -> tuple[list[str], np.ndarray]:
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory):
     """A tiny BERT classifier with its (random) head saved, so every load is the same model."""
-    from kd_sentiment.models import load_classifier
+    from kd_sentiment.core.models import load_classifier
 
     texts, _ = texts_and_labels(400, 0)
     encoder = make_tiny_model(tmp_path_factory.mktemp("tiny-gpu"), texts)
@@ -52,13 +52,13 @@ def fresh_accelerator_state():
 
 
 def classifier(folder):
-    from kd_sentiment.models import load_classifier
+    from kd_sentiment.core.models import load_classifier
 
     return load_classifier(str(folder), LABELS)
 
 
 def test_predict_logits_runs_on_the_gpu_under_bf16_and_returns_float32(tiny_folder):
-    from kd_sentiment.train import predict_logits
+    from kd_sentiment.training.loop import predict_logits
 
     texts, _ = texts_and_labels(50, 1)
     model, tokenizer = classifier(tiny_folder)
@@ -72,7 +72,7 @@ def test_predict_logits_runs_on_the_gpu_under_bf16_and_returns_float32(tiny_fold
 
 
 def test_cpu_flag_keeps_everything_on_the_cpu(tiny_folder):
-    from kd_sentiment.train import predict_logits
+    from kd_sentiment.training.loop import predict_logits
 
     texts, _ = texts_and_labels(10, 2)
     model, tokenizer = classifier(tiny_folder)
@@ -84,8 +84,8 @@ def test_cpu_flag_keeps_everything_on_the_cpu(tiny_folder):
 def test_train_resume_and_temperature_fit_on_the_gpu(tiny_folder, tmp_path):
     """A run interrupted after a checkpoint resumes onto the GPU and ends where an uninterrupted run
     does; evaluation and temperature scaling work from its logits."""
-    from kd_sentiment.calibration import evaluate_with_temperature
-    from kd_sentiment.train import Checkpoints, TrainConfig, TrainData, predict_logits, train
+    from kd_sentiment.core.metrics import evaluate_with_temperature
+    from kd_sentiment.training.loop import Checkpoints, TrainConfig, TrainData, predict_logits, train
 
     train_texts, train_labels = texts_and_labels(256, 3)
     val_texts, val_labels = texts_and_labels(64, 4)
@@ -128,7 +128,8 @@ def test_teacher_pass_runs_on_the_gpu_and_frees_its_memory(tiny_folder, monkeypa
     pytest.importorskip("mlflow")
     from types import SimpleNamespace
 
-    from kd_sentiment import soft_targets, tracking
+    from kd_sentiment.training import soft_targets
+    from kd_sentiment.core import tracking
 
     texts, _ = texts_and_labels(64, 5)
     seen = []
@@ -160,8 +161,9 @@ def test_teacher_pass_runs_on_the_gpu_and_frees_its_memory(tiny_folder, monkeypa
 
 def test_benchmark_measures_pytorch_on_the_gpu_in_fp32_and_bf16(tiny_folder, tmp_path, monkeypatch):
     pytest.importorskip("mlflow")
-    from kd_sentiment import benchmark, tracking
-    from kd_sentiment.machine import gpu_facts
+    from kd_sentiment.measure import benchmark
+    from kd_sentiment.core import tracking
+    from kd_sentiment.core.machine import gpu_facts
 
     assert benchmark.torch_backends() == ["torch_fp32", "torch_cuda_fp32", "torch_cuda_bf16"]
     facts = gpu_facts()

@@ -1,4 +1,4 @@
-"""The bounded load test (kd_sentiment/loadtest.py) against a real `mlflow models serve`, and its bounds."""
+"""The bounded load test (kd_sentiment/measure/loadtest.py) against a real `mlflow models serve`, and its bounds."""
 import json
 import os
 import threading
@@ -10,10 +10,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kd_sentiment import export, runtime
-from kd_sentiment.errors import UserError
-from kd_sentiment import loadtest
-from kd_sentiment.loadtest import invocations_url, poisson_schedule, run_load_test, run_open_loop, served
+from kd_sentiment.deploy import export, runtimes
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.measure import loadtest
+from kd_sentiment.measure.loadtest import invocations_url, poisson_schedule, run_load_test, run_open_loop, served
 
 from conftest import DATA_DIR
 from test_export import LABELS, tiny_classifier
@@ -28,7 +28,7 @@ def test_served_model_under_concurrent_load_answers_every_request_with_its_own_t
     tiny_classifier(tiny_model, tmp_path / "hf")
     fp32 = export.export_onnx(tmp_path / "hf", tmp_path / "fp32")
     with mlflow.start_run():
-        uri = runtime.log_onnx_pyfunc(fp32, fp32.parent, LABELS, MAX_LENGTH, ["great movie", "awful"], runtime=rt)
+        uri = runtimes.log_onnx_pyfunc(fp32, fp32.parent, LABELS, MAX_LENGTH, ["great movie", "awful"], runtime=rt)
     texts = pd.read_csv(DATA_DIR / "tweeteval_sentiment" / "test.csv", keep_default_na=False)["text"].iloc[:100].tolist()
     expected = loadtest.reference_answers(uri, texts)
 
@@ -189,7 +189,7 @@ def test_a_test_where_nothing_succeeded_fails_the_step(fake_server, monkeypatch)
     from contextlib import contextmanager
     from types import SimpleNamespace
 
-    from kd_sentiment import schema, tracking
+    from kd_sentiment.core import parameters, tracking
 
     port = fake_server(0.0)
 
@@ -202,7 +202,7 @@ def test_a_test_where_nothing_succeeded_fails_the_step(fake_server, monkeypatch)
     monkeypatch.setattr(loadtest, "reference_answers", lambda uri, texts, cost: [{"label": "x"}] * len(texts))
     monkeypatch.setattr(loadtest, "_prediction", lambda text: None)  # every answer is a wrong payload
     with pytest.raises(UserError, match="no request succeeded"):
-        loadtest.run(schema.LoadTestArgs(model="models:/m/1", rate=50, requests=20, malformed_every=0, timeout_s=30,
+        loadtest.run(parameters.LoadTestArgs(model="models:/m/1", rate=50, requests=20, malformed_every=0, timeout_s=30,
                                          warmup_requests=0))
     run = mlflow.search_runs(experiment_names=["kd-sentiment/tweeteval"], output_format="list")[0]
     assert run.info.status == "FAILED" and run.data.metrics["ok"] == 0 and run.data.metrics["errors"] == 20
@@ -214,7 +214,7 @@ def test_answers_that_are_another_texts_are_counted_and_fail_the_step(fake_serve
     from contextlib import contextmanager
     from types import SimpleNamespace
 
-    from kd_sentiment import schema, tracking
+    from kd_sentiment.core import parameters, tracking
 
     port = fake_server(0.0)  # answers {"label": "x"} to every text
 
@@ -228,20 +228,18 @@ def test_answers_that_are_another_texts_are_counted_and_fail_the_step(fake_serve
     monkeypatch.setattr(loadtest, "reference_answers",
                         lambda uri, texts, cost: [{"label": "y" if k % 3 == 0 else "x"} for k in range(len(texts))])
     with pytest.raises(UserError, match="7 of 20 answers were not their own text's prediction"):
-        loadtest.run(schema.LoadTestArgs(model="models:/m/1", rate=50, requests=20, malformed_every=0, timeout_s=30,
+        loadtest.run(parameters.LoadTestArgs(model="models:/m/1", rate=50, requests=20, malformed_every=0, timeout_s=30,
                                          warmup_requests=0))
     run = mlflow.search_runs(experiment_names=["kd-sentiment/tweeteval"], output_format="list")[0]
     assert run.info.status == "FAILED"
     assert run.data.metrics["wrong"] == 7 and run.data.metrics["ok"] == 13 and run.data.metrics["errors"] == 0
 
 
-def test_each_sending_thread_keeps_one_connection_open(fake_server):
+def test_each_sending_thread_keeps_one_connection_open():
     """Keep-alive: 2 clients x 15 requests reach an HTTP/1.1 server over 2 connections, not 30."""
-    port = fake_server(0.0)
     peers = []
-    server_handler = _SlowHandler
 
-    class KeepAliveHandler(server_handler):
+    class KeepAliveHandler(_SlowHandler):
         protocol_version = "HTTP/1.1"
         bodies = []
 
@@ -286,7 +284,7 @@ def test_the_knee_search_doubles_then_halves_the_gap_and_logs_every_trial(monkey
     """A server that holds 230 requests/s: 50, 100, 200 held, 400 not, then 300, 250 not, 225 held."""
     from types import SimpleNamespace
 
-    from kd_sentiment import schema
+    from kd_sentiment.core import parameters
 
     tried = []
 
@@ -296,7 +294,7 @@ def test_the_knee_search_doubles_then_halves_the_gap_and_logs_every_trial(monkey
 
     monkeypatch.setattr(loadtest, "run_open_loop", fake_open_loop)
     monkeypatch.setattr(loadtest, "warm_up", lambda *args: None)
-    args = schema.LoadTestArgs(model="models:/m/1", find_knee=True, knee_trial_s=10, knee_steps=3)
+    args = parameters.LoadTestArgs(model="models:/m/1", find_knee=True, knee_trial_s=10, knee_steps=3)
     result = loadtest.find_knee(args, loadtest.Server("http://127.0.0.1:1", os.getpid()), ["x"], None)
     assert [rate for rate, _ in tried] == [50, 100, 200, 400, 300, 250, 225]
     assert [requests for _, requests in tried][:2] == [500, 1000]  # knee_trial_s of arrivals at each rate

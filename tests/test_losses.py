@@ -1,7 +1,7 @@
 import torch
 import torch.nn.functional as F
 
-from kd_sentiment.losses import distillation_loss
+from kd_sentiment.training.losses import distillation_loss
 
 
 def test_alpha_zero_is_cross_entropy_without_teacher():
@@ -37,7 +37,7 @@ def test_label_smoothing_applies_to_the_hard_label_term_only():
 def test_unlabelled_transfer_examples_learn_from_the_teacher_alone():
     """A transfer-set text (label UNLABELLED) gets T^2 KL with weight 1 and no hard-label term;
     labelled texts in the same batch keep the mixed loss, averaged over all examples."""
-    from kd_sentiment.losses import UNLABELLED
+    from kd_sentiment.training.losses import UNLABELLED
 
     s, t, y = torch.randn(8, 3), torch.randn(8, 3), torch.randint(0, 3, (8,))
     y[5:] = UNLABELLED

@@ -8,8 +8,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd_sentiment.data import load_splits
-from kd_sentiment.train import predict_logits
+from kd_sentiment.core.data import load_splits
+from kd_sentiment.training.loop import predict_logits
 
 # 1,500 reviews, 2 epochs: what the tiny random encoder needs to beat the majority class (else no alias).
 COMMON = ["--dataset", "imdb", "--validation_size", "101", "--max_train_samples", "1500", "--max_eval_samples", "101",

@@ -8,10 +8,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from kd_sentiment import pipeline, quantize, report
-from kd_sentiment.errors import UserError
-from kd_sentiment.data import load_splits
-from kd_sentiment.train import predict_logits
+from kd_sentiment import pipeline
+from kd_sentiment.core import configs
+from kd_sentiment.deploy import quantize
+from kd_sentiment.report import results
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.core.data import load_splits
+from kd_sentiment.training.loop import predict_logits
 
 from conftest import DATA_DIR
 
@@ -43,7 +46,7 @@ def contexts(run) -> set[str]:
 def ui_story(parent, runs: dict) -> None:
     """What a user sees in the MLflow UI, read back through MLflow's client: descriptions built from
     the runs' own numbers (change one, the text changes), datasets where data was read."""
-    from kd_sentiment import descriptions
+    from kd_sentiment.report import results
 
     client = mlflow.MlflowClient()
     record = mlflow.artifacts.load_dict(f"runs:/{parent.info.run_id}/pipeline_record.json")
@@ -57,7 +60,7 @@ def ui_story(parent, runs: dict) -> None:
     assert f"| {100 * q.data.metrics['int8_agreement_with_fp32']:.1f}% |" in row
     assert f"test accuracy {100 * teacher.data.metrics['test_accuracy']:.1f}% on 100 texts" in summary
     client.log_metric(student.info.run_id, "test_accuracy", 0.123)  # the table is read from the runs
-    assert "12.3% (" in descriptions.pipeline_summary(record, "imdb", {})
+    assert "12.3% (" in results.pipeline_summary(record, "imdb", {})
 
     version = client.get_model_version(q.data.tags["registered_model"], q.data.tags["registered_version"])
     m = q.data.metrics
@@ -154,10 +157,10 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
 
     # The report is generated from these runs: its numbers are theirs, and regenerating it gives the same file.
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{report.README_START}\nstale\n{report.README_END}\noutro\n")
+    readme.write_text(f"intro\n{results.README_START}\nstale\n{results.README_END}\noutro\n")
     out = tmp_path / "results" / "RESULTS.md"
-    args = report.ReportArgs(config="tiny", datasets="imdb", out=str(out), readme=str(readme))
-    report.run(args)
+    args = results.ReportArgs(config="tiny", datasets="imdb", out=str(out), readme=str(readme))
+    results.run(args)
     text = out.read_text()
     accuracy = step["teacher"].data.metrics["test_accuracy"]  # a target line computed from the run, verdict too
     assert (f"| imdb | teacher test accuracy >= 90.0 | {100 * accuracy:.1f} | "
@@ -174,23 +177,24 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     assert (f"; on 100 validation texts {100 * q['int8_val_agreement_with_fp32']:.1f}%, at least "
             f"{100 * q['int8_val_agreement_with_fp32_low']:.2f}% by its 95% bound |") in text
     assert bench_run.info.run_id in text
-    report.run(args)
+    results.run(args)
     assert out.read_text() == text
     assert "a later re-run of this pipeline's own benchmark" not in text
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("outro\n")
     assert "stale" not in readme.read_text() and teacher_row in readme.read_text()
     # a page written elsewhere leaves the README (here, the one in the working directory) alone unless asked
-    (tmp_path / "README.md").write_text(f"{report.README_START}\ncommitted\n{report.README_END}\n")
-    report.run(report.ReportArgs(config="tiny", datasets="imdb", out=str(tmp_path / "draft.md")))
+    (tmp_path / "README.md").write_text(f"{results.README_START}\ncommitted\n{results.README_END}\n")
+    results.run(results.ReportArgs(config="tiny", datasets="imdb", out=str(tmp_path / "draft.md")))
     assert "committed" in (tmp_path / "README.md").read_text() and (tmp_path / "draft.md").is_file()
     assert "another version of" not in text
     # A later benchmark of the same models and settings (a quiet machine's) is used, and said to be.
-    from kd_sentiment import benchmark, schema
+    from kd_sentiment.measure import benchmark
+    from kd_sentiment.core import parameters
 
-    fields = schema.flat_fields(schema.BenchmarkArgs)
-    same = schema.read_values(schema.BenchmarkArgs, {k: v for k, v in bench_run.data.params.items() if k in fields}, "")
-    benchmark.run(schema.build(schema.BenchmarkArgs, same))
-    report.run(args)
+    fields = parameters.flat_fields(parameters.BenchmarkArgs)
+    same = parameters.read_values(parameters.BenchmarkArgs, {k: v for k, v in bench_run.data.params.items() if k in fields}, "")
+    benchmark.run(parameters.build(parameters.BenchmarkArgs, same))
+    results.run(args)
     assert f"a later re-run of this pipeline's own benchmark (`{bench_run.info.run_id}`)" in out.read_text()
     # The configuration file changes after the run: the section says its numbers are not what it gives now.
     changed = yaml.safe_load(open(config))
@@ -199,7 +203,7 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     changed["teacher"]["lr"] = "2e-3"  # a float the YAML loader leaves a string: the same value
     changed["data"]["tweeteval"] = {"max_train_samples": 10}  # another dataset's subsets: not this section's
     Path(config).write_text(yaml.safe_dump(changed))
-    report.run(args)
+    results.run(args)
     assert ("**This pipeline ran another version of " + config + " than the one here, so these are not the numbers "
             "that file gives now:** teacher.epochs: ran 1, now 2.") in out.read_text()
     assert "**imdb's rows come from a pipeline that ran another version of its configuration file**" in out.read_text()
@@ -221,7 +225,7 @@ def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(con
     pipeline.run(pipeline.PipelineArgs(config=str(path), dataset="imdb"))
     parent = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list",
                                 filter_string="tags.`kd_sentiment.step` = 'pipeline'")[0]
-    record = report.artifact_json(parent.info.run_id, "pipeline_record.json")
+    record = results.artifact_json(parent.info.run_id, "pipeline_record.json")
     student = record["students"]["teacher-layers:0"]
     kd = [mlflow.get_run(r) for r in student["kd"]]
     nokd = [mlflow.get_run(r) for r in student["nokd"]]
@@ -238,7 +242,7 @@ def test_seeds_give_one_run_each_the_best_on_validation_and_paired_intervals(con
     quantized = mlflow.get_run(student["quantize"])
     assert quantized.data.params["parent_version"] == str(version.version)
 
-    report.run(report.ReportArgs(config="seeds", datasets="imdb", out=str(tmp_path / "R.md"),
+    results.run(results.ReportArgs(config="seeds", datasets="imdb", out=str(tmp_path / "R.md"),
                                  readme=str(tmp_path / "none.md")))
     text = (tmp_path / "R.md").read_text()
     kd_line = next(line for line in text.splitlines() if line.startswith("| teacher-layers:0 + KD vs no KD"))
@@ -270,7 +274,7 @@ def test_a_misspelled_key_in_any_section_is_refused_with_the_valid_keys(section,
     path = tmp_path / "typo.yaml"
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(UserError) as refused:
-        pipeline.load_config(str(path))
+        configs.load_config(str(path))
     message = str(refused.value)
     assert f"unknown key(s) ['{key}'] in section '{section}'" in message and str(path) in message
     assert "valid keys: [" in message
@@ -279,21 +283,21 @@ def test_a_misspelled_key_in_any_section_is_refused_with_the_valid_keys(section,
 def test_config_values_read_like_their_flags_and_steps_keep_their_own_defaults(tmp_path):
     """A config's `2e-4` (a string to YAML), `all`, `3.0` and `auto` mean what they mean as flags; a
     distill section without alpha distils (alpha 0.5, distill's default), it does not fine-tune."""
-    from kd_sentiment import schema
+    from kd_sentiment.core import parameters
 
     cfg = {"data": {"imdb": {"max_train_samples": "all", "validation_size": 200}},
            "teacher": {"lr": "2e-4", "epochs": 3.0}, "distill": {"students": ["tinybert"], "seeds": [1, 2]},
            "quantize": {"per_channel": "false", "reduce_range": "auto"}}
     path = tmp_path / "values.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    config = pipeline.load_config(str(path))
+    config = configs.load_config(str(path))
     assert config["data"]["imdb"] == {"max_train_samples": None, "validation_size": 200}
     assert config["teacher"] == {"lr": 2e-4, "epochs": 3} and isinstance(config["teacher"]["epochs"], int)
     assert config["quantize"] == {"per_channel": False, "reduce_range": None}
     assert config["distill"] == {"students": ["tinybert"], "seeds": [1, 2]}
-    distill = schema.build(schema.DistillArgs, {"student": "tinybert", "epochs": 1})
+    distill = parameters.build(parameters.DistillArgs, {"student": "tinybert", "epochs": 1})
     assert (distill.train.alpha, distill.train.epochs) == (0.5, 1)
-    assert "alpha" not in schema.flat_fields(schema.TeacherArgs)
+    assert "alpha" not in parameters.flat_fields(parameters.TeacherArgs)
 
 
 def test_a_value_given_per_dataset_is_read_for_the_dataset_run_and_refused_where_it_has_none(tmp_path):
@@ -302,14 +306,14 @@ def test_a_value_given_per_dataset_is_read_for_the_dataset_run_and_refused_where
     cfg = {"distill": {"epochs": {"tweeteval": 1, "imdb": "3"}, "lr": "1e-4", "seeds": {"imdb": [1, 2]}}}
     path = tmp_path / "per-dataset.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    assert pipeline.load_config(str(path), "imdb")["distill"] == {"epochs": 3, "lr": 1e-4, "seeds": [1, 2]}
+    assert configs.load_config(str(path), "imdb")["distill"] == {"epochs": 3, "lr": 1e-4, "seeds": [1, 2]}
     with pytest.raises(UserError, match=r"\['seeds'\] give a value per dataset but none for 'tweeteval'"):
-        pipeline.load_config(str(path), "tweeteval")
-    assert pipeline.load_config(str(path))["distill"]["epochs"] == {"tweeteval": 1, "imdb": 3}
+        configs.load_config(str(path), "tweeteval")
+    assert configs.load_config(str(path))["distill"]["epochs"] == {"tweeteval": 1, "imdb": 3}
     cfg["distill"]["epochs"]["imdb"] = "three"
     path.write_text(yaml.safe_dump(cfg))
     with pytest.raises(UserError, match="epochs for imdb: epochs"):
-        pipeline.load_config(str(path))
+        configs.load_config(str(path))
 
 
 @pytest.mark.parametrize("distill, expect", [({"seeds": "42"}, "seeds must be a list"),
@@ -319,17 +323,17 @@ def test_the_pipelines_own_distill_keys_are_checked(distill, expect, tmp_path):
     path = tmp_path / "plan.yaml"
     path.write_text(yaml.safe_dump({"distill": distill}))
     with pytest.raises(UserError, match=expect):
-        pipeline.load_config(str(path))
+        configs.load_config(str(path))
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (Path(__file__).parents[1] / "experiments").glob("*.yaml")
-                                        if not p.name.startswith("catalog")))
+                                        if not p.name.startswith("catalog") and p != results.TARGETS_FILE))
 def test_every_shipped_configuration_reads_under_the_schema(name):
     """Each shipped config reads, and so does each of its datasets' pipeline (a value given per
     dataset must name every dataset the config has a data block for)."""
     path = str(Path(__file__).parents[1] / "experiments" / name)
-    for dataset in [None, *(pipeline.load_config(path).get("data") or {})]:
-        pipeline.load_config(path, dataset)
+    for dataset in [None, *(configs.load_config(path).get("data") or {})]:
+        configs.load_config(path, dataset)
 
 
 def test_a_transfer_set_trains_each_student_three_ways_and_the_report_compares_them(config, tmp_path):
@@ -344,14 +348,14 @@ def test_a_transfer_set_trains_each_student_three_ways_and_the_report_compares_t
     pipeline.run(pipeline.PipelineArgs(config=str(path), dataset="imdb"))
     parent = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list",
                                 filter_string="tags.`kd_sentiment.step` = 'pipeline'")[0]
-    student = report.artifact_json(parent.info.run_id, "pipeline_record.json")["students"]["teacher-layers:0"]
+    student = results.artifact_json(parent.info.run_id, "pipeline_record.json")["students"]["teacher-layers:0"]
     kd, plain, nokd = (mlflow.get_run(student[kind][0]) for kind in ("kd", "kd_no_transfer", "nokd"))
     assert kd.data.params["n_transfer"] == "300" and kd.data.params["transfer_source"] == "train-unlabelled"
     assert "n_transfer" not in plain.data.params and "n_transfer" not in nokd.data.params
     assert plain.data.params["alpha"] == kd.data.params["alpha"] and nokd.data.params["alpha"] == "0.0"
     assert plain.data.tags["registered_model"] == "kd-sentiment-cut-l0-imdb-kd-no-transfer"
 
-    report.run(report.ReportArgs(config="transfer", datasets="imdb", out=str(tmp_path / "R.md"),
+    results.run(results.ReportArgs(config="transfer", datasets="imdb", out=str(tmp_path / "R.md"),
                                  readme=str(tmp_path / "none.md")))
     text = (tmp_path / "R.md").read_text()
     gain = next(line for line in text.splitlines() if "with vs without the transfer set" in line)
@@ -366,7 +370,7 @@ def test_a_step_label_with_a_comma_still_logs_its_wall_time():
     refuses in the `step_seconds.<label>` metric; the label is logged with `_` instead."""
     from dataclasses import dataclass
 
-    from kd_sentiment import tracking
+    from kd_sentiment.core import tracking
 
     @dataclass
     class Args:
@@ -391,7 +395,7 @@ def test_a_step_runs_again_when_what_makes_its_result_changes_and_says_which_par
     import shutil
     from dataclasses import dataclass
 
-    from kd_sentiment import tracking
+    from kd_sentiment.core import tracking
 
     data = tmp_path / "data" / "tweeteval_sentiment"
     shutil.copytree(DATA_DIR / "tweeteval_sentiment", data)

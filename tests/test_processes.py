@@ -4,7 +4,7 @@ import subprocess
 import sys
 import time
 
-from kd_sentiment import processes
+from kd_sentiment.core import processes
 
 # A parent and a child that both ignore SIGTERM, as a hung server and its worker would.
 STUBBORN = """

@@ -6,8 +6,8 @@ import mlflow
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd_sentiment import promote, quantize
-from kd_sentiment.errors import UserError
+from kd_sentiment.deploy import promote, quantize
+from kd_sentiment.core.errors import UserError
 
 PARENT = "kd-sentiment-teacher-imdb"
 INT8 = f"{PARENT}-int8"
@@ -68,7 +68,7 @@ def test_int8_checked_against_fp32_and_registered(registry):
     run = mlflow.get_run(version.tags["run_id"])
     assert run.data.params["validation_size"] == "300"  # taken from the parent's run
     assert (run.data.params["n_choose"], run.data.params["n_val"]) == ("100", "100")
-    assert set(candidates(run.info.run_id)["choice_texts"]) == {100}
+    assert set(candidate_table(run.info.run_id)["choice_texts"]) == {100}
     digests = {tag.value: d.dataset.digest for d in run.inputs.dataset_inputs for tag in d.tags
                if tag.key == "mlflow.data.context"}
     assert set(digests) == {"validation", "judge", "test", "calibration"} and digests["validation"] != digests["judge"]
@@ -140,10 +140,10 @@ def test_a_version_no_better_than_the_majority_class_is_not_promoted_unless_forc
 def test_auto_chooses_and_is_judged_on_disjoint_stratified_halves_of_validation():
     import pandas as pd
 
-    from kd_sentiment import search
+    from kd_sentiment.deploy import candidates
 
     validation = pd.DataFrame({"text": [f"text {i}" for i in range(200)], "label": [0] * 150 + [1] * 50})
-    chosen_on, judged = search.choice_and_judge(validation, seed=42)
+    chosen_on, judged = candidates.choice_and_judge(validation, seed=42)
     assert len(chosen_on) == len(judged) == 100 and not set(chosen_on["text"]) & set(judged["text"])
     assert list(chosen_on["label"].value_counts().sort_index()) == [75, 25] == list(judged["label"].value_counts().sort_index())
 
@@ -153,10 +153,10 @@ def test_the_budget_holds_accuracy_macro_recall_and_the_agreement_bound():
     is passed over for a slower one within every part of the budget."""
     from pathlib import Path
 
-    from kd_sentiment import search
+    from kd_sentiment.deploy import candidates
 
     def candidate(name, accuracy_drop, recall_drop, agreement_low, speed):
-        found = search.Candidate(name, Path(f"{name}.onnx"))
+        found = candidates.Candidate(name, Path(f"{name}.onnx"))
         found.numbers.update(val_accuracy_drop_points=accuracy_drop, val_macro_recall_drop_points=recall_drop,
                              val_agreement=agreement_low + 0.005, val_agreement_low=agreement_low, speed=speed)
         return found
@@ -165,8 +165,8 @@ def test_the_budget_holds_accuracy_macro_recall_and_the_agreement_bound():
     loses_accuracy = candidate("loses-accuracy", 1.0, 0.0, 0.995, 3.0)
     short_bound = candidate("short-bound", 0.0, 0.0, 0.985, 2.0)
     within = candidate("within", 0.4, 0.4, 0.991, 1.5)
-    assert search.choose([loses_recall, loses_accuracy, short_bound, within], 0.5, 0.99) is within
-    assert [search.shortfall(c, 0.5, 0.99) for c in (loses_recall, loses_accuracy, short_bound, within)] == \
+    assert candidates.choose([loses_recall, loses_accuracy, short_bound, within], 0.5, 0.99) is within
+    assert [candidates.shortfall(c, 0.5, 0.99) for c in (loses_recall, loses_accuracy, short_bound, within)] == \
         pytest.approx([1.5, 0.5, 0.5, 0.0])
 
 
@@ -224,7 +224,7 @@ def test_every_promotion_is_a_run_with_history_and_rollback(registry, caplog):
         promote.run(promote.PromoteArgs(name=INT8, alias="staging", rollback=True))
 
 
-def candidates(run_id: str):
+def candidate_table(run_id: str):
     """The quantize run's table of candidates (logged with mlflow.log_table)."""
     import pandas as pd
 
@@ -240,13 +240,13 @@ def test_auto_mode_registers_the_fastest_candidate_within_budget_with_its_hardwa
 
     import numpy as np
 
-    from kd_sentiment import runtime
-    from kd_sentiment.machine import DECIDING_FEATURES
+    from kd_sentiment.deploy import runtimes
+    from kd_sentiment.core.machine import DECIDING_FEATURES
 
     client, metrics = registry
     version = client.get_model_version_by_alias(INT8, "candidate")
     run_id = version.tags["run_id"]
-    table = candidates(run_id)
+    table = candidate_table(run_id)
     assert {"ort-dynamic", "ort-static", "ort-dynamic-ffn-fp32", "openvino-f32", "openvino-int8"} <= set(table["candidate"])
     within = table[table["within_budget"]]
     # ONNX Runtime on the fp32 graph is a candidate, within any budget: auto never chooses slower than it
@@ -264,7 +264,7 @@ def test_auto_mode_registers_the_fastest_candidate_within_budget_with_its_hardwa
     graph = next(__import__("pathlib").Path(folder).rglob("*.onnx"))
     texts = ["a wonderful film", "boring and bad"]
     run_fp32 = mlflow.artifacts.download_artifacts(f"runs:/{run_id}/onnx_fp32")
-    logits = runtime.OnnxClassifier(graph, run_fp32, runtime=config["runtime"],
+    logits = runtimes.OnnxClassifier(graph, run_fp32, runtime=config["runtime"],
                                     precision=config["precision"]).predict_logits(texts, 64) / config["temperature"]
     expected = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
     served = mlflow.pyfunc.load_model(f"models:/{INT8}/{version.version}").predict(texts)
@@ -281,7 +281,7 @@ def test_auto_mode_with_an_impossible_budget_registers_nothing(registry):
     failed = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list",
                                 filter_string="tags.`kd_sentiment.step` = 'quantize'")[0]
     assert failed.info.status == "FAILED"
-    assert len(candidates(failed.info.run_id)) >= 7
+    assert len(candidate_table(failed.info.run_id)) >= 7
 
 
 def test_candidates_restrict_the_search_to_the_named_ones(registry):
@@ -292,7 +292,7 @@ def test_candidates_restrict_the_search_to_the_named_ones(registry):
                                        min_agreement=MIN_AGREEMENT, candidates="openvino-f32", alias="forced"))
     version = client.get_model_version_by_alias(INT8, "forced")
     assert (version.tags["recipe"], version.tags["runtime"]) == ("openvino-f32", "openvino")
-    assert list(candidates(version.tags["run_id"])["candidate"]) == ["openvino-f32"]
+    assert list(candidate_table(version.tags["run_id"])["candidate"]) == ["openvino-f32"]
     runs = {r.info.run_id for r in mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list")}
     with pytest.raises(UserError, match=r"candidates='openvino-f32,ort-fast': unknown \['ort-fast'\]; choose from"):
         quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=200,
@@ -320,13 +320,13 @@ def test_auto_gate_reads_the_agreement_by_its_lower_bound(monkeypatch, tmp_path)
     the slower one agreeing on all of them (bound 99.73%) is chosen."""
     import numpy as np
 
-    from kd_sentiment import search
+    from kd_sentiment.deploy import candidates
 
     labels = np.arange(1000) % 2
     reference = np.stack([1 - labels, labels], axis=1).astype(float)  # fp32 predicts every label
     flipped = reference.copy()
     flipped[:5] = flipped[:5, ::-1]  # 5 of 1,000 predictions differ
-    fast, slow = search.Candidate("fast", tmp_path / "a.onnx"), search.Candidate("slow", tmp_path / "b.onnx")
+    fast, slow = candidates.Candidate("fast", tmp_path / "a.onnx"), candidates.Candidate("slow", tmp_path / "b.onnx")
     logits = {"fast": flipped, "slow": reference}
 
     class Runner:
@@ -336,15 +336,15 @@ def test_auto_gate_reads_the_agreement_by_its_lower_bound(monkeypatch, tmp_path)
         def predict_logits(self, texts, max_length):
             return logits[self.name]
 
-    monkeypatch.setattr(search.Candidate, "runner", lambda self, *a, **k: Runner(self.name))
-    search.validate([fast, slow], tmp_path, ["text"] * 1000, labels, ["negative", "positive"], reference, 64)
+    monkeypatch.setattr(candidates.Candidate, "runner", lambda self, *a, **k: Runner(self.name))
+    candidates.validate([fast, slow], tmp_path, ["text"] * 1000, labels, ["negative", "positive"], reference, 64)
     fast.numbers["speed"], slow.numbers["speed"] = 3.0, 1.5
     assert fast.numbers["val_agreement"] == pytest.approx(0.995) and fast.numbers["val_agreement_low"] < 0.99
-    assert search.choose([fast, slow], max_accuracy_drop=1.0, min_agreement=0.99) is slow
+    assert candidates.choose([fast, slow], max_accuracy_drop=1.0, min_agreement=0.99) is slow
 
 
 def test_promote_refuses_a_version_validated_on_another_cpu_unless_forced(registry, monkeypatch):
-    from kd_sentiment.machine import cpu_features
+    from kd_sentiment.core.machine import cpu_features
 
     client, _ = registry
     version = client.get_model_version_by_alias(INT8, "candidate")

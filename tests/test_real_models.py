@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from kd_sentiment import quantize, teacher
+from kd_sentiment.deploy import quantize
+from kd_sentiment.training import teacher
 
 from conftest import REPO, tiny_train_config
 

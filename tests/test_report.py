@@ -2,7 +2,8 @@
 import mlflow
 import pytest
 
-from kd_sentiment import report, tracking
+from kd_sentiment.report import results
+from kd_sentiment.core import tracking
 
 
 def load_test(version: str, p99: float, student: str = "tinybert", wrong: int | None = 0) -> None:
@@ -27,22 +28,22 @@ def numbers(version: str, drift) -> dict:
 
 def test_serving_shows_the_deployed_version_only():
     def load_tests(version: str) -> dict:
-        return report.deployed_load_tests(numbers(version, []))
+        return results.deployed_load_tests(numbers(version, []))
 
     load_test("1", p99=176.5)  # an earlier pipeline's deployed version
     load_test("2", p99=82.9, wrong=3)
-    text = report.serving_section(load_tests("2"))
+    text = results.serving_section(load_tests("2"))
     rows = [line for line in text.splitlines() if line.startswith("| models:/")]
     assert len(rows) == 1 and "| 2 | 2 | open loop, 100 req/s x 1500 | 1350 | 3 | 0 |" in rows[0]
     assert "82.9 (1350)" in rows[0]
     load_test("2", p99=82.9, wrong=None)  # the latest test of that version, from before answers were checked
-    assert "| 1350 | not checked | 0 |" in report.serving_section(load_tests("2"))
-    assert report.serving_section(load_tests("3")) == ""  # no load test of the deployed version: no section
+    assert "| 1350 | not checked | 0 |" in results.serving_section(load_tests("2"))
+    assert results.serving_section(load_tests("3")) == ""  # no load test of the deployed version: no section
     # The serving target reads the same tests: tinybert's deployed version's, not the earlier one's nor
     # minilm's (tested last).
     load_test("1", p99=50.0, student="minilm")
-    assert report.served_latency(load_tests("2"), "kd-sentiment-tinybert-tweeteval-int8") == (82.9, 1350)
-    assert report.served_latency(load_tests("3"), "kd-sentiment-tinybert-tweeteval-int8") == (None, None)
+    assert results.served_latency(load_tests("2"), "kd-sentiment-tinybert-tweeteval-int8") == (82.9, 1350)
+    assert results.served_latency(load_tests("3"), "kd-sentiment-tinybert-tweeteval-int8") == (None, None)
 
 
 def knee_search(version: str, knee: float) -> None:
@@ -61,18 +62,18 @@ def test_knee_searches_and_cpu_per_request_reach_the_serving_tables_and_the_targ
         mlflow.log_metrics({"server_cpu_ms_per_request": 3.3, "client_cpu_ms_per_request": 0.8,
                             "model_cpu_ms_per_call": 2.0})
     knee_search("2", knee=250)
-    tests = report.deployed_load_tests(numbers("2", []))
-    text = report.serving_section(tests)
+    tests = results.deployed_load_tests(numbers("2", []))
+    text = results.serving_section(tests)
     assert "| 89.0 | 3.30 / 0.80 / 2.00 |" in text  # the open-loop row, with its CPU per request
     knee = [line for line in text.splitlines() if "knee search" in line]
     assert knee == ["| models:/kd-sentiment-tinybert-tweeteval-int8@champion | 2 | 2 | knee search, p99 <= 30 ms | "
                     "250 | 21.5 | 3.10 | 7 |"]
-    rows = report.served_rows("tweeteval", "kd-sentiment-tinybert-tweeteval-int8", tests)
+    rows = results.served_rows("tweeteval", "kd-sentiment-tinybert-tweeteval-int8", tests)
     assert rows[0].endswith("| 25.0 ms over 1350 requests | **met** |")
     assert rows[1].endswith("| 1.65x (3.30 / 2.00 ms) | **not met** |")
-    assert report.knee_row("tweeteval", "kd-sentiment-tinybert-tweeteval-int8", tests).endswith(
+    assert results.knee_row("tweeteval", "kd-sentiment-tinybert-tweeteval-int8", tests).endswith(
         "| 250 requests/s | **not met** |")
-    assert report.knee_row("imdb", "kd-sentiment-tinybert-imdb-int8", tests).endswith("| not measured | not measured |")
+    assert results.knee_row("imdb", "kd-sentiment-tinybert-imdb-int8", tests).endswith("| not measured | not measured |")
 
 
 def spark_score(version: str, ratio: float) -> None:
@@ -90,13 +91,13 @@ def test_spark_scoring_shows_the_deployed_versions_latest_run_with_its_verdict()
     spark_score("2", ratio=0.5)
     spark_score("2", ratio=0.8)  # the latest of the deployed version
     spark_score("1", ratio=0.9)  # another version: not the deployed model's
-    text = report.spark_section(report.spark_scoring(numbers("2", [])))
+    text = results.spark_section(results.spark_scoring(numbers("2", [])))
     rows = [line for line in text.splitlines() if line.startswith("| kd-sentiment-")]
     assert rows == ["| kd-sentiment-tinybert-tweeteval-int8 | 2 | tweets-100k.parquet | 100000 | local[2] | 560.0 | "
                     "690.0 / 710.0 | 0.80x [0.79, 0.81] | **met** |"]
     spark_score("2", ratio=0.6)
-    assert "0.60x [0.59, 0.61] | **not met** |" in report.spark_section(report.spark_scoring(numbers("2", [])))
-    assert report.spark_section(report.spark_scoring(numbers("3", []))) == ""
+    assert "0.60x [0.59, 0.61] | **not met** |" in results.spark_section(results.spark_scoring(numbers("2", [])))
+    assert results.spark_section(results.spark_scoring(numbers("3", []))) == ""
 
 
 @pytest.mark.parametrize("drift, note", [
@@ -105,7 +106,7 @@ def test_spark_scoring_shows_the_deployed_versions_latest_run_with_its_verdict()
                                         "configuration file**"),
     (None, "**tweeteval's pipeline configuration could not be compared with its file here.**")])
 def test_targets_and_claims_say_when_a_section_is_not_what_its_config_gives(drift, note):
-    notes = "\n".join(report.drift_notes(numbers("2", drift)))
+    notes = "\n".join(results.drift_notes(numbers("2", drift)))
     assert (note in notes) if note else notes == ""
 
 
@@ -118,19 +119,19 @@ def test_the_seeds_column_counts_the_runs_no_better_than_the_majority_class():
         return run.info.run_id
 
     learnt, collapsed = training_run(0.78), training_run(0.5)
-    assert report.seeds_cell([learnt, training_run(0.71)]) == "2"
-    assert report.seeds_cell([learnt, collapsed, training_run(0.5)]) == "3 (2 no better than the majority class)"
+    assert results.seeds_cell([learnt, training_run(0.71)]) == "2"
+    assert results.seeds_cell([learnt, collapsed, training_run(0.5)]) == "3 (2 no better than the majority class)"
 
 
 def test_unknown_encoder_layers_are_an_error_not_the_lenient_target():
     """The retention target depends on the layers: a run that records none, whose model cannot be read,
     stops the report with one line instead of falling to the 3-layer target."""
-    from kd_sentiment.errors import UserError
+    from kd_sentiment.core.errors import UserError
 
     with mlflow.start_run(tags={"registered_model": "kd-sentiment-gone-imdb", "registered_version": "1"}) as run:
         pass
     with pytest.raises(UserError, match="its encoder layers are unknown"):
-        report.encoder_layers(mlflow.get_run(run.info.run_id))
+        results.encoder_layers(mlflow.get_run(run.info.run_id))
     with mlflow.start_run() as run:
         mlflow.log_param("encoder_layers", 6)
-    assert report.encoder_layers(mlflow.get_run(run.info.run_id)) == 6
+    assert results.encoder_layers(mlflow.get_run(run.info.run_id)) == 6

@@ -15,10 +15,10 @@ import pytest
 
 pytest.importorskip("pyspark", reason="Spark tests need the spark extra: pip install -e '.[spark]'")
 
-from kd_sentiment import export, runtime, score  # noqa: E402
-from kd_sentiment.errors import UserError  # noqa: E402
-from kd_sentiment.schema import ScoreArgs  # noqa: E402
-from kd_sentiment.serving import THREADS_ENV  # noqa: E402
+from kd_sentiment.deploy import export, runtimes, score  # noqa: E402
+from kd_sentiment.core.errors import UserError  # noqa: E402
+from kd_sentiment.core.parameters import ScoreArgs  # noqa: E402
+from kd_sentiment.deploy.served_model import THREADS_ENV  # noqa: E402
 
 from conftest import DATA_DIR  # noqa: E402
 from test_export import LABELS, tiny_classifier  # noqa: E402
@@ -37,7 +37,7 @@ def store(tiny_model, tmp_path_factory) -> str:
     tiny_classifier(tiny_model, home / "hf")
     fp32 = export.export_onnx(home / "hf", home / "fp32")
     with mlflow.start_run():
-        model_uri = runtime.log_onnx_pyfunc(fp32, fp32.parent, LABELS, 64, ["great movie", "awful"])
+        model_uri = runtimes.log_onnx_pyfunc(fp32, fp32.parent, LABELS, 64, ["great movie", "awful"])
     version = mlflow.register_model(model_uri, NAME)
     mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", version.version)
     return uri
@@ -158,7 +158,7 @@ def test_a_non_text_column_is_refused_as_a_whole(spark, in_store, tmp_path):
 
 
 def test_the_model_gets_one_runtime_thread_per_task_slot(spark, in_store, tweets, tmp_path, monkeypatch):
-    """Wiring: the UDF's environment carries KD_SENTIMENT_ORT_THREADS = spark.task.cpus, which serving.py reads."""
+    """Wiring: the UDF's environment carries KD_SENTIMENT_ORT_THREADS = spark.task.cpus, which served_model.py reads."""
     seen = {}
     real = mlflow.pyfunc.spark_udf
 
@@ -205,7 +205,7 @@ def test_a_job_killed_half_way_leaves_no_output_and_the_next_one_cleans_up(spark
 
 
 def test_the_default_model_is_the_datasets_one_int8_champion(in_store):
-    from kd_sentiment import tracking
+    from kd_sentiment.core import tracking
 
     tracking.configure()
     assert score.default_model("tweeteval") == URI

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import mlflow
 
-from kd_sentiment import export, processes, quantization, runtime
+from kd_sentiment.deploy import export, int8_recipes, runtimes
+from kd_sentiment.core import processes
 
 from conftest import wait_until_ok
 from test_export import LABELS, tiny_classifier
@@ -53,12 +54,12 @@ def test_served_model_answers_good_requests_and_rejects_bad_ones(tiny_model, tmp
     tiny_classifier(tiny_model, tmp_path / "hf")
     export.export_onnx(tmp_path / "hf", tmp_path / "fp32")
     export.optimize_onnx(tmp_path / "fp32", tmp_path / "fused")
-    int8, _ = quantization.quantize_onnx(tmp_path / "fused", tmp_path / "int8")
+    int8, _ = int8_recipes.quantize_onnx(tmp_path / "fused", tmp_path / "int8")
     with mlflow.start_run():
-        uri = runtime.log_onnx_pyfunc(int8, int8.parent, LABELS, MAX_LENGTH, ["great movie", "awful"])
-    # The runtime session travels with the model (serving.py imports it), not from an installed kd_sentiment.
+        uri = runtimes.log_onnx_pyfunc(int8, int8.parent, LABELS, MAX_LENGTH, ["great movie", "awful"])
+    # The runtime session travels with the model (served_model.py imports it), not from an installed kd_sentiment.
     local = Path(mlflow.artifacts.download_artifacts(uri))
-    assert (local / "code" / "onnx_session.py").read_text() == Path(runtime.SESSION_CODE).read_text()
+    assert (local / "code" / "onnx_session.py").read_text() == Path(runtimes.SESSION_CODE).read_text()
     # The served environment carries uvicorn's C HTTP parser and event loop (it falls back to pure Python).
     requirements = Path(mlflow.pyfunc.get_model_dependencies(uri)).read_text()
     lines = requirements.splitlines()

@@ -3,7 +3,7 @@ and widens with the spread over seeds."""
 import numpy as np
 import pytest
 
-from kd_sentiment.stats import paired_difference, share_lower_bound
+from kd_sentiment.core.stats import paired_difference, share_lower_bound
 
 
 def planted(n: int, p_a: float, p_b: float, seed: int, num_labels: int = 3):

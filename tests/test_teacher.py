@@ -65,7 +65,7 @@ def test_failure_after_run_start_marks_failed_and_registers_nothing(tiny_model, 
 def test_model_no_better_than_the_majority_class_is_registered_without_alias(tiny_model, tmp_path):
     """Every evaluation reports the majority-class baseline (the most frequent training label); a
     model that does not beat it on validation is logged and registered, but gets no alias."""
-    from kd_sentiment import teacher
+    from kd_sentiment.training import teacher
 
     from conftest import tiny_train_config
 
@@ -90,8 +90,8 @@ def test_model_no_better_than_the_majority_class_is_registered_without_alias(tin
 
 def test_resuming_a_finished_run_trains_and_registers_nothing(tiny_model, tmp_path):
     """--resume true on a run that finished: one line says so; no new run, no new version."""
-    from kd_sentiment import teacher
-    from kd_sentiment.errors import UserError
+    from kd_sentiment.training import teacher
+    from kd_sentiment.core.errors import UserError
 
     from conftest import tiny_train_config
 

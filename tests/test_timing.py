@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from kd_sentiment import timing
+from kd_sentiment.core import timing
 
 
 class FakeClock:

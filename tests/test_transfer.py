@@ -1,4 +1,4 @@
-"""Transfer sets (kd_sentiment/transfer.py): what is read, what is refused, and a student trained on one."""
+"""Transfer sets (kd_sentiment/training/transfer_sets.py): what is read, what is refused, and a student trained on one."""
 import gzip
 
 import mlflow
@@ -6,10 +6,11 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from kd_sentiment import distill, tracking
-from kd_sentiment.data import load_splits
-from kd_sentiment.errors import UserError
-from kd_sentiment.transfer import TRAIN_UNLABELLED, load_transfer
+from kd_sentiment.training import distill
+from kd_sentiment.core import tracking
+from kd_sentiment.core.data import load_splits
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.training.transfer_sets import TRAIN_UNLABELLED, load_transfer
 
 from conftest import tiny_train_config
 

@@ -1,6 +1,6 @@
 """The benchmark's measuring process: one per (model, backend), alive for the whole benchmark.
 
-Started as `python -m kd_sentiment.bench_worker BACKEND THREADS [RUNTIME]`, it imports that backend's runtime
+Started as `python -m kd_sentiment.measure.bench_worker BACKEND THREADS [RUNTIME]`, it imports that backend's runtime
 and nothing else (ONNX rows: onnxruntime, numpy and `tokenizers`, as the served model does, never
 torch or transformers; PyTorch rows: torch and transformers), measures its resident memory then,
 and answers commands, one JSON object per line on stdin, one JSON answer per line on stdout
@@ -61,7 +61,7 @@ class OnnxModel:
         import numpy as np
         from tokenizers import Tokenizer
 
-        from kd_sentiment.onnx_session import Session
+        from kd_sentiment.deploy.onnx_session import Session
 
         self.np = np
         self.session = Session(spec["model"], spec.get("runtime", "onnxruntime"), spec.get("precision", "f32"), threads)
@@ -95,7 +95,7 @@ def serve(backend: str, threads: int, answer, runtime: str = "onnxruntime") -> N
         import tokenizers  # noqa: F401
         if runtime == "openvino":  # a model served by OpenVINO
             import openvino  # noqa: F401
-    from kd_sentiment import machine, timing
+    from kd_sentiment.core import machine, timing
 
     runtime_rss = machine.rss_mb()
     answer({"runtime_rss_mb": runtime_rss, "imports_torch": "torch" in sys.modules})

@@ -6,10 +6,10 @@ fine-tuned from: students cut from the teacher (`teacher-layers:...`) start from
 """
 from __future__ import annotations
 
-from kd_sentiment import tracking
-from kd_sentiment.models import load_catalog, load_classifier, resolve, with_layers
-from kd_sentiment.schema import TeacherArgs
-from kd_sentiment.steps import slug, fit_and_evaluate, log_step_params, publish, set_up
+from kd_sentiment.core import tracking
+from kd_sentiment.core.models import load_catalog, load_classifier, resolve, with_layers
+from kd_sentiment.core.parameters import TeacherArgs
+from kd_sentiment.training.steps import slug, fit_and_evaluate, log_step_params, publish, set_up
 
 
 def registered_name(dataset: str) -> str:

@@ -24,10 +24,10 @@ import mlflow
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from kd_sentiment import tracking
-from kd_sentiment.errors import UserError
-from kd_sentiment.machine import DECIDING_FEATURES, cpu_features
-from kd_sentiment.schema import PromoteArgs
+from kd_sentiment.core import tracking
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.core.machine import DECIDING_FEATURES, cpu_features
+from kd_sentiment.core.parameters import PromoteArgs
 
 log = logging.getLogger(__name__)
 

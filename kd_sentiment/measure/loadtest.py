@@ -67,9 +67,9 @@ import numpy as np
 import pandas as pd
 import psutil
 
-from kd_sentiment import processes, timing
-from kd_sentiment.errors import UserError
-from kd_sentiment.schema import LoadTestArgs
+from kd_sentiment.core import processes, timing
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.core.parameters import LoadTestArgs
 
 log = logging.getLogger(__name__)
 
@@ -405,7 +405,7 @@ class Server:
 def served(model_uri: str, startup_s: float = 180, workers: int = 1):
     """`mlflow models serve -m model_uri --workers N` on a free loopback port for the duration of the
     block; yields its Server. The server and its workers are always stopped afterwards (killed if
-    they do not stop), and its log removed. The workers size their threads from the flag (serving.py)."""
+    they do not stop), and its log removed. The workers size their threads from the flag (served_model.py)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
@@ -500,8 +500,8 @@ def run(args: LoadTestArgs) -> dict:
     """Serve `args.model`, load it with real test texts (or find its knee), check every answer against
     the model's in-process answer for its text, log the result and write a CSV row. A test with a wrong
     answer, or in which no request succeeded, is logged, then ends the step with a UserError (FAILED)."""
-    from kd_sentiment import tracking
-    from kd_sentiment.data import load_splits
+    from kd_sentiment.core import tracking
+    from kd_sentiment.core.data import load_splits
 
     args.validate()
     tracking.configure()

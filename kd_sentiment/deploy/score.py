@@ -1,7 +1,7 @@
 """The `score` step: a registered model labels a file or folder of texts through Spark.
 
 The model runs as `mlflow.pyfunc.spark_udf` with the current environment: the same pyfunc that
-`mlflow models serve` answers with (serving.py), loaded in Spark's Python workers. Any Spark master
+`mlflow models serve` answers with (served_model.py), loaded in Spark's Python workers. Any Spark master
 URL works unchanged; `local[*]` uses this machine's cores.
 
 Every row is kept, in order. Each input file is read as one partition (never split), so a row's
@@ -13,7 +13,7 @@ its `error` and no prediction. The output's row count is checked against the inp
 output appears.
 
 One runtime thread per task slot: the model reads $KD_SENTIMENT_ORT_THREADS when it loads
-(serving.py), and the UDF's environment sets it to `spark.task.cpus`; Spark already runs one task
+(served_model.py), and the UDF's environment sets it to `spark.task.cpus`; Spark already runs one task
 per slot, so the cores are not oversubscribed.
 
 A failed or interrupted job leaves nothing at `--output`: Spark writes beside it, to a
@@ -32,10 +32,10 @@ from pathlib import Path
 
 import mlflow
 
-from kd_sentiment import tracking
-from kd_sentiment.errors import UserError
-from kd_sentiment.schema import ScoreArgs
-from kd_sentiment.serving import THREADS_ENV
+from kd_sentiment.core import tracking
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.core.parameters import ScoreArgs
+from kd_sentiment.deploy.served_model import THREADS_ENV
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import train_test_split
 
-from kd_sentiment.errors import UserError
+from kd_sentiment.core.errors import UserError
 
 SPLITS = ("train", "validation", "test")
 FILE_SUFFIXES = (".csv", ".csv.gz", ".parquet", ".jsonl", ".jsonl.gz")

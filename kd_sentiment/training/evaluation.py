@@ -7,10 +7,11 @@ from __future__ import annotations
 import mlflow
 import numpy as np
 
-from kd_sentiment import calibration
-from kd_sentiment.data import fingerprint
-from kd_sentiment.tracking import log_array, log_figure, log_params
-from kd_sentiment.train import predict_logits
+from kd_sentiment.core.metrics import (confusion, confusion_figure, evaluate_with_temperature, majority_baseline,
+                                       probabilities, reliability_figure)
+from kd_sentiment.core.data import fingerprint
+from kd_sentiment.core.tracking import log_array, log_figure, log_params
+from kd_sentiment.training.loop import predict_logits
 
 
 def evaluate(model, tokenizer, splits, max_length: int, batch_size: int, accelerator=None):
@@ -18,12 +19,12 @@ def evaluate(model, tokenizer, splits, max_length: int, batch_size: int, acceler
     the majority-class baseline on the same texts (`val_majority_*`, `test_majority_*`)."""
     val_logits = predict_logits(model, tokenizer, splits.validation["text"], max_length, batch_size, accelerator)
     test_logits = predict_logits(model, tokenizer, splits.test["text"], max_length, batch_size, accelerator)
-    metrics = calibration.evaluate_with_temperature(val_logits, splits.validation["label"].to_numpy(),
+    metrics = evaluate_with_temperature(val_logits, splits.validation["label"].to_numpy(),
                                                     test_logits, splits.test["label"].to_numpy(),
                                                     splits.label_names)
     train_labels = splits.train["label"].to_numpy()
     for prefix, frame in (("val", splits.validation), ("test", splits.test)):
-        floor = calibration.majority_baseline(train_labels, frame["label"].to_numpy(), splits.label_names)
+        floor = majority_baseline(train_labels, frame["label"].to_numpy(), splits.label_names)
         metrics.update({f"{prefix}_majority_{k}": v for k, v in floor.items()})
     return metrics, test_logits
 
@@ -36,11 +37,11 @@ def log_evaluation(metrics: dict, test_logits: np.ndarray, splits, title: str) -
     mlflow.log_metrics(metrics)
     log_predictions({"test_logits": test_logits}, splits.test)
     labels = splits.test["label"].to_numpy()
-    curves = {"test": (calibration.probabilities(test_logits), labels),
-              f"test, T={metrics['temperature']:.2f}": (calibration.probabilities(test_logits, metrics["temperature"]), labels)}
-    log_figure(calibration.reliability_figure(curves, title), "figures/reliability_diagram.png")
-    matrix = calibration.confusion(test_logits, labels, splits.num_labels)
-    log_figure(calibration.confusion_figure(matrix, splits.label_names, title), "figures/confusion_matrix.png")
+    curves = {"test": (probabilities(test_logits), labels),
+              f"test, T={metrics['temperature']:.2f}": (probabilities(test_logits, metrics["temperature"]), labels)}
+    log_figure(reliability_figure(curves, title), "figures/reliability_diagram.png")
+    matrix = confusion(test_logits, labels, splits.num_labels)
+    log_figure(confusion_figure(matrix, splits.label_names, title), "figures/confusion_matrix.png")
     mlflow.log_dict({"labels": splits.label_names, "matrix": matrix.tolist()}, "metrics/test_confusion_matrix.json")
 
 

@@ -15,7 +15,7 @@ import re
 from dataclasses import MISSING, Field, dataclass, field, fields, replace
 from typing import Any, Callable
 
-from kd_sentiment.errors import UserError
+from kd_sentiment.core.errors import UserError
 
 
 # ----------------------------------------------------------------------------- how text values read
@@ -312,7 +312,7 @@ class QuantizeArgs:
     max_accuracy_drop: float = param(0.5, "auto: largest validation accuracy (and macro-recall) drop vs the fp32 "
                                           "parent, in points (negative: a gain required)")
     min_agreement: float = param(0.99, "auto: smallest share of validation predictions equal to the fp32 parent's, "
-                                       "read as the one-sided 95% lower confidence bound of the share seen (so 0.99 "
+                                       "read as the one-sided 95%% lower confidence bound of the share seen (so 0.99 "
                                        "needs at least 268 validation texts, all agreeing)")
     candidates: str = param("", "auto: only these candidates, comma-separated (e.g. openvino-f32,ort-static; the "
                                 "names of quantize_candidates.json); empty: every candidate this CPU can run")

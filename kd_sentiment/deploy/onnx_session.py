@@ -9,7 +9,7 @@ there are never more of them than calls were in flight at the busiest moment. Th
 part (Step 3) has the per-call cost of this pool against a request per call and a request per thread.
 
 This file imports numpy and the runtime it opens, nothing of kd_sentiment: the served model carries
-it beside serving.py (MLflow `code_paths`), and the benchmark's ONNX worker opens graphs with it
+it beside served_model.py (MLflow `code_paths`), and the benchmark's ONNX worker opens graphs with it
 without importing torch or MLflow.
 """
 from __future__ import annotations
@@ -39,7 +39,10 @@ class Session:
         if runtime == "openvino":
             import openvino as ov
 
-            config = {"INFERENCE_PRECISION_HINT": precision, **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
+            # No pinning: OpenVINO pins its inference threads to cores as if it owned the machine, and the
+            # processes that share these cores (Spark tasks, server workers) then all land on the same core.
+            config = {"INFERENCE_PRECISION_HINT": precision, "ENABLE_CPU_PINNING": False,
+                      **({"INFERENCE_NUM_THREADS": threads} if threads else {})}
             self.compiled = ov.Core().compile_model(model_path, "CPU", config)
             self.idle = queue.SimpleQueue()  # InferRequests no call is using
             self.input_names = [port.get_any_name() for port in self.compiled.inputs]

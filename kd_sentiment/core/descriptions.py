@@ -4,10 +4,6 @@ Every number comes from the run that made it; nothing here measures or decides.
 """
 from __future__ import annotations
 
-import mlflow
-
-from kd_sentiment import report
-
 FLOAT_RECIPES = ("ort-f32", "openvino-f32", "openvino-bf16")  # candidates that deploy the float graph
 
 
@@ -71,40 +67,3 @@ def registered_model(name: str, step: str, dataset: str, parent_name: str = "") 
     return (f"{who} for {dataset}, trained by `kd-sentiment {step}`. `@champion` marks the one the next step "
             f"uses ({'students are distilled from it' if step == 'teacher' else 'it is quantized and deployed'}). "
             "Each version's description says what it is.")
-
-
-def pipeline_summary(record: dict, dataset: str, promotions: dict) -> str:
-    """The pipeline run's results table: each student's deployed seed against the teacher, the graph
-    deployed, what INT8 kept, the served speed against the teacher, and the targets' verdicts."""
-    teacher = mlflow.get_run(record["teacher"])
-    metric = teacher.data.params["selection_metric"]
-    m, teacher_metric = metric_name(metric), teacher.data.metrics[f"test_{metric}"]
-    bench = report.benchmark_frame(record["benchmark"])
-    lines = [f"**{dataset}**: teacher `{teacher.data.tags['registered_model']}` "
-             f"v{teacher.data.tags['registered_version']}, test {m} {points(teacher_metric)} on "
-             f"{teacher.data.params['n_test']} texts. Each student's row is its deployed seed.", "",
-             f"| student | test {m} (kept of the teacher's) | retention target | deployed graph | agreement with "
-             f"fp32 (test) | {m} change (points) | INT8 target | speed vs teacher, batch 1 | promoted |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for student, runs in record["students"].items():
-        selected = mlflow.get_run(runs["selected"])
-        kept = selected.data.metrics[f"test_{metric}"] / teacher_metric
-        layers = report.encoder_layers(selected)
-        need = report.retention_target(layers)
-        row = [student, f"{points(selected.data.metrics[f'test_{metric}'])} ({points(kept)})",
-               f">= {points(need)}: {'met' if kept >= need else 'not met'}"]
-        if runs.get("quantize"):
-            q = mlflow.get_run(runs["quantize"])
-            qm, name = q.data.metrics, q.data.tags["registered_model"]
-            agreement = qm["int8_agreement_with_fp32"]
-            change = 100 * (qm[f"onnx_int8_test_{metric}"] - qm[f"torch_fp32_test_{metric}"])
-            recipe = q.data.tags.get("recipe", "INT8")
-            verdict = ("not met (a float graph)" if recipe in FLOAT_RECIPES
-                       else "met" if report.int8_within_targets(qm) else "not met")
-            row += [f"`{recipe}` ({q.data.tags.get('runtime')}) v{q.data.tags['registered_version']}",
-                    points(agreement), f"{change:+.2f}", verdict,
-                    report.speedup(bench, name, report.SERVED, 1), promotions.get(student, "yes")]
-        else:
-            row += ["none", "", "", "", "", ""]
-        lines.append("| " + " | ".join(row) + " |")
-    return "\n".join(lines)

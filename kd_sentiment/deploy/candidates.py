@@ -38,12 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from kd_sentiment import quantization, stats, timing
-from kd_sentiment.calibration import classification_metrics
-from kd_sentiment.data import stratified_take
-from kd_sentiment.errors import UserError
-from kd_sentiment.machine import bf16_capable, cpu_features
-from kd_sentiment.runtime import OnnxClassifier
+from kd_sentiment.deploy import int8_recipes
+from kd_sentiment.core import stats, timing
+from kd_sentiment.core.metrics import classification_metrics
+from kd_sentiment.core.data import stratified_take
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.core.machine import bf16_capable, cpu_features
+from kd_sentiment.deploy.runtimes import OnnxClassifier
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def build(work: Path, unfused: Path, fused: Path, calibration_texts: list[str], 
     """The candidates of `names` this machine can run, their graphs written under `work`; the
     sensitivity search measures on the first `sensitivity_texts` calibration texts (0: no search)."""
     def ort(name: str, source: Path, **recipe) -> Candidate:
-        path, settings = quantization.quantize_onnx(source.parent, work / name, reduce_range=reduce_range,
+        path, settings = int8_recipes.quantize_onnx(source.parent, work / name, reduce_range=reduce_range,
                                                     max_length=max_length, **recipe)
         return Candidate(name, path, recipe=settings)
 
@@ -153,11 +154,11 @@ def sensitive(work: Path, fused: Path, plain: Candidate, texts: list[str], max_l
         return None
 
     def quantized(name: str, **recipe) -> tuple[Path, dict]:
-        return quantization.quantize_onnx(fused.parent, work / name, reduce_range=reduce_range,
+        return int8_recipes.quantize_onnx(fused.parent, work / name, reduce_range=reduce_range,
                                           max_length=max_length, **recipe)
 
     graph = onnx.load(str(fused), load_external_data=False).graph
-    nodes = quantization.quantizable_nodes(graph, plain.recipe["operators_to_quantize"])
+    nodes = int8_recipes.quantizable_nodes(graph, plain.recipe["operators_to_quantize"])
     error = {}
     for node in nodes:
         path, _ = quantized("sensitivity-probe", only_nodes=[node])

@@ -17,9 +17,9 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from kd_sentiment.data import fingerprint
-from kd_sentiment.tracking import STEP_TAG, find_runs, load_array, log_array, log_texts
-from kd_sentiment.train import predict_logits
+from kd_sentiment.core.data import fingerprint
+from kd_sentiment.core.tracking import STEP_TAG, find_runs, load_array, log_array, log_texts
+from kd_sentiment.training.loop import predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def teacher_logits(version, model_uri: str, texts_by_split: dict, max_length: in
     from accelerate.utils import broadcast_object_list
     from accelerate.utils.memory import clear_device_cache
 
-    from kd_sentiment.tracking import load_registered_classifier
+    from kd_sentiment.core.tracking import load_registered_classifier
 
     names = {split: f"{split}-{fingerprint(texts)}.npy" for split, texts in texts_by_split.items()}
     found = [None, set()]

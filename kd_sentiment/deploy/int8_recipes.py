@@ -12,10 +12,10 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
-from kd_sentiment.errors import UserError
-from kd_sentiment.export import ONNX_NAME, onnx_file
-from kd_sentiment.machine import cpu_features
-from kd_sentiment.schema import QUANTIZATION_MODES
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.deploy.export import ONNX_NAME, export_onnx, onnx_file
+from kd_sentiment.core.machine import cpu_features
+from kd_sentiment.core.parameters import QUANTIZATION_MODES
 
 CALIBRATION_METHODS = ("minmax", "percentile")
 EMBEDDING_OPS = ("Gather", "EmbedLayerNormalization")  # the embedding lookups (fused: EmbedLayerNormalization)
@@ -111,31 +111,16 @@ def quantize_onnx(onnx_dir: Path, out_dir: Path, mode: str = "dynamic", per_chan
     weights, which take a non-saturating path in current kernels; 7 bits keep accuracy whatever
     path runs, at little cost: README, "Step 3".) VNNI and ARM64 accumulate in int32 and keep the full 8 bits.
     float_nodes (dynamic): these nodes (by name) stay float too; only_nodes (dynamic): quantize these
-    alone (how search.py measures one node's sensitivity).
+    alone (how candidates.py measures one node's sensitivity).
 
     Returns the quantized model's path and a dict of the settings actually used, for logging.
     """
     # Twelve parameters: each is one knob of the recipe, documented above and logged in the result.
-    import onnx
-
     source = onnx_file(onnx_dir)
     out_dir = Path(out_dir)
-    if mode not in QUANTIZATION_MODES:
-        raise UserError(f"quantization mode '{mode}': expected one of {QUANTIZATION_MODES}.")
     static = mode == "static"
-    if static and not calibration_texts:
-        raise UserError("static quantization needs calibration_texts (a few hundred training texts); "
-                        "pass them or use mode 'dynamic'.")
-    if static and calibration_method not in CALIBRATION_METHODS:
-        raise UserError(f"calibration method '{calibration_method}': expected one of {CALIBRATION_METHODS}.")
-    graph = onnx.load(str(source), load_external_data=False).graph
-    if static and any(node.domain == "com.microsoft" for node in graph.node):
-        raise UserError(f"{source} is a fused graph; static quantization needs the unfused export "
-                        "(the folder export_onnx wrote). Use mode 'dynamic' for fused graphs.")
-
+    graph = _checked_graph(source, mode, calibration_texts, calibration_method, bool(float_nodes or only_nodes))
     features = cpu_features()
-    if static and (float_nodes or only_nodes):
-        raise UserError("float_nodes and only_nodes are dynamic-mode choices; static mode picks its own nodes.")
     ffn_nodes = _ffn_output_matmuls(graph) if static or float_ffn_output else []
     config = _recipe(graph, source, features, static, per_channel, reduce_range, ffn_nodes + list(float_nodes),
                      float_embeddings)
@@ -160,6 +145,28 @@ def quantize_onnx(onnx_dir: Path, out_dir: Path, mode: str = "dynamic", per_chan
         described.update(calibration_method=calibration_method, calibration_samples=len(calibration_texts),
                          max_length=max_length)
     return target, described
+
+
+def _checked_graph(source: Path, mode: str, calibration_texts: list[str] | None, calibration_method: str,
+                   chosen_nodes: bool):
+    """`source`'s graph, or a UserError where `quantize_onnx`'s arguments do not fit it or each other."""
+    import onnx
+
+    if mode not in QUANTIZATION_MODES:
+        raise UserError(f"quantization mode '{mode}': expected one of {QUANTIZATION_MODES}.")
+    static = mode == "static"
+    if static and not calibration_texts:
+        raise UserError("static quantization needs calibration_texts (a few hundred training texts); "
+                        "pass them or use mode 'dynamic'.")
+    if static and calibration_method not in CALIBRATION_METHODS:
+        raise UserError(f"calibration method '{calibration_method}': expected one of {CALIBRATION_METHODS}.")
+    graph = onnx.load(str(source), load_external_data=False).graph
+    if static and any(node.domain == "com.microsoft" for node in graph.node):
+        raise UserError(f"{source} is a fused graph; static quantization needs the unfused export "
+                        "(the folder export_onnx wrote). Use mode 'dynamic' for fused graphs.")
+    if static and chosen_nodes:
+        raise UserError("float_nodes and only_nodes are dynamic-mode choices; static mode picks its own nodes.")
+    return graph
 
 
 def _recipe(graph, source: Path, features: dict, static: bool, per_channel: bool, reduce_range: bool | None,
@@ -217,7 +224,7 @@ def _quantize_static(source: Path, out_dir: Path, config, texts: list[str], max_
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoCalibrationConfig
 
-    from kd_sentiment.models import load_tokenizer
+    from kd_sentiment.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(source.parent))
     # One padded length for the whole set: the calibration reader stacks rows into batches.
@@ -233,3 +240,21 @@ def _quantize_static(source: Path, out_dir: Path, config, texts: list[str], max_
         ranges = quantizer.fit(dataset, calibration, onnx_augmented_model_name=Path(tmp) / "augmented.onnx",
                                operators_to_quantize=config.operators_to_quantize, batch_size=batch_size)
     quantizer.quantize(config, save_dir=out_dir, calibration_tensors_range=ranges, file_suffix=None)
+
+
+def optimum_dynamic_int8(model_folder: Path, dst: Path) -> Path:
+    """Plain optimum INT8 of the transformers model in `model_folder`, as a user gets it off the shelf
+    (the benchmark's peer): ORTModel export, then ORTQuantizer with the dynamic preset of this CPU
+    (avx512_vnni / avx512 / avx2 / arm64) and its defaults; no fusion, no node selection. Returns the
+    quantized graph, its tokenizer files beside it."""
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    exported = export_onnx(model_folder, dst / "fp32")
+    quantizer = ORTQuantizer.from_pretrained(exported.parent, file_name=ONNX_NAME)
+    config = getattr(AutoQuantizationConfig, preset_name(cpu_features()))(is_static=False)
+    quantizer.quantize(config, save_dir=dst / "int8")
+    for path in exported.parent.iterdir():  # the tokenizer files beside the graph
+        if path.is_file() and path.suffix != ".onnx" and not (dst / "int8" / path.name).exists():
+            shutil.copy(path, dst / "int8" / path.name)
+    return next((dst / "int8").glob("*.onnx"))

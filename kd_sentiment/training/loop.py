@@ -27,10 +27,10 @@ from accelerate.utils import set_seed
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
-from kd_sentiment.calibration import classification_metrics
-from kd_sentiment.errors import UserError
-from kd_sentiment.losses import distillation_loss
-from kd_sentiment.schema import TrainConfig
+from kd_sentiment.core.metrics import classification_metrics
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.training.losses import distillation_loss
+from kd_sentiment.core.parameters import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,31 @@ def end_epoch(model, tokenizer, data: TrainData, config: TrainConfig, accelerato
     accelerator.wait_for_everyone()
 
 
+def accumulation_group(i: int, batches: int, steps: int) -> tuple[int, bool]:
+    """(the number of batches in the gradient-accumulation group of batch `i`, whether `i` ends it): groups
+    of `steps` batches, the epoch's last one shorter, each group's loss averaged over its own batches."""
+    group_end = min((i // steps + 1) * steps, batches)
+    return group_end - (i // steps) * steps, i + 1 == group_end
+
+
+def batch_loss(model, batch: dict, config: TrainConfig, device) -> torch.Tensor:
+    """The distillation loss of one batch (cross-entropy alone where it has no teacher logits)."""
+    logits = model(**model_inputs(batch, device)).logits
+    teacher = batch.get("teacher_logits")
+    return distillation_loss(logits.float(), batch["labels"].to(device), None if teacher is None else teacher.to(device),
+                             config.temperature, config.alpha, config.label_smoothing)
+
+
+def best_model(model, accelerator: Accelerator, best_dir: Path):
+    """`model` with the best epoch's weights (checked identical across processes first), in eval mode."""
+    if accelerator.num_processes > 1:
+        check_identical_across_processes(model, accelerator)
+    if best_dir.exists():
+        from safetensors.torch import load_file
+        model.load_state_dict(load_file(best_dir / "model.safetensors"))
+    return model.eval()
+
+
 def train(model, tokenizer, data: TrainData, config: TrainConfig, accelerator: Accelerator,
           checkpoints: Checkpoints, log_metrics: Callable[[dict, int], None] = lambda metrics, step: None) -> TrainResult:
     """Train `model`, evaluate on validation after each epoch, return it with the best epoch's weights.
@@ -235,7 +260,6 @@ def train(model, tokenizer, data: TrainData, config: TrainConfig, accelerator: A
     log_metrics: called on the main process with (metrics, step) for per-step loss and per-epoch
     validation metrics (`history/val_*`, step = epoch; final `val_*` are the caller's).
     """
-    # Long on purpose: the one training loop, read top to bottom as in accelerate's nlp_example.py.
     config.validate()
     if config.alpha > 0 and data.teacher_logits is None:
         raise UserError("alpha > 0 needs the teacher's logits (soft targets).")
@@ -260,16 +284,9 @@ def train(model, tokenizer, data: TrainData, config: TrainConfig, accelerator: A
         my_batches = shard(length_grouped_batches(lengths, config.batch_size, config.seed + epoch), rank, world, pad=True)
         for i in range(state["batches_done"], len(my_batches)):
             batch = collate(encodings, my_batches[i], tokenizer, data.labels, data.teacher_logits)
-            group_end = min((i // config.gradient_accumulation_steps + 1) * config.gradient_accumulation_steps,
-                            len(my_batches))
-            group_size = group_end - (i // config.gradient_accumulation_steps) * config.gradient_accumulation_steps
-            sync = i + 1 == group_end
+            group_size, sync = accumulation_group(i, len(my_batches), config.gradient_accumulation_steps)
             with accelerator.no_sync(model) if not sync else nullcontext():
-                logits = model(**model_inputs(batch, accelerator.device)).logits
-                teacher = batch.get("teacher_logits")
-                loss = distillation_loss(logits.float(), batch["labels"].to(accelerator.device),
-                                         None if teacher is None else teacher.to(accelerator.device),
-                                         config.temperature, config.alpha, config.label_smoothing)
+                loss = batch_loss(model, batch, config, accelerator.device)
                 accelerator.backward(loss / group_size)
             if not sync:
                 continue
@@ -290,12 +307,5 @@ def train(model, tokenizer, data: TrainData, config: TrainConfig, accelerator: A
         state["epoch"], state["batches_done"] = epoch + 1, 0
         save_checkpoint(accelerator, output_dir, state)
     progress.close()
-
-    model = accelerator.unwrap_model(model)
-    if world > 1:
-        check_identical_across_processes(model, accelerator)
-    if best_dir.exists():
-        from safetensors.torch import load_file
-        model.load_state_dict(load_file(best_dir / "model.safetensors"))
-    model.eval()
+    model = best_model(accelerator.unwrap_model(model), accelerator, best_dir)
     return TrainResult(model, state["best_epoch"], state["best_metric"], state["history"], resumed_from)

@@ -24,31 +24,31 @@ import pandas as pd
 import yaml
 from mlflow.exceptions import MlflowException
 
-from kd_sentiment import tracking
-from kd_sentiment.benchmark import shown_speedup
-from kd_sentiment.calibration import majority_floor
-from kd_sentiment.errors import UserError
-from kd_sentiment.schema import ReportArgs, TrainConfig
-from kd_sentiment.stats import Difference, paired_difference
+from kd_sentiment.core import tracking
+from kd_sentiment.core.configs import load_config
+from kd_sentiment.core.descriptions import FLOAT_RECIPES, metric_name, points
+from kd_sentiment.measure.benchmark import shown_speedup
+from kd_sentiment.core.metrics import majority_floor
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.core.parameters import ReportArgs, TrainConfig
+from kd_sentiment.core.stats import Difference, paired_difference
 
 log = logging.getLogger(__name__)
 
-# The original study's claims, quoted so the report can compare with them.
-CLAIMS = {"teacher_model": "roberta-large (355M parameters)",
-          "teacher_accuracy": {"imdb": 0.95, "tweeteval": 0.89}, "speedup": {"distilbert": 8, "minilm": 6, "tinybert": 12},
-          "int8_speedup": 15, "tweeteval_macro_recall_ceiling": (0.72, 0.74)}
-
-
-# The project's targets on this CPU (README, "Targets"); the report says met or not met for each, with its number.
-TEACHER_TARGETS = {"tweeteval": ("macro_recall", 0.70), "imdb": ("accuracy", 0.90)}
-RETENTION_TARGETS = ((6, 0.97), (3, 0.95))  # (encoder layers at least, share of the teacher's test metric kept)
-INT8_MIN_AGREEMENT, INT8_MAX_DROP_POINTS = 0.99, 0.5  # on test, against the fp32 parent
-SMALL_INT8_VS_TEACHER, SMALL_INT8_VS_PEER = 30.0, 1.3  # the 3-layer INT8 as served, at batch 1 and the largest
-IN_PROCESS_P50_MS = 5.0  # one tweet end to end (tokenize + model), in-process
-SERVED_P99_MS, SERVED_RATE, SERVED_WORKERS = 30.0, 100.0, 2  # through mlflow models serve, open loop
-KNEE_TARGETS = {"tweeteval": 300.0, "imdb": 100.0}  # requests/s held (p99 within SERVED_P99_MS), one text each
-SERVER_CPU_VS_MODEL = 1.5  # server CPU per one-text request over the model's own call (tokenize + runtime)
-SPARK_VS_IN_PROCESS = 0.7  # `score` through Spark on one machine, over in-process batched predict, same run
+# The project's targets on this CPU and the original study's claims, quoted: experiments/targets.yaml.
+TARGETS_FILE = Path(__file__).resolve().parents[2] / "experiments" / "targets.yaml"
+_GOALS = yaml.safe_load(TARGETS_FILE.read_text())
+CLAIMS = _GOALS["claims"]
+_TARGETS = _GOALS["targets"]
+TEACHER_TARGETS = {d: (t["metric"], t["at_least"]) for d, t in _TARGETS["teacher"].items()}
+RETENTION_TARGETS = tuple((t["layers"], t["keeps"]) for t in _TARGETS["retention"])
+INT8_MIN_AGREEMENT, INT8_MAX_DROP_POINTS = _TARGETS["int8_min_agreement"], _TARGETS["int8_max_drop_points"]
+SMALL_INT8_VS_TEACHER, SMALL_INT8_VS_PEER = _TARGETS["small_int8_vs_teacher"], _TARGETS["small_int8_vs_peer"]
+IN_PROCESS_P50_MS = _TARGETS["in_process_p50_ms"]
+SERVED_P99_MS, SERVED_RATE, SERVED_WORKERS = (_TARGETS["served"][k] for k in ("p99_ms", "rate", "workers"))
+KNEE_TARGETS = _TARGETS["knee_requests_per_s"]
+SERVER_CPU_VS_MODEL = _TARGETS["server_cpu_vs_model"]
+SPARK_VS_IN_PROCESS = _TARGETS["spark_vs_in_process"]
 
 README_START, README_END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -294,7 +294,6 @@ def config_drift(parent, dataset: str) -> list[str] | None:
     `config` param, from the working directory, read the same way), in the settings that reach
     `dataset`: `section.key: ran X, now Y`; [] where none do, None where either cannot be read.
     A report is quoted as what the configuration gives, so a section run from an older one says so."""
-    from kd_sentiment.pipeline import load_config  # the training steps behind it import torch: only here
 
     path = parent.data.params.get("config") or ""
     try:
@@ -322,9 +321,8 @@ def config_drift(parent, dataset: str) -> list[str] | None:
             for key in sorted(set(ran) | set(now)) if ran.get(key) != now.get(key)]
 
 
-def dataset_section(dataset: str, parent) -> tuple[str, dict]:
-    """Markdown for one dataset and the key numbers (for the comparison with the claims), every
-    figure from the runs the pipeline's record names."""
+def pipeline_record(parent) -> tuple[dict, str]:
+    """(the pipeline's record, its benchmark swapped for the latest re-run of it; its own benchmark's run id)."""
     try:
         record = artifact_json(parent.info.run_id, "pipeline_record.json")
     except (MlflowException, OSError):
@@ -332,6 +330,29 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
                         "pipeline with this version to report it.") from None
     own_benchmark = record["benchmark"]
     record["benchmark"] = latest_benchmark(read_run(own_benchmark))
+    return record, own_benchmark
+
+
+def speed_note(bench_run, big: int, int8_same_texts: bool) -> str:
+    """How the speed columns were measured: settings, machine, rounds and the run's own noise."""
+    tags, params = bench_run.data.tags, bench_run.data.params
+    return (f"Speed: batch 1 and {big} at a fixed {params.get('fixed_length')} tokens, model time only "
+            f"(tokenization is measured apart in the CSV), {tags.get('machine.threads')} threads on "
+            f"{tags.get('machine.cpu_model_name')} ({tags.get('machine.cpu_count')} cores, AVX-512 "
+            f"{tags.get('machine.cpu_avx512')}, VNNI {tags.get('machine.cpu_vnni')}), benchmark run "
+            f"`{bench_run.info.run_id}`: {params.get('rounds')} rounds, the models interleaved within each round, "
+            "speedups the median of the per-round ratios to the teacher with a distribution-free 95% interval "
+            f"over the rounds; measured noise (median round-to-round spread of a row's p50) "
+            f"{bench_run.data.metrics.get('noise_round_spread_pct', float('nan')):.1f}%. "
+            "Accuracy columns are on the test texts above (means over seeds where there are several)"
+            + ("; the INT8 rows are measured in the quantize run on the same texts." if int8_same_texts
+               else "; the INT8 rows are measured in the quantize run, on other test texts than the rows above."))
+
+
+def dataset_section(dataset: str, parent) -> tuple[str, dict]:
+    """Markdown for one dataset and the key numbers (for the comparison with the claims), every
+    figure from the runs the pipeline's record names."""
+    record, own_benchmark = pipeline_record(parent)
     bench = benchmark_frame(record["benchmark"])
     big = int(bench["batch_size"].max())
     teacher = read_run(record["teacher"])
@@ -380,20 +401,7 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
             numbers["widths"] += [d.high - d.low for d in diffs.values() if d]
         numbers["students"][student] = entry
     lines += ["", *comparisons, "", *latency_table(bench, big), "", *peer_lines(bench, big, metric)]
-    bench_run = numbers["bench"]
-    tags, params = bench_run.data.tags, bench_run.data.params
-    lines += ["", f"Speed: batch 1 and {big} at a fixed {params.get('fixed_length')} tokens, model time only "
-              f"(tokenization is measured apart in the CSV), {tags.get('machine.threads')} threads on "
-              f"{tags.get('machine.cpu_model_name')} ({tags.get('machine.cpu_count')} cores, AVX-512 "
-              f"{tags.get('machine.cpu_avx512')}, VNNI {tags.get('machine.cpu_vnni')}), benchmark run "
-              f"`{record['benchmark']}`: {params.get('rounds')} rounds, the models interleaved within each round, "
-              "speedups the median of the per-round ratios to the teacher with a distribution-free 95% interval "
-              f"over the rounds; measured noise (median round-to-round spread of a row's p50) "
-              f"{bench_run.data.metrics.get('noise_round_spread_pct', float('nan')):.1f}%. "
-              "Accuracy columns are on the test texts above (means over seeds where there are several)"
-              + ("; the INT8 rows are measured in the quantize run on the same texts." if numbers["int8_same_texts"]
-                 else "; the INT8 rows are measured in the quantize run, on other test texts than the rows above.")
-              , ""]
+    lines += ["", speed_note(numbers["bench"], big, numbers["int8_same_texts"]), ""]
     return "\n".join(lines + cost_lines(parent, t, tp)), numbers
 
 
@@ -732,10 +740,8 @@ def correlation(x: pd.Series, y: pd.Series) -> float:
     return float(np.corrcoef(x, y)[0, 1]) if len(x) > 2 and x.std() > 0 and y.std() > 0 else float("nan")
 
 
-def calibration_section(out_dir: Path) -> str:
-    rows = calibration_runs()
-    if rows.empty:
-        return "## The calibration claim\n\nNo calibration-study runs in this store yet (`kd-sentiment study calibration`).\n"
+def calibration_figure(rows: pd.DataFrame, path: Path) -> None:
+    """Student macro-recall and ECE against the teacher's ECE, one point per (variant, T_kd)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -751,10 +757,34 @@ def calibration_section(out_dir: Path) -> str:
     axes[1].set(xlabel="teacher ECE (soft targets as used)", ylabel="student ECE (mean over seeds)")
     axes[0].legend()
     fig.tight_layout()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_dir / "calibration_study.png", dpi=120)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
     plt.close(fig)
 
+
+def calibration_verdict(rows: pd.DataFrame, versus_raw: dict) -> str:
+    """What the comparisons with the raw teacher show: which are significant, or why none can be made."""
+    measured = {k: d for k, d in versus_raw.items() if d is not None}
+    moved = [f"{v} at T_kd={t:g} ({d.points()})" for (v, t), d in measured.items() if d.significant]
+    if "raw" not in set(rows["variant"]):
+        return ("This study has no run of the raw teacher, so no variant can be compared with it; the table is "
+                "descriptive only. ")
+    if not measured:
+        return ("These runs have no logged test predictions, so no variant can be compared with the raw teacher "
+                "with an interval; the table is descriptive only. ")
+    if moved:
+        return (f"Of {len(measured)} comparisons with the raw teacher at the same KD temperature, these change the "
+                f"student's macro-recall significantly: {'; '.join(moved)}. ")
+    return (f"None of the {len(measured)} comparisons with the raw teacher at the same KD temperature has an "
+            "interval that excludes zero: these data show no detectable effect of teacher calibration on the "
+            "student's macro-recall. ")
+
+
+def calibration_section(out_dir: Path) -> str:
+    rows = calibration_runs()
+    if rows.empty:
+        return "## The calibration claim\n\nNo calibration-study runs in this store yet (`kd-sentiment study calibration`).\n"
+    calibration_figure(rows, out_dir / "calibration_study.png")
     n, first = rows["n_test"].iloc[0], rows["run_ids"].iloc[0][0]
     got = predictions(first)
     labels = (tracking.load_array(first, "predictions/test_labels.npy"), got[1]) if got else None
@@ -772,21 +802,7 @@ def calibration_section(out_dir: Path) -> str:
               f"{'(reference)' if r.variant == 'raw' else shown(versus_raw.get((r.variant, r.T_kd)))} | "
               f"{r.student_ece:.3f} |" for r in rows.itertuples()]
     corr, ece_corr = correlation(rows["teacher_ece"], rows["macro_recall"]), correlation(rows["teacher_ece"], rows["student_ece"])
-    measured = {k: d for k, d in versus_raw.items() if d is not None}
-    moved = [f"{v} at T_kd={t:g} ({d.points()})" for (v, t), d in measured.items() if d.significant]
-    if "raw" not in set(rows["variant"]):
-        verdict = ("This study has no run of the raw teacher, so no variant can be compared with it; the table is "
-                   "descriptive only. ")
-    elif not measured:
-        verdict = ("These runs have no logged test predictions, so no variant can be compared with the raw teacher "
-                   "with an interval; the table is descriptive only. ")
-    elif moved:
-        verdict = (f"Of {len(measured)} comparisons with the raw teacher at the same KD temperature, these change the "
-                   f"student's macro-recall significantly: {'; '.join(moved)}. ")
-    else:
-        verdict = (f"None of the {len(measured)} comparisons with the raw teacher at the same KD temperature has an "
-                   "interval that excludes zero: these data show no detectable effect of teacher calibration on the "
-                   "student's macro-recall. ")
+    verdict = calibration_verdict(rows, versus_raw)
     seeds = sorted({s for r in rows.itertuples() for s in r.seeds})
     verdict += (f"Each interval resamples the test texts and each side's seeds (two-level bootstrap). Over the "
                 f"{len(rows)} (teacher, T_kd) means, the correlation of teacher ECE with student macro-recall is "
@@ -950,3 +966,40 @@ def run(args: ReportArgs) -> str:
         update_readme(Path(readme), "\n".join(sections), out)
     log.info("wrote %s%s", out, f" and the results block of {readme}" if readme else "")
     return str(out)
+
+
+def pipeline_summary(record: dict, dataset: str, promotions: dict) -> str:
+    """The pipeline run's results table: each student's deployed seed against the teacher, the graph
+    deployed, what INT8 kept, the served speed against the teacher, and the targets' verdicts."""
+    teacher = mlflow.get_run(record["teacher"])
+    metric = teacher.data.params["selection_metric"]
+    m, teacher_metric = metric_name(metric), teacher.data.metrics[f"test_{metric}"]
+    bench = benchmark_frame(record["benchmark"])
+    lines = [f"**{dataset}**: teacher `{teacher.data.tags['registered_model']}` "
+             f"v{teacher.data.tags['registered_version']}, test {m} {points(teacher_metric)} on "
+             f"{teacher.data.params['n_test']} texts. Each student's row is its deployed seed.", "",
+             f"| student | test {m} (kept of the teacher's) | retention target | deployed graph | agreement with "
+             f"fp32 (test) | {m} change (points) | INT8 target | speed vs teacher, batch 1 | promoted |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for student, runs in record["students"].items():
+        selected = mlflow.get_run(runs["selected"])
+        kept = selected.data.metrics[f"test_{metric}"] / teacher_metric
+        layers = encoder_layers(selected)
+        need = retention_target(layers)
+        row = [student, f"{points(selected.data.metrics[f'test_{metric}'])} ({points(kept)})",
+               f">= {points(need)}: {'met' if kept >= need else 'not met'}"]
+        if runs.get("quantize"):
+            q = mlflow.get_run(runs["quantize"])
+            qm, name = q.data.metrics, q.data.tags["registered_model"]
+            agreement = qm["int8_agreement_with_fp32"]
+            change = 100 * (qm[f"onnx_int8_test_{metric}"] - qm[f"torch_fp32_test_{metric}"])
+            recipe = q.data.tags.get("recipe", "INT8")
+            verdict = ("not met (a float graph)" if recipe in FLOAT_RECIPES
+                       else "met" if int8_within_targets(qm) else "not met")
+            row += [f"`{recipe}` ({q.data.tags.get('runtime')}) v{q.data.tags['registered_version']}",
+                    points(agreement), f"{change:+.2f}", verdict,
+                    speedup(bench, name, SERVED, 1), promotions.get(student, "yes")]
+        else:
+            row += ["none", "", "", "", "", ""]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import yaml
 
-from kd_sentiment.errors import UserError
+from kd_sentiment.core.errors import UserError
 
 CATALOG_ENV = "KD_SENTIMENT_CATALOG"
 

@@ -1,6 +1,6 @@
 """ONNX export and graph fusion: a saved Hugging Face folder -> model.onnx -> fused model.onnx.
 
-A student goes  saved HF folder -> export_onnx -> optimize_onnx (fused) -> quantization.py (INT8),
+A student goes  saved HF folder -> export_onnx -> optimize_onnx (fused) -> int8_recipes.py (INT8),
 each step writing a folder with one `model.onnx` plus the config and tokenizer files, so every
 folder can be opened on its own by `runtime.OnnxClassifier` (or optimum's
 ORTModelForSequenceClassification).
@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from kd_sentiment.errors import UserError
+from kd_sentiment.core.errors import UserError
 
 ONNX_NAME = "model.onnx"
 
@@ -34,7 +34,7 @@ def export_onnx(model_dir: Path, out_dir: Path) -> Path:
     """
     from optimum.onnxruntime import ORTModelForSequenceClassification
 
-    from kd_sentiment.models import load_tokenizer
+    from kd_sentiment.core.models import load_tokenizer
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if not (model_dir / "config.json").is_file():

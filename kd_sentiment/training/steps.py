@@ -18,16 +18,16 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import set_seed
 
-from kd_sentiment import descriptions, tracking
-from kd_sentiment.calibration import majority_floor
-from kd_sentiment.data import Splits, load_splits
-from kd_sentiment.errors import UserError
-from kd_sentiment.evaluation import evaluate, log_evaluation
-from kd_sentiment.losses import UNLABELLED
-from kd_sentiment.machine import native_mixed_precision, peak_gpu_memory_mb, reset_peak_gpu_memory
-from kd_sentiment.models import EVERY_OTHER, count_parameters, flops_per_example
-from kd_sentiment.schema import StepArgs
-from kd_sentiment.train import Checkpoints, TrainData, TrainResult, read_checkpoint_state, train
+from kd_sentiment.core import descriptions, tracking
+from kd_sentiment.core.metrics import majority_floor
+from kd_sentiment.core.data import Splits, load_splits
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.training.evaluation import evaluate, log_evaluation
+from kd_sentiment.training.losses import UNLABELLED
+from kd_sentiment.core.machine import native_mixed_precision, peak_gpu_memory_mb, reset_peak_gpu_memory
+from kd_sentiment.core.models import EVERY_OTHER, count_parameters, flops_per_example
+from kd_sentiment.core.parameters import StepArgs
+from kd_sentiment.training.loop import Checkpoints, TrainData, TrainResult, read_checkpoint_state, train
 
 log = logging.getLogger(__name__)
 

@@ -4,8 +4,8 @@ A pyfunc that holds an ONNX Runtime session cannot be pickled, so MLflow stores 
 and runs it when the model is loaded; the last line hands it the model object. It therefore
 imports only mlflow, numpy, pandas, tokenizers and `onnx_session` (never kd_sentiment or
 transformers): loading stays light and fast. The model's requirements add only what the server
-uses beside it (httptools and uvloop: uvicorn's C HTTP parser and event loop; runtime.py).
-`kd_sentiment.runtime.log_onnx_pyfunc` logs it.
+uses beside it (httptools and uvloop: uvicorn's C HTTP parser and event loop; runtimes.py).
+`kd_sentiment.deploy.runtimes.log_onnx_pyfunc` logs it.
 
 Artifacts read in `load_context`:
   onnx       the model.onnx to run (fp32, fused or INT8: any graph taking input_ids/attention_mask)
@@ -60,10 +60,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from tokenizers import Tokenizer
 
-try:  # a loaded model: kd_sentiment/onnx_session.py, which MLflow keeps beside this file (code_paths)
+try:  # a loaded model: kd_sentiment/deploy/onnx_session.py, which MLflow keeps beside this file (code_paths)
     from onnx_session import Session
 except ImportError:  # while log_model runs this file, before the copy exists
-    from kd_sentiment.onnx_session import Session
+    from kd_sentiment.deploy.onnx_session import Session
 
 BATCH_SIZE = 32
 THREADS_ENV = "KD_SENTIMENT_ORT_THREADS"

@@ -12,7 +12,7 @@ start from the identical initialisation (same source, same seeded head), logged 
 a student cut from the teacher starts from the teacher's pre-trained source, never from the
 fine-tuned teacher unless `finetuned-teacher-layers:` says so (and never for the baseline).
 
-With a transfer set (`transfer_set`, kd_sentiment/transfer.py) the teacher also labels unlabelled
+With a transfer set (`transfer_set`, kd_sentiment/training/transfer_sets.py) the teacher also labels unlabelled
 texts, and the student trains on them beside the labelled ones with the KD loss alone (losses.py);
 their soft targets go through the same cache. The alpha=0 baseline refuses a transfer set.
 """
@@ -27,16 +27,17 @@ import numpy as np
 from accelerate.utils import set_seed
 from scipy.special import log_softmax
 
-from kd_sentiment import soft_targets, tracking
-from kd_sentiment.calibration import classification_metrics
-from kd_sentiment.data import load_splits
-from kd_sentiment.errors import UserError
-from kd_sentiment.models import (EVERY_OTHER, FINETUNED_TEACHER, TEACHER_SOURCE, encoder_layers, keep_layers,
+from kd_sentiment.training import soft_targets
+from kd_sentiment.core import tracking
+from kd_sentiment.core.metrics import classification_metrics
+from kd_sentiment.core.data import load_splits
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.core.models import (EVERY_OTHER, FINETUNED_TEACHER, TEACHER_SOURCE, encoder_layers, keep_layers,
                                  layer_indices, load_catalog, load_classifier, resolve, split_layers, with_layers)
-from kd_sentiment.schema import DistillArgs
-from kd_sentiment.steps import StepContext, fit_and_evaluate, log_step_params, publish, resume_point, set_up, slug
-from kd_sentiment.teacher import registered_name as teacher_registered_name
-from kd_sentiment.transfer import TransferSet, load_transfer
+from kd_sentiment.core.parameters import DistillArgs
+from kd_sentiment.training.steps import StepContext, fit_and_evaluate, log_step_params, publish, resume_point, set_up, slug
+from kd_sentiment.training.teacher import registered_name as teacher_registered_name
+from kd_sentiment.training.transfer_sets import TransferSet, load_transfer
 
 log = logging.getLogger(__name__)
 

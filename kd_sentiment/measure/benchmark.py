@@ -8,8 +8,8 @@ quantize run kept; and, for each quantized student, the peer baseline `optimum_i
 gets off the shelf from optimum (export, then `ORTQuantizer` with this CPU's dynamic preset, no
 fusion, no tuning), built here from the same fp32 parent.
 
-How (kd_sentiment/timing.py has the statistics): each (model, backend) gets a long-lived process of
-its own (kd_sentiment/bench_worker.py) that imports only its runtime: ONNX rows never import torch.
+How (kd_sentiment/core/timing.py has the statistics): each (model, backend) gets a long-lived process of
+its own (kd_sentiment/measure/bench_worker.py) that imports only its runtime: ONNX rows never import torch.
 Every setting (batch size x {real text lengths, fixed length}) is measured in `rounds` rounds, the
 models interleaved within each round and setting (teacher, student A, student B, ..., then again),
 so drift over minutes hits every model alike. In each round a setting runs warm-up batches that are
@@ -42,12 +42,12 @@ import numpy as np
 import pandas as pd
 from mlflow.tracking import MlflowClient
 
-from kd_sentiment import calibration, processes, timing, tracking
-from kd_sentiment.bench_worker import TORCH_BACKENDS
-from kd_sentiment.data import load_splits
-from kd_sentiment.errors import UserError
-from kd_sentiment.machine import cpu_features
-from kd_sentiment.schema import BenchmarkArgs
+from kd_sentiment.core import metrics, processes, timing, tracking
+from kd_sentiment.measure.bench_worker import TORCH_BACKENDS
+from kd_sentiment.core.data import load_splits
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.core.machine import cpu_features
+from kd_sentiment.core.parameters import BenchmarkArgs
 
 log = logging.getLogger(__name__)
 
@@ -157,32 +157,12 @@ def onnx_files(model: Path, folder: Path) -> dict:
         served = json.loads(config.read_text())
         pad_token, pad_id = served["pad_token"], served["pad_id"]
     else:
-        from kd_sentiment.models import load_tokenizer
+        from kd_sentiment.core.models import load_tokenizer
 
         tokenizer = load_tokenizer(str(model.parent))
         pad_token, pad_id = tokenizer.pad_token, tokenizer.pad_token_id
     return {"model": str(model), "tokenizer": str(next(folder.rglob("tokenizer.json"))), "pad_token": pad_token,
             "pad_id": pad_id, "runtime": served.get("runtime", "onnxruntime"), "precision": served.get("precision", "f32")}
-
-
-def build_peer(parent_uri: str, dst: Path) -> Path:
-    """Plain optimum INT8 of `parent_uri`, as a user gets it off the shelf: ORTModel export, then
-    ORTQuantizer with the dynamic preset of this CPU (avx512_vnni / avx512 / avx2 / arm64) and its
-    defaults; no fusion, no node selection. Returns the quantized graph."""
-    from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
-
-    from kd_sentiment import export, quantization
-
-    exported = export.export_onnx(hf_folder(parent_uri, dst), dst / "fp32")
-    preset = quantization.preset_name(cpu_features())
-    quantizer = ORTQuantizer.from_pretrained(exported.parent, file_name=export.ONNX_NAME)
-    config = getattr(AutoQuantizationConfig, preset)(is_static=False)
-    quantizer.quantize(config, save_dir=dst / "int8")
-    for path in exported.parent.iterdir():  # the tokenizer files beside the graph
-        if path.is_file() and path.suffix != ".onnx" and not (dst / "int8" / path.name).exists():
-            shutil.copy(path, dst / "int8" / path.name)
-    return next((dst / "int8").glob("*.onnx"))
 
 
 def load_request(target: Target, dst: Path) -> tuple[dict, int]:
@@ -196,7 +176,9 @@ def load_request(target: Target, dst: Path) -> tuple[dict, int]:
         import onnx
 
         if target.backend == PEER:
-            graph = build_peer(target.uri, dst)
+            from kd_sentiment.deploy import int8_recipes
+
+            graph = int8_recipes.optimum_dynamic_int8(hf_folder(target.uri, dst), dst)
             folder = graph.parent
         else:
             folder = Path(mlflow.artifacts.download_artifacts(target.uri, dst_path=str(dst)))
@@ -209,13 +191,13 @@ def load_request(target: Target, dst: Path) -> tuple[dict, int]:
 # ----------------------------------------------------------------------------- the measuring processes
 
 class Worker:
-    """A long-lived measuring process for one target (kd_sentiment/bench_worker.py)."""
+    """A long-lived measuring process for one target (kd_sentiment/measure/bench_worker.py)."""
 
     def __init__(self, target: Target, threads: int, log_path: Path, runtime: str = "onnxruntime"):
         self.target = target
         self.stderr = open(log_path, "w+")  # the process's own output, shown if it fails
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false"}
-        self.process = subprocess.Popen([sys.executable, "-m", "kd_sentiment.bench_worker", target.backend, str(threads),
+        self.process = subprocess.Popen([sys.executable, "-m", "kd_sentiment.measure.bench_worker", target.backend, str(threads),
                                          runtime],
                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True,
                                         env=env)
@@ -335,8 +317,8 @@ def rows_of(targets: list[Target], measured: dict, settings, labels: np.ndarray,
     rows, probs, cpu_name = [], {}, cpu_features()["model_name"]
     for target in targets:
         facts = measured["facts"][target.label]
-        quality = calibration.classification_metrics(facts["logits"], labels, label_names)
-        probs[target.label] = calibration.probabilities(facts["logits"])
+        quality = metrics.classification_metrics(facts["logits"], labels, label_names)
+        probs[target.label] = metrics.probabilities(facts["logits"])
         teacher = reference_label(target, targets, "teacher")
         served = target.role == "quantize" and target.backend != "onnx_fp32"
         peer = reference_label(target, targets, "peer") if served else None
@@ -418,7 +400,7 @@ def figures(frame: pd.DataFrame, probs: dict, labels: np.ndarray, dataset: str) 
     ax.legend()
     fig.tight_layout()
     tracking.log_figure(fig, "figures/speedup.png")
-    tracking.log_figure(calibration.reliability_figure({k: (p, labels) for k, p in probs.items()}, dataset),
+    tracking.log_figure(metrics.reliability_figure({k: (p, labels) for k, p in probs.items()}, dataset),
                         "figures/reliability_diagrams.png")
 
 

@@ -19,8 +19,8 @@ import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from kd_sentiment.data import Splits, fingerprint, read_table
-from kd_sentiment.errors import UserError
+from kd_sentiment.core.data import Splits, fingerprint, read_table
+from kd_sentiment.core.errors import UserError
 
 TRAIN_UNLABELLED = "train-unlabelled"
 TABLE_SUFFIXES = (".csv", ".csv.gz", ".jsonl", ".jsonl.gz", ".parquet")

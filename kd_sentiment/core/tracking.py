@@ -27,8 +27,8 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from kd_sentiment.errors import UserError
-from kd_sentiment.machine import machine_tags
+from kd_sentiment.core.errors import UserError
+from kd_sentiment.core.machine import machine_tags
 
 log = logging.getLogger(__name__)
 

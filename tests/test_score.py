@@ -183,7 +183,7 @@ def test_an_existing_output_is_refused_and_kept(spark, in_store, tweets, tmp_pat
 
 
 def test_a_job_killed_half_way_leaves_no_output_and_the_next_one_cleans_up(spark, in_store, tweets, tmp_path):
-    texts = pd.concat([tweets] * 40, ignore_index=True)  # 12,000 rows: seconds of scoring
+    texts = pd.concat([tweets] * 100, ignore_index=True)  # 30,000 rows: several seconds of scoring
     path = write(texts, tmp_path / "many.parquet", "parquet")
     out = tmp_path / "out"
     job = subprocess.Popen([sys.executable, "-m", "kd_sentiment.cli", "score", "--input", str(path), "--output",
@@ -193,11 +193,11 @@ def test_a_job_killed_half_way_leaves_no_output_and_the_next_one_cleans_up(spark
     deadline = time.monotonic() + 240
     while not list(tmp_path.glob("out.partial-*/_temporary")) and time.monotonic() < deadline and job.poll() is None:
         time.sleep(0.05)
+    # the write has begun (its job scores the rows): kill the job and its Spark JVM at once, nothing can clean up
     assert job.poll() is None, "the job ended before it started writing"
-    time.sleep(1.0)
-    os.killpg(job.pid, signal.SIGKILL)  # the job and its Spark JVM, at once: nothing can clean up
+    os.killpg(job.pid, signal.SIGKILL)
     job.wait()
-    assert not out.exists()
+    assert not out.exists() and list(tmp_path.glob("out.partial-*"))  # killed mid-write: the partial folder stays
 
     score.run(ScoreArgs(input=str(path), output=str(out), model=URI))
     assert len(pd.read_parquet(out)) == len(texts)

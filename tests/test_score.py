@@ -40,6 +40,10 @@ def store(tiny_model, tmp_path_factory) -> str:
         model_uri = runtimes.log_onnx_pyfunc(fp32, fp32.parent, LABELS, 64, ["great movie", "awful"])
     version = mlflow.register_model(model_uri, NAME)
     mlflow.MlflowClient().set_registered_model_alias(NAME, "champion", version.version)
+    # set_tracking_uri and set_experiment exported these; left set, every later test module's steps would
+    # write to this store and experiment
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("MLFLOW_EXPERIMENT_ID", None)
     return uri
 
 

@@ -293,7 +293,6 @@ def test_the_knee_search_doubles_then_halves_the_gap_and_logs_every_trial(monkey
         return open_loop_result(rate, requests, 12.0 if rate <= 230 else 80.0)
 
     monkeypatch.setattr(loadtest, "run_open_loop", fake_open_loop)
-    monkeypatch.setattr(loadtest, "warm_up", lambda *args: None)
     args = parameters.LoadTestArgs(model="models:/m/1", find_knee=True, knee_trial_s=10, knee_steps=3)
     result = loadtest.find_knee(args, loadtest.Server("http://127.0.0.1:1", os.getpid()), ["x"], None)
     assert [rate for rate, _ in tried] == [50, 100, 200, 400, 300, 250, 225]

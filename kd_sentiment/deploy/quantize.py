@@ -19,6 +19,7 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass
+from functools import cached_property
 from importlib.metadata import version as package_version
 from pathlib import Path
 
@@ -159,12 +160,12 @@ class Plan:
     def max_length(self) -> int:
         return self.trained["max_length"]
 
-    @property
+    @cached_property
     def evaluated(self) -> dict[str, pd.DataFrame]:
         """The texts the chosen model is checked on: the judged validation texts and test."""
         return {"val": self.judged, "test": self.splits.test}
 
-    @property
+    @cached_property
     def texts(self) -> dict[str, list[str]]:
         texts = {split: frame["text"].tolist() for split, frame in self.evaluated.items()}
         return texts if self.chosen_on is None else {**texts, "choose": self.chosen_on["text"].tolist()}

@@ -216,8 +216,7 @@ def spark_session(master: str, batch_rows: int):
     except PySparkRuntimeError as err:  # no Java, or a master that does not answer
         raise UserError(f"Spark did not start on {master} ({str(err).splitlines()[0]}); Spark 4 needs Java 17 "
                         "(e.g. apt-get install openjdk-17-jre-headless) and a reachable --spark_master.") from None
-    spark.conf.set("spark.sql.execution.arrow.maxRecordsPerBatch", str(batch_rows))  # a session made before
-    return spark
+    return spark  # a session made before gets these settings too (getOrCreate applies the modifiable ones)
 
 
 def in_process_rate(model, texts: list[str], batch_rows: int) -> float:
@@ -228,11 +227,10 @@ def in_process_rate(model, texts: list[str], batch_rows: int) -> float:
     return len(texts) / (time.perf_counter() - start)
 
 
-def score(spark, args: ScoreArgs, model, model_uri: str, kind: str) -> dict:
-    """Read, check, score and write; returns the counts and rates to log."""
+def score(spark, args: ScoreArgs, frame, model, model_uri: str) -> dict:
+    """Check, score and write `frame` (read_input's, cached); returns the counts and rates to log."""
     from pyspark.sql import functions as F
 
-    frame = read_input(spark, args.input, kind, args.text_column).cache()
     rows = frame.count()
     bad = frame.filter(F.col(ERROR).isNotNull()).count()
     if bad and args.bad_rows == "reject":
@@ -248,17 +246,15 @@ def score(spark, args: ScoreArgs, model, model_uri: str, kind: str) -> dict:
     write_atomically(spark, predictions(frame, udf, args.text_column, columns, max(1, slots) * args.partitions_per_slot),
                      args.output, rows)
     seconds = time.perf_counter() - start
-    frame.unpersist()
     return {"rows": rows, "bad_rows": bad, "scored_rows": rows - bad, "seconds": seconds,
             "texts_per_s": (rows - bad) / seconds, "task_slots": slots}
 
 
-def good_texts(spark, args: ScoreArgs, kind: str) -> list[str]:
+def good_texts(frame, text_column: str) -> list[str]:
     """The texts of the rows that have one, collected on the driver (for the in-process comparison)."""
     from pyspark.sql import functions as F
 
-    frame = read_input(spark, args.input, kind, args.text_column)
-    return [r[0] for r in frame.filter(F.col(ERROR).isNull()).select(args.text_column).collect()]
+    return [r[0] for r in frame.filter(F.col(ERROR).isNull()).select(text_column).collect()]
 
 
 def ratio_to_in_process(spark_rate: float, before: float, after: float) -> dict:
@@ -271,12 +267,11 @@ def ratio_to_in_process(spark_rate: float, before: float, after: float) -> dict:
             "spark_to_in_process_high": spark_rate / min(before, after)}
 
 
-def log_datasets(spark, args: ScoreArgs, kind: str) -> None:
-    """Input and output as the run's datasets (contexts `input` and `predictions`)."""
+def log_datasets(spark, args: ScoreArgs, frame) -> None:
+    """Input (`frame`, read_input's) and output as the run's datasets (contexts `input` and `predictions`)."""
     with warnings.catch_warnings():  # "integer columns cannot represent missing values": the input's, as given
         warnings.simplefilter("ignore", UserWarning)
-        frame = read_input(spark, args.input, kind, args.text_column).drop(FILE, ROW, ERROR)
-        mlflow.log_input(mlflow.data.from_spark(frame, path=args.input, name=Path(args.input).name), context="input")
+        mlflow.log_input(mlflow.data.from_spark(frame.drop(FILE, ROW, ERROR), path=args.input, name=Path(args.input).name), context="input")
         mlflow.log_input(mlflow.data.from_spark(spark.read.parquet(args.output), path=args.output,
                                                 name=Path(args.output).name, predictions="label"),
                          context="predictions")
@@ -309,15 +304,17 @@ def run(args: ScoreArgs) -> dict:
                                  "spark_version": spark.version, "spark_master_url": spark.sparkContext.master})
             tracking.log_environment()
             model = mlflow.pyfunc.load_model(model_uri)  # here: one process, a runtime thread per core
+            frame = read_input(spark, args.input, kind, args.text_column).cache()  # read (and JSON typed) once
             if args.compare_in_process:
-                texts = good_texts(spark, args, kind)
+                texts = good_texts(frame, args.text_column)
                 before = in_process_rate(model, texts, args.batch_rows)
-            result = score(spark, args, model, model_uri, kind)
+            result = score(spark, args, frame, model, model_uri)
             if args.compare_in_process:
                 result.update(ratio_to_in_process(result["texts_per_s"], before,
                                                   in_process_rate(model, texts, args.batch_rows)))
             mlflow.log_metrics({k: float(v) for k, v in result.items()})
-            log_datasets(spark, args, kind)
+            log_datasets(spark, args, frame)
+            frame.unpersist()
     finally:
         if existing is None:
             spark.stop()

@@ -56,10 +56,10 @@ import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 import mlflow
@@ -104,27 +104,25 @@ def invocations_url(url: str) -> str:
     return urlunsplit((parts.scheme, parts.netloc, path, "", ""))
 
 
-_CONNECTIONS = threading.local()  # each sending thread's open connection per server
+_CONNECTIONS = threading.local()  # each sending thread's open connection per target URL: {url: (connection, path)}
 
 
 def _connection(url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
-    """This thread's keep-alive connection to `url`'s server (made on first use), and the path to post to."""
-    parts = urlsplit(url)
-    pool = _CONNECTIONS.__dict__.setdefault("by_server", {})
-    key = (parts.scheme, parts.netloc)
-    if key not in pool:
+    """This thread's keep-alive connection for `url` (made on first use), and the path to post to."""
+    pool = _CONNECTIONS.__dict__.setdefault("by_url", {})
+    if url not in pool:
+        parts = urlsplit(url)
         kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-        pool[key] = kind(parts.hostname, parts.port, timeout=timeout)
-    connection = pool[key]
+        pool[url] = kind(parts.hostname, parts.port, timeout=timeout), parts.path
+    connection, path = pool[url]
     connection.timeout = timeout
     if connection.sock is not None:
         connection.sock.settimeout(timeout)
-    return connection, parts.path
+    return connection, path
 
 
 def _drop_connection(url: str) -> None:
-    parts = urlsplit(url)
-    connection = _CONNECTIONS.__dict__.get("by_server", {}).pop((parts.scheme, parts.netloc), None)
+    connection, _ = _CONNECTIONS.__dict__.get("by_url", {}).pop(url, (None, None))
     if connection is not None:
         connection.close()
 
@@ -470,16 +468,16 @@ def knee_failure(result: dict, p99_bound_ms: float) -> str | None:
 
 def find_knee(args: LoadTestArgs, server: Server, texts: list[str], expected: list[dict]) -> dict:
     """The highest open-loop rate held (see `knee_failure`), by doubling from `args.rate` (or 50) until
-    a rate fails, then halving the gap to the last one held `args.knee_steps` times; every trial listed."""
+    a rate fails, then halving the gap to the last one held `args.knee_steps` times; every trial listed.
+    The first trial sends the warm-up requests (a failed one fails that trial, as in `one_load`)."""
     needed = math.ceil(timing.percentile_floor(99) / (1 - 1 / args.malformed_every if args.malformed_every else 1))
-    warm_up(invocations_url(server.url), texts, args.warmup_requests, args.request_timeout_s, Tally(expected))
     trials = []
 
     def held(rate: float) -> bool:
-        requests = max(needed, math.ceil(rate * args.knee_trial_s))
+        requests, warmup = max(needed, math.ceil(rate * args.knee_trial_s)), 0 if trials else args.warmup_requests
         result = with_cpu(server, lambda: run_open_loop(
             server.url, texts, rate, requests, args.malformed_every, args.knee_trial_s * 3 + args.request_timeout_s,
-            0, args.request_timeout_s, args.seed + len(trials), expected, args.tolerance), 0)
+            warmup, args.request_timeout_s, args.seed + len(trials), expected, args.tolerance), warmup)
         why = knee_failure(result, args.knee_p99_ms)
         numbers = {k: v for k, v in result.items() if v is None or isinstance(v, (int, float))}
         trials.append({"rate": rate, "held": why is None, "why": why or "", **numbers})

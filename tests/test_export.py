@@ -173,6 +173,33 @@ def test_static_int8_calibrates_loads_and_runs(exported, texts):
         assert_close_to_fp32(logits, exported["reference"], mean=0.1, worst=0.3)  # measured 0.028 and 0.079
 
 
+def test_minmax_calibration_reads_each_text_at_its_own_length(exported, monkeypatch):
+    """Padding tokens never reach the ranges: the calibration set is unpadded, one text a batch."""
+    from datasets import Dataset
+
+    seen = []
+    real = Dataset.from_dict
+    monkeypatch.setattr(Dataset, "from_dict", lambda data: seen.append(data) or real(data))
+    calibration = ["short", "a much longer text than the other one, with many more tokens in it"]
+    int8_recipes.quantize_onnx(exported["root"] / "fp32", exported["root"] / "static-unpadded", mode="static",
+                               calibration_texts=calibration, max_length=64)
+    lengths = [len(ids) for ids in seen[0]["input_ids"]]
+    assert lengths[0] < lengths[1] and 0 not in seen[0]["attention_mask"][0]
+
+
+def test_nncf_int8_holds_integer_weights_and_runs_in_both_runtimes(exported, texts):
+    root = exported["root"]
+    calibration = list(pd.read_csv(DATA_DIR / "tweeteval_sentiment" / "validation.csv",
+                                   keep_default_na=False)["text"].iloc[:32])
+    path, described = int8_recipes.nncf_int8(root / "fp32", root / "nncf", calibration, max_length=64)
+    assert described["calibration_samples"] == 32 and int8_recipes.integer_nodes(path) > 0
+    assert any(t.data_type == onnx.TensorProto.INT8 for t in onnx.load(str(path)).graph.initializer)
+    assert int8_recipes.integer_nodes(root / "fp32" / "model.onnx") == 0
+    for runtime in ("onnxruntime", "openvino"):
+        logits = runtimes.OnnxClassifier(path, runtime=runtime).predict_logits(texts, MAX_LENGTH)
+        assert_close_to_fp32(logits, exported["reference"], mean=0.1, worst=0.3)
+
+
 def test_quantization_refuses_what_it_cannot_do(exported):
     root = exported["root"]
     with pytest.raises(UserError, match="fused graph"):

@@ -30,7 +30,7 @@ def config(tiny_model, tmp_path):
            "data": {"imdb": {"max_train_samples": 300, "max_eval_samples": 100, "validation_size": 100}},
            "teacher": {"epochs": 1, "lr": 2e-3, "max_length": 64, "checkpoint_every": 0},
            "distill": {"baseline": True, "epochs": 1, "lr": 2e-3, "max_length": 64, "checkpoint_every": 0},
-           "quantize": {"mode": "dynamic"},
+           "quantize": {"mode": "dynamic", "choice_samples": 100, "judge_samples": 100},
            "benchmark": {"batch_sizes": "1,4", "rounds": 6, "samples": 18, "time_budget": 0.05, "min_batches": 1,
                          "max_eval_samples": 100, "threads": 1, "output_dir": str(tmp_path / "bench")}}
     path = tmp_path / "tiny.yaml"
@@ -56,7 +56,7 @@ def ui_story(parent, runs: dict) -> None:
     summary = parent.data.tags["mlflow.note.content"]
     row = next(line for line in summary.splitlines() if line.startswith("| teacher-layers:0 |"))
     assert f"{100 * student.data.metrics['test_accuracy']:.1f}% ({100 * kept:.1f}%)" in row
-    assert f"`ort-dynamic` (onnxruntime) v{q.data.tags['registered_version']}" in row
+    assert f"`ort-dynamic` (onnxruntime, int8 graph) v{q.data.tags['registered_version']}" in row
     assert f"| {100 * q.data.metrics['int8_agreement_with_fp32']:.1f}% |" in row
     assert f"test accuracy {100 * teacher.data.metrics['test_accuracy']:.1f}% on 100 texts" in summary
     client.log_metric(student.info.run_id, "test_accuracy", 0.123)  # the table is read from the runs
@@ -65,8 +65,10 @@ def ui_story(parent, runs: dict) -> None:
     version = client.get_model_version(q.data.tags["registered_model"], q.data.tags["registered_version"])
     m = q.data.metrics
     assert version.description == q.data.tags["mlflow.note.content"]
-    assert f"recipe `ort-dynamic`, run by onnxruntime in f32. On 100 validation texts" in version.description
-    assert f"agrees with the fp32 parent on {100 * m['int8_val_agreement_with_fp32']:.1f}%" in version.description
+    assert (f"INT8 graph of `{student.data.tags['registered_model']}`" in version.description and "recipe `ort-dynamic`, run by onnxruntime "
+            f"({int(m['int8_integer_nodes'])} integer nodes). On 100 held-out texts" in version.description)
+    assert f"agrees with the fp32 parent on {100 * m['int8_judge_agreement_with_fp32']:.1f}%" in version.description
+    assert f"gate {'passed' if m['gate_passed'] else 'failed'}" in version.description
     assert f"Validated on {version.tags['validated_on.cpu']}" in version.description
     trained = client.get_model_version(student.data.tags["registered_model"], student.data.tags["registered_version"])
     assert f"Validation accuracy {100 * student.data.metrics['val_accuracy']:.1f}%" in trained.description
@@ -78,7 +80,7 @@ def ui_story(parent, runs: dict) -> None:
     assert "registered without an alias" in client.get_registered_model(twin).description
 
     assert contexts(teacher) == {"train", "validation", "test"} == contexts(parent)
-    assert contexts(q) == {"validation", "test"}  # dynamic mode reads no calibration texts
+    assert contexts(q) == {"choice", "judge", "test"}  # dynamic mode reads no calibration texts
     benchmark = next(r for r in runs.values() if r.data.tags["kd_sentiment.step"] == "benchmark")
     assert contexts(benchmark) == {"test"}
     cache = next(r for r in runs.values() if r.data.tags["kd_sentiment.step"] == "soft-targets")
@@ -173,9 +175,12 @@ def test_interrupted_pipeline_resumes_and_benchmark_is_reproducible(config, tmp_
     assert f"| {100 * step['teacher'].data.metrics['test_accuracy']:.1f} |" in teacher_row
     int8_row = next(line for line in text.splitlines() if "ort-dynamic (deployed)" in line)  # the recipe quantized with
     assert f"{step['quantize'].data.metrics['int8_accuracy_delta_points']:+.2f}" in int8_row
-    q = step["quantize"].data.metrics  # the INT8 target line says how validation judged it
-    assert (f"; on 100 validation texts {100 * q['int8_val_agreement_with_fp32']:.1f}%, at least "
-            f"{100 * q['int8_val_agreement_with_fp32_low']:.2f}% by its 95% bound |") in text
+    q = step["quantize"].data.metrics  # the INT8 target lines say how the held-out texts judged it
+    assert (f"| {100 * q['int8_judge_agreement_with_fp32']:.1f}%, at least "
+            f"{100 * q['int8_judge_agreement_with_fp32_low']:.2f}%, on 100 held-out texts |") in text
+    gate_line = next(line for line in text.splitlines() if "by the paired 95% bound" in line)
+    assert f"accuracy at least {q['gate_accuracy_change_low_points']:+.2f}" in gate_line
+    assert gate_line.endswith("| **not met** (judged on 100 texts, fewer than 5000) |")
     assert bench_run.info.run_id in text
     results.run(args)
     assert out.read_text() == text

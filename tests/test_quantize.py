@@ -15,6 +15,9 @@ MIN_AGREEMENT = 0.95
 # A margin for promotions that test something else than the margin: the tiny model's judged half is 100
 # texts (one text is a point), and which candidate auto chooses depends on this CPU's timings.
 WIDE_MARGIN = 10.0
+# Small held-out sets and a short QAD: the tiny model's run stays seconds, every candidate built.
+ARGS = dict(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=200, choice_samples=200,
+            judge_samples=300, qad_steps=8, min_agreement=MIN_AGREEMENT)
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +27,8 @@ def quantized(teacher_home):
     old = os.getcwd()
     os.chdir(home)
     try:
-        # 200 validation texts can show 95% agreement (by its lower bound), not 99% (268 needed).
-        metrics = quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb",
-                                                     max_eval_samples=200, min_agreement=MIN_AGREEMENT))
+        # 200 choice texts can show 95% agreement (by its lower bound), not 99% (268 needed).
+        metrics = quantize.run(quantize.QuantizeArgs(**ARGS))
     finally:
         os.chdir(old)
     return home, metrics
@@ -43,7 +45,7 @@ def registry(quantized, monkeypatch):
 def test_int8_checked_against_fp32_and_registered(registry):
     client, metrics = registry
     for backend in ("torch_fp32", "onnx_fp32", "onnx_int8"):
-        for split in ("val", "test"):
+        for split in ("judge", "test"):
             for metric in ("accuracy", "macro_recall", "ece"):
                 assert 0 <= metrics[f"{backend}_{split}_{metric}"] <= 1
     assert metrics["onnx_fp32_max_abs_logit_diff"] < 1e-3       # same model, other runtime
@@ -56,22 +58,29 @@ def test_int8_checked_against_fp32_and_registered(registry):
     else:
         assert metrics["size_mb_onnx_int8"] < metrics["size_mb_onnx_fp32"]
     assert version.tags["parent"] == f"{PARENT}/1"
-    # The gate is decided on the parent's own validation split (teacher_home's: 300 carved from
-    # train, 200 of them evaluated), never on test, and on the half auto did not choose on.
-    assert version.tags["gate.split"] == "validation-judge"
-    assert version.tags["gate.eval_data"] == "imdb:validation-judge:100"
-    assert version.tags["gate.accuracy"] == f"{metrics['onnx_int8_val_accuracy']:.6f}"
-    assert version.tags["gate.parent_accuracy"] == f"{metrics['torch_fp32_val_accuracy']:.6f}"
-    assert version.tags["gate.agreement"] == f"{metrics['int8_val_agreement_with_fp32']:.6f}"
-    assert version.tags["gate.agreement_low"] == f"{metrics['int8_val_agreement_with_fp32_low']:.6f}"
-    assert metrics["int8_val_agreement_with_fp32_low"] < metrics["int8_val_agreement_with_fp32"]
+    # The gate is decided on held-out texts (the parent's validation split and the training texts its
+    # run did not use), never on test, and not on the texts auto chose on.
+    assert version.tags["gate.split"] == "judge" and version.tags["gate.judge_source"] == "validation+unused-train"
+    assert version.tags["gate.eval_data"] == "imdb:judge:300" and version.tags["gate.n_texts"] == "300"
+    assert version.tags["gate.accuracy"] == f"{metrics['onnx_int8_judge_accuracy']:.6f}"
+    assert version.tags["gate.parent_accuracy"] == f"{metrics['torch_fp32_judge_accuracy']:.6f}"
+    assert version.tags["gate.agreement"] == f"{metrics['int8_judge_agreement_with_fp32']:.6f}"
+    assert version.tags["gate.agreement_low"] == f"{metrics['int8_judge_agreement_with_fp32_low']:.6f}"
+    assert metrics["int8_judge_agreement_with_fp32_low"] < metrics["int8_judge_agreement_with_fp32"]
+    # the paired bound lies below the change seen; the verdict is the bounds', the ECE's and the agreement's
+    seen = 100 * (metrics["onnx_int8_judge_accuracy"] - metrics["torch_fp32_judge_accuracy"])
+    assert metrics["gate_accuracy_change_low_points"] <= seen
+    assert version.tags["gate.passed"] == ("true" if (
+        min(metrics["gate_accuracy_change_low_points"], metrics["gate_macro_recall_change_low_points"]) >= -0.5
+        and metrics["gate_ece_change"] <= 0.01 and metrics["int8_judge_agreement_with_fp32_low"] >= MIN_AGREEMENT)
+        else "false")
     run = mlflow.get_run(version.tags["run_id"])
     assert run.data.params["validation_size"] == "300"  # taken from the parent's run
-    assert (run.data.params["n_choose"], run.data.params["n_val"]) == ("100", "100")
-    assert set(candidate_table(run.info.run_id)["choice_texts"]) == {100}
+    assert (run.data.params["n_choose"], run.data.params["n_judge"]) == ("200", "300")
+    assert set(candidate_table(run.info.run_id)["choice_texts"]) == {200}
     digests = {tag.value: d.dataset.digest for d in run.inputs.dataset_inputs for tag in d.tags
                if tag.key == "mlflow.data.context"}
-    assert set(digests) == {"validation", "judge", "test", "calibration"} and digests["validation"] != digests["judge"]
+    assert set(digests) == {"choice", "judge", "test", "calibration"} and digests["choice"] != digests["judge"]
     assert run.info.status == "FINISHED" and run.data.tags["machine.cpu_arch"]
     assert run.data.tags["device"] == "cpu"  # INT8 is a CPU target, whatever GPU the machine has
     model = mlflow.pyfunc.load_model(f"models:/{INT8}@candidate")
@@ -137,37 +146,46 @@ def test_a_version_no_better_than_the_majority_class_is_not_promoted_unless_forc
     client.delete_model_version(PARENT, student.version)
 
 
-def test_auto_chooses_and_is_judged_on_disjoint_stratified_halves_of_validation():
-    import pandas as pd
+def test_every_gate_number_rests_on_every_judged_text(registry):
+    """The judged texts' logits are logged; the gate's agreement, accuracy and counts recomputed from
+    them match what was logged (a number read from fewer texts than n_judge would not)."""
+    from kd_sentiment.core import stats
+    from kd_sentiment.core.tracking import load_array
 
-    from kd_sentiment.deploy import candidates
+    client, metrics = registry
+    run_id = client.get_model_version_by_alias(INT8, "candidate").tags["run_id"]
+    arrays = {k: load_array(run_id, f"predictions/judge_{k}.npy") for k in ("onnx_int8", "torch_fp32", "labels")}
+    assert {len(a) for a in arrays.values()} == {300} == {int(metrics["n_judge"])}
+    assert stats.agreement(arrays["onnx_int8"], arrays["torch_fp32"]) == pytest.approx(
+        (metrics["int8_judge_agreement_with_fp32"], metrics["int8_judge_agreement_with_fp32_low"]))
+    assert (arrays["onnx_int8"].argmax(1) == arrays["labels"]).mean() == pytest.approx(metrics["onnx_int8_judge_accuracy"])
+    low = stats.change_lower_bound(arrays["onnx_int8"].argmax(1), arrays["torch_fp32"].argmax(1), arrays["labels"],
+                                   "accuracy", 2)
+    assert 100 * low == pytest.approx(metrics["gate_accuracy_change_low_points"])
 
-    validation = pd.DataFrame({"text": [f"text {i}" for i in range(200)], "label": [0] * 150 + [1] * 50})
-    chosen_on, judged = candidates.choice_and_judge(validation, seed=42)
-    assert len(chosen_on) == len(judged) == 100 and not set(chosen_on["text"]) & set(judged["text"])
-    assert list(chosen_on["label"].value_counts().sort_index()) == [75, 25] == list(judged["label"].value_counts().sort_index())
 
-
-def test_the_budget_holds_accuracy_macro_recall_and_the_agreement_bound():
-    """The fastest candidate that loses macro-recall (or accuracy, or whose agreement's bound is short)
-    is passed over for a slower one within every part of the budget."""
+def test_the_budget_holds_accuracy_macro_recall_ece_and_the_agreement_bound():
+    """The fastest candidate that loses macro-recall (or accuracy, or calibration, or whose agreement's
+    bound is short) is passed over for a slower one within every part of the budget."""
     from pathlib import Path
 
     from kd_sentiment.deploy import candidates
 
-    def candidate(name, accuracy_drop, recall_drop, agreement_low, speed):
+    def candidate(name, accuracy_drop, recall_drop, ece_change, agreement_low, speed):
         found = candidates.Candidate(name, Path(f"{name}.onnx"))
-        found.numbers.update(val_accuracy_drop_points=accuracy_drop, val_macro_recall_drop_points=recall_drop,
-                             val_agreement=agreement_low + 0.005, val_agreement_low=agreement_low, speed=speed)
+        found.numbers.update(choice_accuracy_drop_points=accuracy_drop, choice_macro_recall_drop_points=recall_drop,
+                             choice_ece_change=ece_change, choice_agreement=agreement_low + 0.005,
+                             choice_agreement_low=agreement_low, speed=speed)
         return found
 
-    loses_recall = candidate("loses-recall", 0.0, 2.0, 0.995, 4.0)
-    loses_accuracy = candidate("loses-accuracy", 1.0, 0.0, 0.995, 3.0)
-    short_bound = candidate("short-bound", 0.0, 0.0, 0.985, 2.0)
-    within = candidate("within", 0.4, 0.4, 0.991, 1.5)
-    assert candidates.choose([loses_recall, loses_accuracy, short_bound, within], 0.5, 0.99) is within
-    assert [candidates.shortfall(c, 0.5, 0.99) for c in (loses_recall, loses_accuracy, short_bound, within)] == \
-        pytest.approx([1.5, 0.5, 0.5, 0.0])
+    loses_recall = candidate("loses-recall", 0.0, 2.0, 0.0, 0.995, 5.0)
+    loses_accuracy = candidate("loses-accuracy", 1.0, 0.0, 0.0, 0.995, 4.0)
+    loses_calibration = candidate("loses-calibration", 0.0, 0.0, 0.02, 0.995, 3.0)
+    short_bound = candidate("short-bound", 0.0, 0.0, 0.0, 0.965, 2.0)
+    within = candidate("within", 0.4, 0.4, 0.009, 0.971, 1.5)
+    found = [loses_recall, loses_accuracy, loses_calibration, short_bound, within]
+    assert candidates.choose(found, 0.5, 0.01, 0.97) is within
+    assert [candidates.shortfall(c, 0.5, 0.01, 0.97) for c in found] == pytest.approx([1.5, 0.5, 1.0, 0.5, 0.0])
 
 
 def test_a_parent_whose_run_lacks_its_split_is_refused_not_defaulted(registry):
@@ -177,8 +195,7 @@ def test_a_parent_whose_run_lacks_its_split_is_refused_not_defaulted(registry):
         pass
     version = client.create_model_version(PARENT, source, run_id=bare.info.run_id)
     with pytest.raises(UserError, match=r"records no max_length, validation_size, data_seed, which quantize needs"):
-        quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}/{version.version}", dataset="imdb",
-                                           max_eval_samples=200, min_agreement=MIN_AGREEMENT))
+        quantize.run(quantize.QuantizeArgs(**{**ARGS, "model": f"models:/{PARENT}/{version.version}"}))
     client.delete_model_version(PARENT, version.version)
 
 
@@ -233,9 +250,10 @@ def candidate_table(run_id: str):
 
 
 def test_auto_mode_registers_the_fastest_candidate_within_budget_with_its_hardware(registry):
-    """--mode auto (the default): every candidate is measured on validation and logged; the version
-    is the fastest one within budget, tagged with the runtime, precision and CPU it was validated on,
-    and it serves probabilities scaled by the temperature fitted on validation."""
+    """--mode auto (the default): every candidate is measured on the choice texts and logged, with
+    its integer nodes; the version is the fastest one within budget, tagged with the runtime,
+    precision, graph and CPU it was validated on, and it serves probabilities scaled by the
+    temperature fitted on the choice texts."""
     import json
 
     import numpy as np
@@ -247,16 +265,21 @@ def test_auto_mode_registers_the_fastest_candidate_within_budget_with_its_hardwa
     version = client.get_model_version_by_alias(INT8, "candidate")
     run_id = version.tags["run_id"]
     table = candidate_table(run_id)
-    assert {"ort-dynamic", "ort-static", "ort-dynamic-ffn-fp32", "openvino-f32", "openvino-int8"} <= set(table["candidate"])
+    assert {"ort-dynamic", "ort-static", "ort-dynamic-ffn-fp32", "openvino-f32", "openvino-int8", "qad-ort-static",
+            "qad-openvino-int8", "nncf-openvino-int8", "nncf-ort-int8"} <= set(table["candidate"])
+    integer = dict(zip(table["candidate"], table["integer_nodes"]))
+    assert integer["ort-f32"] == integer["openvino-f32"] == 0
+    assert min(integer["qad-ort-static"], integer["nncf-openvino-int8"], integer["ort-dynamic"]) > 0
+    assert version.tags["graph"] == ("int8" if integer[version.tags["recipe"]] else version.tags["precision"])
     within = table[table["within_budget"]]
     # ONNX Runtime on the fp32 graph is a candidate, within any budget: auto never chooses slower than it
     assert "ort-f32" in set(within["candidate"])
     assert version.tags["recipe"] == within.loc[within["speed"].idxmax(), "candidate"]
     chosen = table[table["candidate"] == version.tags["recipe"]].iloc[0]
-    assert chosen["val_agreement_low"] >= MIN_AGREEMENT and chosen["val_accuracy_drop_points"] <= 0.5
+    assert chosen["choice_agreement_low"] >= MIN_AGREEMENT and chosen["choice_accuracy_drop_points"] <= 0.5
     assert (version.tags["runtime"], version.tags["precision"]) == (chosen["runtime"], chosen["precision"])
     assert all(f"validated_on.{k}" in version.tags for k in DECIDING_FEATURES)
-    assert metrics["onnx_int8_temperature"] > 0 and 0 <= metrics["onnx_int8_val_ece_after_ts"] <= 1
+    assert metrics["onnx_int8_temperature"] > 0 and 0 <= metrics["onnx_int8_judge_ece_after_ts"] <= 1
 
     folder = mlflow.artifacts.download_artifacts(f"models:/{INT8}/{version.version}")
     config = json.loads(next(__import__("pathlib").Path(folder).rglob("serving_config.json")).read_text())
@@ -275,8 +298,7 @@ def test_auto_mode_with_an_impossible_budget_registers_nothing(registry):
     client, _ = registry
     before = {v.version for v in client.search_model_versions(f"name = '{INT8}'")}
     with pytest.raises(UserError, match="no candidate is within.*closest: .*points short"):
-        quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=200,
-                                           max_accuracy_drop=-50, min_agreement=MIN_AGREEMENT))
+        quantize.run(quantize.QuantizeArgs(**{**ARGS, "max_accuracy_drop": -50}))
     assert {v.version for v in client.search_model_versions(f"name = '{INT8}'")} == before
     failed = mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list",
                                 filter_string="tags.`kd_sentiment.step` = 'quantize'")[0]
@@ -288,29 +310,27 @@ def test_candidates_restrict_the_search_to_the_named_ones(registry):
     """--candidates openvino-f32 registers an OpenVINO model whatever else would have been faster; an
     unknown name, or candidates outside auto mode, is refused before any run opens."""
     client, _ = registry
-    quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=200,
-                                       min_agreement=MIN_AGREEMENT, candidates="openvino-f32", alias="forced"))
+    quantize.run(quantize.QuantizeArgs(**{**ARGS, "candidates": "openvino-f32", "alias": "forced"}))
     version = client.get_model_version_by_alias(INT8, "forced")
     assert (version.tags["recipe"], version.tags["runtime"]) == ("openvino-f32", "openvino")
     assert list(candidate_table(version.tags["run_id"])["candidate"]) == ["openvino-f32"]
     runs = {r.info.run_id for r in mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list")}
     with pytest.raises(UserError, match=r"candidates='openvino-f32,ort-fast': unknown \['ort-fast'\]; choose from"):
-        quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=200,
-                                           min_agreement=MIN_AGREEMENT, candidates="openvino-f32,ort-fast"))
+        quantize.run(quantize.QuantizeArgs(**{**ARGS, "candidates": "openvino-f32,ort-fast"}))
     with pytest.raises(UserError, match="candidates='ort-static': chooses among auto's candidates; mode=dynamic"):
         quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=200,
                                            mode="dynamic", candidates="ort-static"))
     assert {r.info.run_id for r in mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list")} == runs
 
 
-def test_auto_mode_refuses_too_few_validation_texts_before_any_run(registry):
-    """Halves of 50 texts, all agreeing, bound the agreement at 94.9%: 0.99 cannot be shown, so nothing is built."""
+def test_auto_mode_refuses_too_few_choice_texts_before_any_run(registry):
+    """50 choice texts, all agreeing, bound the agreement at 94.9%: 0.99 cannot be shown, so nothing is built."""
     client, _ = registry
     versions = {v.version for v in client.search_model_versions(f"name = '{INT8}'")}
     runs = {r.info.run_id for r in mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list")}
-    with pytest.raises(UserError, match="min_agreement=0.99: auto chooses on one half of the 100 validation texts and "
-                                        "judges its choice on the other; 50 texts cannot show it.*at least 536"):
-        quantize.run(quantize.QuantizeArgs(model=f"models:/{PARENT}@champion", dataset="imdb", max_eval_samples=100))
+    with pytest.raises(UserError, match="min_agreement=0.99: auto chooses on 50 held-out texts, which cannot show "
+                                        "it.*choice_samples of at least 268"):
+        quantize.run(quantize.QuantizeArgs(**{**ARGS, "choice_samples": 50, "min_agreement": 0.99}))
     assert {v.version for v in client.search_model_versions(f"name = '{INT8}'")} == versions
     assert {r.info.run_id for r in mlflow.search_runs(experiment_names=["kd-sentiment/imdb"], output_format="list")} == runs
 
@@ -339,8 +359,8 @@ def test_auto_gate_reads_the_agreement_by_its_lower_bound(monkeypatch, tmp_path)
     monkeypatch.setattr(candidates.Candidate, "runner", lambda self, *a, **k: Runner(self.name))
     candidates.validate([fast, slow], tmp_path, ["text"] * 1000, labels, ["negative", "positive"], reference, 64)
     fast.numbers["speed"], slow.numbers["speed"] = 3.0, 1.5
-    assert fast.numbers["val_agreement"] == pytest.approx(0.995) and fast.numbers["val_agreement_low"] < 0.99
-    assert candidates.choose([fast, slow], max_accuracy_drop=1.0, min_agreement=0.99) is slow
+    assert fast.numbers["choice_agreement"] == pytest.approx(0.995) and fast.numbers["choice_agreement_low"] < 0.99
+    assert candidates.choose([fast, slow], max_accuracy_drop=1.0, max_ece_increase=1.0, min_agreement=0.99) is slow
 
 
 def test_promote_refuses_a_version_validated_on_another_cpu_unless_forced(registry, monkeypatch):

@@ -135,3 +135,38 @@ def test_unknown_encoder_layers_are_an_error_not_the_lenient_target():
     with mlflow.start_run() as run:
         mlflow.log_param("encoder_layers", 6)
     assert results.encoder_layers(mlflow.get_run(run.info.run_id)) == 6
+
+
+def test_a_graph_is_called_int8_only_where_it_holds_integer_nodes():
+    """The candidate table reads each graph's integer nodes; the INT8 target is met only by an INT8
+    graph whose gate passed on at least int8_min_judged held-out texts."""
+    import pandas as pd
+
+    mlflow.set_experiment("kd-sentiment/tweeteval")
+    rows = [("openvino-bf16", "openvino", "bf16", 0, 2.5), ("nncf-openvino-int8", "openvino", "f32", 63, 2.0),
+            ("openvino-int8", "openvino", "f32", 0, 1.5)]  # a float graph under an INT8-sounding name
+    with mlflow.start_run(tags={"recipe": "openvino-bf16"}) as run:
+        mlflow.log_param("mode", "auto")
+        mlflow.log_table(pd.DataFrame([{
+            "candidate": name, "runtime": runtime, "precision": precision, "integer_nodes": nodes, "speed": speed,
+            "choice_texts": 2000, "choice_agreement": 0.99, "choice_agreement_low": 0.985,
+            "choice_accuracy_drop_points": 0.1, "choice_accuracy_change_low_points": -0.4, "choice_ece_change": 0.002,
+            "within_budget": True} for name, runtime, precision, nodes, speed in rows]), "quantize_candidates.json")
+    lines = results.candidate_lines({"students": {"tinybert": {"quantize": run.info.run_id}}})
+    table = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ") and "|---" not in line}
+    assert "| bf16 (float) |" in table["openvino-bf16 (deployed)"]
+    assert "| int8 |" in table["nncf-openvino-int8"] and "| f32 (float) |" in table["openvino-int8"]
+    assert "on 2000 held-out choice texts" in lines[0]
+
+    gate = {"gate_passed": 1.0, "n_judge": 5000, "gate_accuracy_change_low_points": -0.3,
+            "gate_macro_recall_change_low_points": -0.4, "gate_ece_change": 0.004,
+            "int8_judge_agreement_with_fp32": 0.992, "int8_judge_agreement_with_fp32_low": 0.9896}
+    assert results.int8_verdict(gate, "int8") == "**met**"
+    assert results.int8_verdict(gate, "bf16") == "**not met** (a bf16 graph)"
+    assert results.int8_verdict({**gate, "n_judge": 300}, "int8") == "**not met** (judged on 300 texts, fewer than 5000)"
+    assert results.int8_verdict({**gate, "gate_passed": 0.0}, "int8") == "**not met**"
+    entry = {"int8": gate, "int8_recipe": "nncf-openvino-int8", "int8_graph": "int8"}
+    gate_line, agreement_line = results.int8_gate_lines("tweeteval", "tinybert", entry)
+    assert "accuracy at least -0.30, macro-recall at least -0.40 points, ECE +0.0040, on 5000 held-out texts | **met** |" \
+        in gate_line
+    assert agreement_line.endswith("| 99.2%, at least 98.96%, on 5000 held-out texts | **not met** |")

@@ -31,23 +31,28 @@ def trained_version(step: str, params: dict, metrics: dict, dataset: str, select
             f"{points(metrics[f'test_{selection_metric}'])} on {params.get('n_test', '?')} texts.")
 
 
-def quantized_version(parent, recipe: str, runtime: str, precision: str, numbers: dict, metrics: dict,
-                      n_val: int, dataset: str, hardware: dict) -> str:
-    """A deployed graph's version: its parent, recipe and runtime, what it keeps of the parent on
-    validation, its speed against the parent's ONNX Runtime fp32 graph, the CPU it was validated on."""
-    kind = "float graph (no INT8 recipe was chosen)" if recipe in FLOAT_RECIPES else "INT8 graph"
+def quantized_version(parent, recipe: str, runtime: str, graph: str, numbers: dict, metrics: dict,
+                      n_judged: int, dataset: str, hardware: dict) -> str:
+    """A deployed graph's version: its parent, recipe, runtime and what its graph computes in, what it
+    keeps of the parent on the judged texts and the gate's verdict, its speed against the parent's
+    ONNX Runtime fp32 graph, the CPU it was validated on."""
+    kind = ("INT8 graph" if graph == "int8" else
+            f"{graph} graph (float: {'no INT8 recipe was chosen' if numbers else 'a fixed recipe'})")
     speed = (f" It ran {numbers['speed']:.2f}x the speed of the parent's ONNX Runtime fp32 graph (geometric mean "
              "of one real text and batches of 1 and 32)." if "speed" in numbers else "")
     features = ", ".join(k.removeprefix("validated_on.") for k, v in sorted(hardware.items())
                          if v == "True" and k.removeprefix("validated_on.") not in ("onnxruntime", "openvino"))
     return (f"Deployable {kind} of `{parent.name}` v{parent.version} for {dataset}: recipe `{recipe}`, run by "
-            f"{runtime} in {precision}. On {n_val} validation texts"
+            f"{runtime} ({int(metrics['int8_integer_nodes'])} integer nodes). On {n_judged} held-out texts"
             f"{' its choice did not see (chosen on %d others)' % numbers['choice_texts'] if 'choice_texts' in numbers else ''}"
             f" it agrees with the fp32 parent on "
-            f"{points(metrics['int8_val_agreement_with_fp32'])} (at least "
-            f"{100 * metrics['int8_val_agreement_with_fp32_low']:.2f}% by its one-sided 95% bound); accuracy "
-            f"{100 * (metrics['onnx_int8_val_accuracy'] - metrics['torch_fp32_val_accuracy']):+.2f} and macro-recall "
-            f"{100 * (metrics['onnx_int8_val_macro_recall'] - metrics['torch_fp32_val_macro_recall']):+.2f} points."
+            f"{points(metrics['int8_judge_agreement_with_fp32'])} (at least "
+            f"{100 * metrics['int8_judge_agreement_with_fp32_low']:.2f}% by its one-sided 95% bound); accuracy "
+            f"{100 * (metrics['onnx_int8_judge_accuracy'] - metrics['torch_fp32_judge_accuracy']):+.2f} (at least "
+            f"{metrics['gate_accuracy_change_low_points']:+.2f}) and macro-recall "
+            f"{100 * (metrics['onnx_int8_judge_macro_recall'] - metrics['torch_fp32_judge_macro_recall']):+.2f} (at "
+            f"least {metrics['gate_macro_recall_change_low_points']:+.2f}) points, served ECE "
+            f"{metrics['gate_ece_change']:+.4f}: gate {'passed' if metrics['gate_passed'] else 'failed'}."
             f"{speed} Validated on {hardware.get('validated_on.cpu', '?')} ({features or 'no AVX-512'}), "
             f"{hardware.get('validated_on.threads', '?')} threads.")
 

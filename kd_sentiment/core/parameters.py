@@ -296,24 +296,36 @@ QUANTIZATION_MODES = ("dynamic", "static")  # the fixed ONNX Runtime recipes; qu
 
 @dataclass
 class QuantizeArgs:
-    """Export a registered fp32 model to ONNX, fuse the graph, quantize it to INT8 with ONNX Runtime,
-    compare it with the fp32 parent on the evaluation data and register it as NAME-int8 (alias 'candidate')."""
+    """Export a registered fp32 model to ONNX, choose the fastest deployable graph on this CPU (INT8
+    recipes, QAD, NNCF, float runtimes) on held-out texts, judge it against the fp32 parent on
+    others and register it as NAME-int8 (alias 'candidate')."""
 
     model: str = param(MISSING, "registry URI of the fp32 model (models:/NAME@ALIAS or models:/NAME/VERSION)")
     dataset: str = param("tweeteval", "imdb, tweeteval or a data folder (evaluation data)")
     data_dir: str | None = param(None, DATA_DIR_HELP, read=optional_text)
-    max_eval_samples: int | None = param(2000, "stratified subsets of the parent's validation split (decides the "
-                                               "gate) and of test (reported) for the fp32 vs INT8 check ('all' for "
-                                               "everything)", read=optional_count)
+    max_eval_samples: int | None = param(2000, "stratified subset of test for the fp32 vs INT8 check (reported, "
+                                               "never decides; 'all' for everything)", read=optional_count)
+    judge_texts: str = param("", "labelled file (text,label; CSV, JSON Lines or Parquet) of held-out texts that judge "
+                                 "the chosen model; empty: the parent's validation split and the training texts its "
+                                 "run did not use. Texts the parent trained on are refused")
+    judge_samples: int | None = param(5000, "stratified, seeded sample of the held-out texts that judge the chosen "
+                                            "model (the gate; 'all' for every one left after the choice)",
+                                      read=optional_count)
+    choice_samples: int = param(2000, "held-out texts (never judged) auto chooses on and the served temperature is "
+                                      "fitted on")
     mode: str = param("auto", "auto: the fastest candidate (ONNX Runtime INT8 recipes, OpenVINO fp32/bf16/INT8) "
                               "within max_accuracy_drop and min_agreement on validation, measured on this CPU; "
                               "dynamic / static: the fixed ONNX Runtime recipe (activations quantized on the fly / "
                               "ranges calibrated on train)", choices=("auto", *QUANTIZATION_MODES))
-    max_accuracy_drop: float = param(0.5, "auto: largest validation accuracy (and macro-recall) drop vs the fp32 "
-                                          "parent, in points (negative: a gain required)")
-    min_agreement: float = param(0.99, "auto: smallest share of validation predictions equal to the fp32 parent's, "
-                                       "read as the one-sided 95%% lower confidence bound of the share seen (so 0.99 "
-                                       "needs at least 268 validation texts, all agreeing)")
+    max_accuracy_drop: float = param(0.5, "largest accuracy (and macro-recall) drop vs the fp32 parent, in points: "
+                                          "auto's choice reads the drop seen on its texts, the gate the paired "
+                                          "one-sided 95%% bound on the judged texts (negative: a gain required)")
+    max_ece_increase: float = param(0.01, "largest increase of the served (temperature-scaled) probabilities' ECE "
+                                          "vs the fp32 parent's, each scaled by its own temperature")
+    min_agreement: float = param(0.97, "smallest share of predictions equal to the fp32 parent's, read as the "
+                                       "one-sided 95%% lower confidence bound of the share seen on auto's choice "
+                                       "texts (a guard against a broken graph: INT8's flips are near-ties that "
+                                       "cost no accuracy; README, Step 3)")
     candidates: str = param("", "auto: only these candidates, comma-separated (e.g. openvino-f32,ort-static; the "
                                 "names of quantize_candidates.json); empty: every candidate this CPU can run")
     fixed_length: int = param(128, "auto: tokens per text when timing candidates (the benchmark's fixed length)")
@@ -331,7 +343,11 @@ class QuantizeArgs:
     sensitivity_texts: int = param(200, "auto: calibration texts each node's INT8 sensitivity is measured on, for "
                                         "the candidate that keeps the most sensitive nodes float (one quantization "
                                         "and pass per node: most of auto's time on a 6-layer model); 0 skips it")
-    seed: int = param(42, "seed for the calibration sample (the evaluation subsets follow the parent run's seed)")
+    qad_steps: int = param(300, "auto: batches of quantization-aware distillation for the qad-* candidates (the "
+                                "fp32 model fine-tuned under simulated INT8 against its own logits; 0 skips them)")
+    qad_learning_rate: float = param(3e-6, "auto: peak learning rate of quantization-aware distillation")
+    seed: int = param(42, "seed for the held-out, calibration and QAD samples (the test subset follows the parent "
+                          "run's seed)")
     name: str = param("", "registered name (empty: PARENT-int8)")
     alias: str = param("candidate", "alias for the new version ('' skips); promote moves champion")
 
@@ -344,6 +360,12 @@ class QuantizeArgs:
         if self.sensitivity_texts < 0 or (self.mode == "auto" and self.sensitivity_texts > self.calibration_samples):
             raise UserError(f"sensitivity_texts={self.sensitivity_texts}: between 0 (no sensitivity search) and "
                             f"calibration_samples={self.calibration_samples} (it measures on those texts).")
+        if self.choice_samples <= 0 or self.qad_steps < 0 or self.qad_learning_rate <= 0:
+            raise UserError(f"choice_samples={self.choice_samples}, qad_steps={self.qad_steps}, qad_learning_rate="
+                            f"{self.qad_learning_rate}: choice_samples and the learning rate must be positive, "
+                            "qad_steps 0 (no QAD) or more.")
+        if self.max_ece_increase < 0:
+            raise UserError(f"max_ece_increase={self.max_ece_increase}: an increase of 0 or more.")
         if not 0 <= self.min_agreement < 1:
             raise UserError(f"min_agreement={self.min_agreement}: a share in [0, 1); it is read as a lower "
                             "confidence bound, which no number of texts lifts to 1.")

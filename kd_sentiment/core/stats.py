@@ -60,9 +60,9 @@ def metric_on_resamples(correct: np.ndarray, labels: np.ndarray, index: np.ndarr
 
 
 def paired_difference(preds_a: list[np.ndarray], preds_b: list[np.ndarray], labels: np.ndarray, metric: str,
-                      num_labels: int, replicates: int = REPLICATES, seed: int = 0) -> Difference:
+                      num_labels: int, replicates: int = REPLICATES, seed: int = 0, level: float = 0.95) -> Difference:
     """metric(A) - metric(B), each the mean over its seeds' predictions (lists of (N,) class ids on
-    the same N texts), with a 95% percentile interval from `replicates` paired bootstrap replicates
+    the same N texts), with a `level` percentile interval from `replicates` paired bootstrap replicates
     that resample the texts and, for each model, its seeds."""
     if metric not in METRICS:
         raise ValueError(f"metric {metric!r}: one of {METRICS}")
@@ -83,7 +83,7 @@ def paired_difference(preds_a: list[np.ndarray], preds_b: list[np.ndarray], labe
             picked = rng.integers(0, len(cs), per_seed.shape)  # resample the seeds, replicate by replicate
             means[side] = np.take_along_axis(per_seed, picked, axis=1).mean(axis=1)
         diffs.append(means["a"] - means["b"])
-    low, high = np.quantile(np.concatenate(diffs), [0.025, 0.975])
+    low, high = np.quantile(np.concatenate(diffs), [(1 - level) / 2, (1 + level) / 2])
     return Difference(float(point["a"] - point["b"]), float(low), float(high), len(labels),
                       len(preds_a), len(preds_b))
 
@@ -99,6 +99,13 @@ def share_lower_bound(hits: int, n: int, confidence: float = BOUND_CONFIDENCE) -
         raise ValueError("a share of no texts has no bound")
     test = binomtest(int(hits), int(n), alternative="greater")
     return float(test.proportion_ci(confidence_level=confidence, method="wilson").low)
+
+
+def change_lower_bound(preds: np.ndarray, reference: np.ndarray, labels: np.ndarray, metric: str,
+                       num_labels: int, confidence: float = BOUND_CONFIDENCE) -> float:
+    """metric(preds) - metric(reference) on the same texts: its one-sided lower confidence bound from
+    the paired bootstrap, "it loses at most this much, with `confidence`" (a non-inferiority bound)."""
+    return paired_difference([preds], [reference], labels, metric, num_labels, level=2 * confidence - 1).low
 
 
 def fewest_texts_to_show(share: float, confidence: float = BOUND_CONFIDENCE) -> int:

@@ -1,4 +1,4 @@
-"""`quantize --mode auto`: the fastest deployable model on this CPU within an accuracy budget.
+"""`quantize --mode auto`: the fastest deployable model on this CPU within an accuracy and calibration budget.
 
 Which runtime and precision wins depends on the CPU (VNNI, AVX512_BF16, AMX, or AVX2 only), so it is
 measured where the model will run, not fixed in code. Candidates, each an ONNX graph and the runtime
@@ -10,24 +10,31 @@ that opens it:
   ort-dynamic-sensitive-fp32  the nodes measured most sensitive kept float (`sensitive`; built only where
                               ort-dynamic disagrees with fp32 on the training texts more than the budget allows,
                               and sensitivity_texts is not 0)
-  ort-static                  static QDQ INT8, activation ranges calibrated on train texts
+  ort-static                  static QDQ INT8, activation ranges calibrated on training texts
+  qad-ort-static              static QDQ INT8 of the model after quantization-aware distillation (qad.py)
   ort-f32                     ONNX Runtime on the fused fp32 graph, no quantization: where no INT8 recipe
                               keeps the budget, auto falls back to the fastest float model, never to one
                               slower than this
   openvino-f32                OpenVINO reading the unfused fp32 ONNX graph
   openvino-bf16               the same computing in bf16 (only on CPUs with AVX512_BF16 or AMX)
-  openvino-int8               OpenVINO running the static QDQ graph (INT8 without NNCF)
+  openvino-int8               OpenVINO running the static QDQ graph
+  qad-openvino-int8           OpenVINO running the QAD graph
+  nncf-openvino-int8          OpenVINO running NNCF's post-training INT8 of the fp32 graph (its transformer
+                              preset: SmoothQuant, bias correction, quantizers where OpenVINO's kernels use them)
+  nncf-ort-int8               ONNX Runtime running the same graph
 `candidates` (`quantize --candidates openvino-f32,...`) restricts the search to the named ones: a
 user who wants a given runtime, or a test that must exercise one.
-Each is measured on the **validation** texts against the PyTorch fp32 parent (agreement, accuracy
-and macro-recall change in points, ECE change) and timed in-process, in interleaved rounds, as a
-ratio to ONNX Runtime fp32 (the fused graph): one validation text at a time at its own length (the
+Each is measured on the **choice** texts (held-out texts that never judge: held_out.py) against the
+PyTorch fp32 parent: agreement with its lower bound, accuracy and macro-recall change (the change
+seen and its paired one-sided 95% bound), and the change of the served probabilities' ECE (each
+model scaled by its own temperature fitted on these texts); and timed in-process, in interleaved
+rounds, as a ratio to ONNX Runtime fp32 (the fused graph): one text at a time at its own length (the
 serving case) and batches of 1 and 32 at a fixed length. The chosen one is the fastest (geometric
-mean of the three ratios) whose accuracy and macro-recall drop at most
-`max_accuracy_drop` points and whose agreement is at least `min_agreement` by its one-sided 95%
-lower confidence bound (stats.share_lower_bound), not by the share alone: on a few hundred texts a
-share of 99% is a few disagreements (README, "Step 3"). Every candidate is logged: a table and an accuracy-vs-speed
-figure. Test texts are never looked at here.
+mean of the three ratios) whose accuracy and macro-recall drop at most `max_accuracy_drop` points,
+whose ECE rises at most `max_ece_increase`, and whose agreement is at least `min_agreement` by its
+one-sided 95% lower confidence bound (stats.share_lower_bound). Every candidate is logged, with
+how many integer nodes its graph holds: a table and a speed frontier figure. The judged texts and
+test are never looked at here.
 """
 from __future__ import annotations
 
@@ -35,13 +42,13 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from kd_sentiment.deploy import int8_recipes
 from kd_sentiment.core import stats, timing
-from kd_sentiment.core.metrics import classification_metrics
-from kd_sentiment.core.data import stratified_take
+from kd_sentiment.core.metrics import classification_metrics, fit_temperature
 from kd_sentiment.core.errors import UserError
 from kd_sentiment.core.machine import bf16_capable, cpu_features
 from kd_sentiment.deploy.runtimes import OnnxClassifier
@@ -66,8 +73,8 @@ class Candidate:
     runtime: str = "onnxruntime"
     precision: str = "f32"
     recipe: dict = field(default_factory=dict)  # how the graph was made (quantization settings)
-    numbers: dict = field(default_factory=dict)  # its validation and speed measurements
-    val_logits: np.ndarray | None = None  # its logits on the validation texts, once measured
+    numbers: dict = field(default_factory=dict)  # its measurements on the choice texts, its speed
+    choice_logits: np.ndarray | None = None  # its logits on the choice texts, once measured
 
     def runner(self, tokenizer_dir: Path, threads: int = 0) -> OnnxClassifier:
         return OnnxClassifier(self.path, tokenizer_dir, threads, self.runtime, self.precision)
@@ -75,7 +82,8 @@ class Candidate:
 
 # Every candidate, in the order they are built and listed; `--candidates` names a subset.
 CANDIDATES = ("ort-dynamic", "ort-dynamic-per-tensor", "ort-dynamic-embeddings-fp32", "ort-dynamic-ffn-fp32",
-              "ort-dynamic-sensitive-fp32", "ort-static", "ort-f32", "openvino-f32", "openvino-bf16", "openvino-int8")
+              "ort-dynamic-sensitive-fp32", "ort-static", "qad-ort-static", "ort-f32", "openvino-f32", "openvino-bf16",
+              "openvino-int8", "qad-openvino-int8", "nncf-openvino-int8", "nncf-ort-int8")
 
 
 def chosen_names(text: str) -> tuple[str, ...]:
@@ -93,9 +101,11 @@ def chosen_names(text: str) -> tuple[str, ...]:
 
 def build(work: Path, unfused: Path, fused: Path, calibration_texts: list[str], max_length: int,
           reduce_range: bool | None, min_agreement: float, sensitivity_texts: int,
-          names: tuple[str, ...] = CANDIDATES) -> list[Candidate]:
+          names: tuple[str, ...] = CANDIDATES,
+          qad_graph: Callable[[Path], tuple[Path, dict]] | None = None) -> list[Candidate]:
     """The candidates of `names` this machine can run, their graphs written under `work`; the
-    sensitivity search measures on the first `sensitivity_texts` calibration texts (0: no search)."""
+    sensitivity search measures on the first `sensitivity_texts` calibration texts (0: no search);
+    `qad_graph(folder)` trains and writes the QAD graph (None: no qad-* candidate)."""
     def ort(name: str, source: Path, **recipe) -> Candidate:
         path, settings = int8_recipes.quantize_onnx(source.parent, work / name, reduce_range=reduce_range,
                                                     max_length=max_length, **recipe)
@@ -119,11 +129,21 @@ def build(work: Path, unfused: Path, fused: Path, calibration_texts: list[str], 
     built["openvino-f32"] = Candidate("openvino-f32", unfused, "openvino", "f32", {"source": str(unfused)})
     if bf16_capable(cpu_features()):
         built["openvino-bf16"] = Candidate("openvino-bf16", unfused, "openvino", "bf16", {"source": str(unfused)})
-    if "ort-static" in built:
-        qdq = built["ort-static"]
-        built["openvino-int8"] = Candidate("openvino-int8", qdq.path, "openvino", "f32",
-                                           {**qdq.recipe, "graph": "static QDQ"})
-    return [built[name] for name in CANDIDATES if name in names and built.get(name) is not None]
+    if qad_graph is not None and {"qad-ort-static", "qad-openvino-int8"} & set(names):
+        path, recipe = qad_graph(work / "qad")
+        built["qad-ort-static"] = Candidate("qad-ort-static", path, recipe=recipe)
+    for source, name in (("ort-static", "openvino-int8"), ("qad-ort-static", "qad-openvino-int8")):
+        if source in built:  # OpenVINO runs the same QDQ graph, computing its float parts in f32
+            qdq = built[source]
+            built[name] = Candidate(name, qdq.path, "openvino", "f32", {**qdq.recipe, "graph": "static QDQ"})
+    if {"nncf-openvino-int8", "nncf-ort-int8"} & set(names):
+        path, recipe = int8_recipes.nncf_int8(unfused.parent, work / "nncf", calibration_texts, max_length)
+        built["nncf-openvino-int8"] = Candidate("nncf-openvino-int8", path, "openvino", "f32", recipe)
+        built["nncf-ort-int8"] = Candidate("nncf-ort-int8", path, recipe=recipe)
+    chosen = [built[name] for name in CANDIDATES if name in names and built.get(name) is not None]
+    for candidate in chosen:
+        candidate.numbers["integer_nodes"] = int8_recipes.integer_nodes(candidate.path)
+    return chosen
 
 
 def sensitive(work: Path, fused: Path, plain: Candidate, texts: list[str], max_length: int,
@@ -132,10 +152,11 @@ def sensitive(work: Path, fused: Path, plain: Candidate, texts: list[str], max_l
     or None where `texts` is empty or the `plain` all-INT8 graph already agrees with fp32 on them at
     `min_agreement`.
 
-    Measured on training texts (never validation, which judges the result): each quantizable node is
-    quantized alone and its sensitivity is the mean squared difference of the logits from fp32. The k
-    most sensitive stay float, k the smallest of 1, 2, 4, ... (at most MAX_FLOAT_SHARE of the nodes) at
-    which the rest agrees with fp32 on `texts` at `min_agreement`; the largest k tried otherwise.
+    Measured on training texts (never a held-out text: those choose and judge the result): each
+    quantizable node is quantized alone and its sensitivity is the mean squared difference of the
+    logits from fp32. The k most sensitive stay float, k the smallest of 1, 2, 4, ... (at most
+    MAX_FLOAT_SHARE of the nodes) at which the rest agrees with fp32 on `texts` at `min_agreement`;
+    the largest k tried otherwise.
     """
     import onnx
 
@@ -180,24 +201,32 @@ def sensitive(work: Path, fused: Path, plain: Candidate, texts: list[str], max_l
 
 def validate(candidates: list[Candidate], tokenizer_dir: Path, texts: list[str], labels: np.ndarray,
              label_names: list[str], reference: np.ndarray, max_length: int) -> None:
-    """Each candidate's validation logits (`val_logits`, kept so the chosen one is not run again) and
-    its numbers against the fp32 parent's `reference`."""
-    parent = classification_metrics(reference, labels, label_names)
+    """Each candidate's logits on the choice texts (`choice_logits`, kept so the chosen one is not run
+    again) and its numbers against the fp32 parent's `reference` logits on them."""
+    def served(logits: np.ndarray) -> dict:  # the metrics, ECE of the temperature-scaled probabilities
+        metrics = classification_metrics(logits, labels, label_names)
+        scaled = classification_metrics(logits / fit_temperature(logits, labels), labels, label_names)
+        return {**metrics, "served_ece": scaled["ece"]}
+
+    parent, parent_preds = served(reference), reference.argmax(1)
     for candidate in candidates:
-        candidate.val_logits = candidate.runner(tokenizer_dir).predict_logits(texts, max_length)
-        own = classification_metrics(candidate.val_logits, labels, label_names)
-        val_agreement, val_agreement_low = stats.agreement(candidate.val_logits, reference)
+        candidate.choice_logits = candidate.runner(tokenizer_dir).predict_logits(texts, max_length)
+        own, preds = served(candidate.choice_logits), candidate.choice_logits.argmax(1)
+        agreement, agreement_low = stats.agreement(candidate.choice_logits, reference)
         candidate.numbers.update(
-            val_agreement=val_agreement, val_agreement_low=val_agreement_low,
-            val_accuracy_drop_points=100 * (parent["accuracy"] - own["accuracy"]),
-            val_macro_recall_drop_points=100 * (parent["macro_recall"] - own["macro_recall"]),
-            val_ece_change=own["ece"] - parent["ece"], val_accuracy=own["accuracy"], val_macro_recall=own["macro_recall"])
+            choice_agreement=agreement, choice_agreement_low=agreement_low,
+            choice_accuracy_drop_points=100 * (parent["accuracy"] - own["accuracy"]),
+            choice_macro_recall_drop_points=100 * (parent["macro_recall"] - own["macro_recall"]),
+            **{f"choice_{metric}_change_low_points": 100 * stats.change_lower_bound(
+                preds, parent_preds, labels, metric, len(label_names)) for metric in stats.METRICS},
+            choice_ece_change=own["served_ece"] - parent["served_ece"],
+            choice_accuracy=own["accuracy"], choice_macro_recall=own["macro_recall"])
 
 
 def time_all(candidates: list[Candidate], reference: Path, tokenizer_dir: Path, texts: list[str],
              fixed_length: int, threads: int) -> None:
     """Speed of each candidate relative to ONNX Runtime fp32 on `reference`, in interleaved rounds, in
-    each TIMED setting: one validation text at a time at its own length (`real_b1`, the serving case),
+    each TIMED setting: one choice text at a time at its own length (`real_b1`, the serving case),
     and batches of 1 and 32 at `fixed_length` tokens. Per setting `speed_<setting>` (> 1: faster, the
     median per-round ratio) and `ms_<setting>` (the median of the per-round medians); `speed` is their
     geometric mean, what `choose` ranks by."""
@@ -226,49 +255,45 @@ def time_all(candidates: list[Candidate], reference: Path, tokenizer_dir: Path, 
         candidate.numbers["speed"] = float(np.prod([candidate.numbers[f"speed_{s}"] for s in TIMED]) ** (1 / len(TIMED)))
 
 
-def shortfall(candidate: Candidate, max_accuracy_drop: float, min_agreement: float) -> float:
+def shortfall(candidate: Candidate, max_accuracy_drop: float, max_ece_increase: float, min_agreement: float) -> float:
     """How far the candidate misses the budget (0: within it), in points; agreement by its lower bound."""
     n = candidate.numbers
-    return max(0.0, n["val_accuracy_drop_points"] - max_accuracy_drop,
-               n["val_macro_recall_drop_points"] - max_accuracy_drop, 100 * (min_agreement - n["val_agreement_low"]))
+    return max(0.0, n["choice_accuracy_drop_points"] - max_accuracy_drop,
+               n["choice_macro_recall_drop_points"] - max_accuracy_drop,
+               100 * (n["choice_ece_change"] - max_ece_increase), 100 * (min_agreement - n["choice_agreement_low"]))
 
 
-def choice_and_judge(validation, seed: int):
-    """(the texts auto chooses on, the texts its choice is judged on): two stratified halves of the
-    validation split, so the gate's numbers come from texts the choice never saw (no winner's curse)."""
-    chosen_on, judged = stratified_take(validation, 0.5, seed, "validation")
-    return chosen_on.reset_index(drop=True), judged.reset_index(drop=True)
-
-
-def refuse_too_few_texts(n_validation: int, min_agreement: float) -> None:
-    """A UserError, before anything is built, where either half of `n_validation` validation texts
-    (one chooses, the other judges) cannot show `min_agreement` even if every candidate prediction
-    agreed (the bound of n of n stays below it)."""
-    half = n_validation // 2
-    best = stats.share_lower_bound(half, half)
+def refuse_too_few_texts(n_choice: int, min_agreement: float) -> None:
+    """A UserError, before anything is built, where `n_choice` choice texts cannot show `min_agreement`
+    even if every candidate prediction agreed (the bound of n of n stays below it)."""
+    best = stats.share_lower_bound(n_choice, n_choice)
     if best >= min_agreement:
         return
     needed = stats.fewest_texts_to_show(min_agreement)  # min_agreement < 1 (schema)
-    raise UserError(f"min_agreement={min_agreement}: auto chooses on one half of the {n_validation} validation texts "
-                    f"and judges its choice on the other; {half} texts cannot show it, as even all of them agreeing "
-                    f"with fp32 bound the agreement at {best:.4f} (one-sided 95%). Give at least {2 * needed} "
-                    f"validation texts (max_eval_samples, or the parent's validation_size), or a lower "
+    raise UserError(f"min_agreement={min_agreement}: auto chooses on {n_choice} held-out texts, which cannot show "
+                    f"it, as even all of them agreeing with fp32 bound the agreement at {best:.4f} (one-sided 95%). "
+                    f"Give choice_samples of at least {needed} (and the held-out texts for them), or a lower "
                     f"min_agreement. Nothing registered.")
 
 
-def choose(candidates: list[Candidate], max_accuracy_drop: float, min_agreement: float) -> Candidate:
+def choose(candidates: list[Candidate], max_accuracy_drop: float, max_ece_increase: float,
+           min_agreement: float) -> Candidate:
     """The fastest candidate within the budget; a UserError naming the closest one when none is."""
-    passing = [c for c in candidates if shortfall(c, max_accuracy_drop, min_agreement) == 0]
+    def short(c: Candidate) -> float:
+        return shortfall(c, max_accuracy_drop, max_ece_increase, min_agreement)
+
+    passing = [c for c in candidates if short(c) == 0]
     for c in candidates:
         c.numbers["within_budget"] = c in passing
     if not passing:
-        closest = min(candidates, key=lambda c: shortfall(c, max_accuracy_drop, min_agreement))
+        closest = min(candidates, key=short)
         n = closest.numbers
-        raise UserError(f"no candidate is within max_accuracy_drop={max_accuracy_drop} points and min_agreement="
-                        f"{min_agreement} on validation; closest: {closest.name} (accuracy {-n['val_accuracy_drop_points']:+.2f}, "
-                        f"macro-recall {-n['val_macro_recall_drop_points']:+.2f} points vs fp32, agreement "
-                        f"{n['val_agreement']:.4f}, at least {n['val_agreement_low']:.4f} by its 95% bound), "
-                        f"{shortfall(closest, max_accuracy_drop, min_agreement):.2f} points short. Nothing registered.")
+        raise UserError(f"no candidate is within max_accuracy_drop={max_accuracy_drop} points, max_ece_increase="
+                        f"{max_ece_increase} and min_agreement={min_agreement} on the choice texts; closest: "
+                        f"{closest.name} (accuracy {-n['choice_accuracy_drop_points']:+.2f}, macro-recall "
+                        f"{-n['choice_macro_recall_drop_points']:+.2f} points vs fp32, ECE {n['choice_ece_change']:+.4f}, "
+                        f"agreement {n['choice_agreement']:.4f}, at least {n['choice_agreement_low']:.4f} by its 95% "
+                        f"bound), {short(closest):.2f} points short. Nothing registered.")
     return max(passing, key=lambda c: c.numbers["speed"])
 
 
@@ -277,17 +302,23 @@ def table(candidates: list[Candidate]) -> list[dict]:
 
 
 def figure(candidates: list[Candidate], chosen: Candidate | None, dataset: str):
+    """The frontier: each candidate's speed against its agreement's lower bound and its accuracy
+    change's lower bound on the choice texts; INT8 graphs filled, float ones hollow."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 5))
-    for c in candidates:
-        ax.scatter(c.numbers["speed"], -c.numbers["val_accuracy_drop_points"], marker="*" if c is chosen else "o",
-                   s=160 if c is chosen else 40)
-        ax.annotate(c.name, (c.numbers["speed"], -c.numbers["val_accuracy_drop_points"]), fontsize=7)
-    ax.axhline(0, color="grey", lw=0.5)
-    ax.set(xlabel="speed vs ONNX Runtime fp32 (geometric mean: one real text, batch 1 and 32 at a fixed length)",
-           ylabel="validation accuracy change vs fp32 parent (points)",
-           title=f"{dataset}: quantize --mode auto candidates (star: chosen)")
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    panels = (("choice_agreement_low", 100, "agreement with fp32, 95% lower bound (%)"),
+              ("choice_accuracy_change_low_points", 1, "accuracy change vs fp32, 95% lower bound (points)"))
+    for ax, (key, scale, label) in zip(axes, panels):
+        for c in candidates:
+            x, y = c.numbers["speed"], scale * c.numbers[key]
+            integer = c.numbers.get("integer_nodes", 0) > 0
+            ax.scatter(x, y, marker="*" if c is chosen else "o", s=160 if c is chosen else 40,
+                       facecolors=None if integer else "none", edgecolors="C0")
+            ax.annotate(c.name, (x, y), fontsize=7)
+        ax.set(xlabel="speed vs ONNX Runtime fp32 (geometric mean: one real text, batch 1 and 32)", ylabel=label)
+    fig.suptitle(f"{dataset}: quantize --mode auto candidates on the choice texts (star: chosen; filled: INT8 graph)")
+    fig.tight_layout()
     return fig

@@ -10,6 +10,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 from collections import Counter
+from importlib.metadata import version
 from pathlib import Path
 
 from kd_sentiment.core.errors import UserError
@@ -35,8 +36,14 @@ def _int8_ops(path: Path) -> dict[str, int]:
     import onnx
 
     ops = Counter(node.op_type for node in onnx.load(str(path), load_external_data=False).graph.node)
-    return {op: n for op, n in sorted(ops.items())
-            if "Quantize" in op or "Integer" in op or op.startswith(("QLinear", "QAttention", "QGemm", "QEmbed"))}
+    return {op: n for op, n in sorted(ops.items()) if "Quantize" in op or "quantize" in op or "Integer" in op
+            or op.startswith(("QLinear", "QAttention", "QGemm", "QEmbed"))}
+
+
+def integer_nodes(path: Path) -> int:
+    """How many nodes of the graph at `path` quantize, dequantize or compute in integers: 0 for a
+    float graph, whatever runtime opens it."""
+    return sum(_int8_ops(path).values())
 
 
 def _ffn_output_matmuls(graph) -> list[str]:
@@ -65,7 +72,7 @@ def _ffn_output_matmuls(graph) -> list[str]:
             if node.op_type == "MatMul" and node.input[1] in weights and after_gelu(node.input[0])]
 
 
-def _static_matmuls(graph) -> list[str]:
+def static_matmuls(graph) -> list[str]:
     """Names of the MatMul nodes static quantization should touch: those with a constant weight,
     except the feed-forward output projections (`_ffn_output_matmuls`). Products of two activations
     (attention scores) stay float as well, as in dynamic mode."""
@@ -177,9 +184,9 @@ def _recipe(graph, source: Path, features: dict, static: bool, per_channel: bool
 
     preset = getattr(AutoQuantizationConfig, preset_name(features))
     if static:
-        # Only the MatMuls `_static_matmuls` picks: with the preset's default operator list
+        # Only the MatMuls `static_matmuls` picks: with the preset's default operator list
         # (LayerNormalization, Gather, Where, ...) MiniLM agreed with fp32 on only 2 texts in 3.
-        nodes = _static_matmuls(graph)
+        nodes = static_matmuls(graph)
         if not nodes:  # an empty list would mean "quantize every node" to onnxruntime
             raise UserError(f"{source}: no MatMul with constant weights to quantize statically; use mode 'dynamic'.")
         config = preset(is_static=True, per_channel=per_channel, operators_to_quantize=["MatMul"], nodes_to_quantize=nodes)
@@ -227,19 +234,49 @@ def _quantize_static(source: Path, out_dir: Path, config, texts: list[str], max_
     from kd_sentiment.core.models import load_tokenizer
 
     tokenizer = load_tokenizer(str(source.parent))
-    # One padded length for the whole set: the calibration reader stacks rows into batches.
-    encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=max_length)
+    # minmax reads each text alone at its own length, as it is served: padding tokens' activations
+    # would widen the ranges (and coarsen every served step) with values no served text makes. The
+    # percentile calibrator stacks every batch's activations into one array, so its rows share one
+    # padded length.
+    encoded = tokenizer(list(texts), padding=method != "minmax", truncation=True, max_length=max_length)
     dataset = Dataset.from_dict({name: encoded[name] for name in input_names})
     calibration = (AutoCalibrationConfig.minmax(dataset) if method == "minmax"
                    else AutoCalibrationConfig.percentiles(dataset, percentile=99.999))
     quantizer = ORTQuantizer.from_pretrained(source.parent, file_name=ONNX_NAME)
-    # The percentile calibrator stacks every batch's activations into one array, so all batches
-    # must have the same shape: one row each (rows share one padded length).
-    batch_size = 32 if method == "minmax" else 1
     with tempfile.TemporaryDirectory() as tmp:
         ranges = quantizer.fit(dataset, calibration, onnx_augmented_model_name=Path(tmp) / "augmented.onnx",
-                               operators_to_quantize=config.operators_to_quantize, batch_size=batch_size)
+                               operators_to_quantize=config.operators_to_quantize, batch_size=1)
     quantizer.quantize(config, save_dir=out_dir, calibration_tensors_range=ranges, file_suffix=None)
+
+
+def nncf_int8(onnx_dir: Path, out_dir: Path, calibration_texts: list[str], max_length: int) -> tuple[Path, dict]:
+    """NNCF's post-training INT8 of the unfused fp32 graph in `onnx_dir`, the route OpenVINO documents
+    for its INT8 kernels: its transformer preset (SmoothQuant, fast bias correction, quantizers placed
+    where OpenVINO computes in INT8), ranges from `calibration_texts`, each at its own length. Writes
+    a QDQ ONNX graph with int8 weights (ONNX Runtime runs it too) into `out_dir`; returns its path and
+    the settings used."""
+    import nncf
+    import onnx
+
+    from kd_sentiment.core.models import load_tokenizer
+
+    source = onnx_file(onnx_dir)
+    model = onnx.load(str(source))
+    names = {i.name for i in model.graph.input}
+    tokenizer = load_tokenizer(str(source.parent))
+    feeds = [{k: v.astype("int64") for k, v in tokenizer([text], truncation=True, max_length=max_length,
+                                                         return_tensors="np").items() if k in names}
+             for text in calibration_texts]
+    quantized = nncf.quantize(model, nncf.Dataset(feeds), model_type=nncf.ModelType.TRANSFORMER,
+                              subset_size=len(feeds))
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    onnx.save(quantized, str(out_dir / ONNX_NAME))
+    shutil.copytree(source.parent, out_dir, dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("*.onnx", "*.onnx_data", "ort_config.json"))
+    return out_dir / ONNX_NAME, {"mode": "nncf-ptq", "nncf": version("nncf"), "model_type": "transformer",
+                                 "calibration_samples": len(feeds), "max_length": max_length,
+                                 "quantized_ops": _int8_ops(out_dir / ONNX_NAME), "source": str(source)}
 
 
 def optimum_dynamic_int8(model_folder: Path, dst: Path) -> Path:

@@ -1,9 +1,10 @@
 """The `promote` step: move a registry alias to a version only if it passes its accuracy gate.
 
 The gate compares the version with its parent on the same evaluation data, from the `gate.*` tags
-its step wrote (quantize: INT8 vs the fp32 parent, on the parent's validation split, `gate.split`):
-accuracy, and macro-recall where present, may be at most `margin` points below the parent's; the
-prediction agreement is recorded beside them. A version no better than the majority class on those
+its step wrote (quantize: INT8 vs the fp32 parent, on its judged held-out texts, `gate.split`):
+accuracy, and macro-recall where present, may be at most `margin` points below the parent's, and
+quantize's own verdict (`gate.passed`: its paired bounds, ECE and agreement on the judged texts)
+must be a pass; the prediction agreement is recorded beside them. A version no better than the majority class on those
 texts (`gate.majority_*`) is refused before any gate, like the training steps withhold their alias
 from such a model. The decision and the numbers are written as version tags (`promotion.*`); a
 refusal moves nothing; `force` overrides and says so.
@@ -46,6 +47,9 @@ def gate(tags: dict, margin: float) -> tuple[bool, dict]:
         drop = round(100 * (float(parent) - float(own)), 4)  # 1.0000000000000009 points is 1.0
         numbers[f"{metric}_drop_points"] = drop
         passed &= drop <= margin
+    if "gate.passed" in tags:  # quantize's own verdict on the judged texts (bounds, ECE, agreement)
+        numbers["quantize_gate_passed"] = float(tags["gate.passed"] == "true")
+        passed &= tags["gate.passed"] == "true"
     return passed, numbers
 
 

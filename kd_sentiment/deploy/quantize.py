@@ -118,7 +118,7 @@ def verdict(args: QuantizeArgs, metrics: dict, judged: np.ndarray, logits: dict,
                                                                                 num_labels)
              for metric in stats.METRICS}
     found["gate_ece_change"] = metrics["onnx_int8_judge_ece_after_ts"] - metrics["torch_fp32_judge_ece_after_ts"]
-    found["gate_passed"] = float(all(found[f"gate_{m}_change_low_points"] >= -args.max_accuracy_drop
+    found["gate_passed"] = float(all(round(found[f"gate_{m}_change_low_points"], 9) >= -args.max_accuracy_drop
                                      for m in stats.METRICS) and found["gate_ece_change"] <= args.max_ece_increase
                                  and metrics["int8_judge_agreement_with_fp32_low"] >= args.min_agreement)
     return found

@@ -277,6 +277,8 @@ def test_auto_mode_registers_the_fastest_candidate_within_budget_with_its_hardwa
     table = candidate_table(run_id)
     assert {"ort-dynamic", "ort-static", "ort-dynamic-ffn-fp32", "openvino-f32", "openvino-int8", "qad-ort-static",
             "qad-openvino-int8", "nncf-openvino-int8", "nncf-ort-int8"} <= set(table["candidate"])
+    # plain optimum INT8 is timed in the same rounds as a reference, never a candidate
+    assert "peer-optimum-int8" not in set(table["candidate"]) and (table["speed_vs_peer"] > 0).all()
     integer = dict(zip(table["candidate"], table["integer_nodes"]))
     assert integer["ort-f32"] == integer["openvino-f32"] == 0
     assert min(integer["qad-ort-static"], integer["nncf-openvino-int8"], integer["ort-dynamic"]) > 0

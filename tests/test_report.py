@@ -151,11 +151,13 @@ def test_a_graph_is_called_int8_only_where_it_holds_integer_nodes():
             "candidate": name, "runtime": runtime, "precision": precision, "integer_nodes": nodes, "speed": speed,
             "choice_texts": 2000, "choice_agreement": 0.99, "choice_agreement_low": 0.985,
             "choice_accuracy_drop_points": 0.1, "choice_accuracy_change_low_points": -0.4, "choice_ece_change": 0.002,
-            "within_budget": True} for name, runtime, precision, nodes, speed in rows]), "quantize_candidates.json")
+            "speed_vs_peer": speed / 2, "within_budget": True} for name, runtime, precision, nodes, speed in rows]),
+            "quantize_candidates.json")
     lines = results.candidate_lines({"students": {"tinybert": {"quantize": run.info.run_id}}})
     table = {line.split(" | ")[0].lstrip("| "): line for line in lines if line.startswith("| ") and "|---" not in line}
     assert "| bf16 (float) |" in table["openvino-bf16 (deployed)"]
     assert "| int8 |" in table["nncf-openvino-int8"] and "| f32 (float) |" in table["openvino-int8"]
+    assert "| 2.00x | 1.00x | yes |" in table["nncf-openvino-int8"]  # speed vs fp32, vs optimum INT8
     assert "on 2000 held-out choice texts" in lines[0]
 
     gate = {"gate_passed": 1.0, "n_judge": 5000, "gate_accuracy_change_low_points": -0.3,

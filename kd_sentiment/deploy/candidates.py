@@ -29,7 +29,9 @@ PyTorch fp32 parent: agreement with its lower bound, accuracy and macro-recall c
 seen and its paired one-sided 95% bound), and the change of the served probabilities' ECE (each
 model scaled by its own temperature fitted on these texts); and timed in-process, in interleaved
 rounds, as a ratio to ONNX Runtime fp32 (the fused graph): one text at a time at its own length (the
-serving case) and batches of 1 and 32 at a fixed length. The chosen one is the fastest (geometric
+serving case) and batches of 1 and 32 at a fixed length; plain optimum INT8 of the same model (the
+benchmark's peer) is timed in the same rounds, each candidate's speed against it logged beside.
+The chosen one is the fastest (geometric
 mean of the three ratios) whose accuracy and macro-recall drop at most `max_accuracy_drop` points
 and whose agreement is at least `min_agreement`, each by its one-sided 95% lower confidence bound
 (the gate's criteria on fewer texts), and whose ECE rises at most `max_ece_increase`. Every candidate is logged, with
@@ -224,14 +226,16 @@ def validate(candidates: list[Candidate], tokenizer_dir: Path, texts: list[str],
 
 
 def time_all(candidates: list[Candidate], reference: Path, tokenizer_dir: Path, texts: list[str],
-             fixed_length: int, threads: int) -> None:
+             fixed_length: int, threads: int, peer: Path | None = None) -> None:
     """Speed of each candidate relative to ONNX Runtime fp32 on `reference`, in interleaved rounds, in
     each TIMED setting: one choice text at a time at its own length (`real_b1`, the serving case),
     and batches of 1 and 32 at `fixed_length` tokens. Per setting `speed_<setting>` (> 1: faster, the
     median per-round ratio) and `ms_<setting>` (the median of the per-round medians); `speed` is their
-    geometric mean, what `choose` ranks by."""
+    geometric mean, what `choose` ranks by. With `peer` (plain optimum INT8 of the same model), timed
+    in the same rounds: `speed_vs_peer_<setting>` and their geometric mean `speed_vs_peer`."""
     baseline = Candidate("baseline-ort-fp32", reference)  # timed like a candidate; ort-f32 is a copy of it
-    runners = {c.name: c.runner(tokenizer_dir, threads) for c in [baseline, *candidates]}
+    references = [baseline, *([Candidate("peer-optimum-int8", peer)] if peer else [])]
+    runners = {c.name: c.runner(tokenizer_dir, threads) for c in [*references, *candidates]}
     tokenizer = runners[baseline.name].tokenizer
     real = [dict(tokenizer([text], truncation=True, max_length=fixed_length, return_tensors="np")) for text in texts]
     fixed = {size: dict(tokenizer((texts * 32)[:size], padding="max_length", truncation=True,
@@ -247,12 +251,15 @@ def time_all(candidates: list[Candidate], reference: Path, tokenizer_dir: Path, 
                                           TIMED[setting][2], budget_s=math.inf)
         times[name][setting][r] = model_ms
     for candidate in candidates:
+        for reference, suffix in zip(references, ("", "_vs_peer")):
+            for setting in TIMED:
+                ratios = timing.per_round_ratios(times[reference.name][setting], times[candidate.name][setting])
+                candidate.numbers[f"speed{suffix}_{setting}"] = float(np.median(ratios))
+            candidate.numbers[f"speed{suffix}"] = float(np.prod([candidate.numbers[f"speed{suffix}_{s}"]
+                                                                 for s in TIMED]) ** (1 / len(TIMED)))
         for setting in TIMED:
-            ratios = timing.per_round_ratios(times[baseline.name][setting], times[candidate.name][setting])
-            candidate.numbers[f"speed_{setting}"] = float(np.median(ratios))
             candidate.numbers[f"ms_{setting}"] = float(np.median([np.median(v) for v in
                                                                     times[candidate.name][setting].values()]))
-        candidate.numbers["speed"] = float(np.prod([candidate.numbers[f"speed_{s}"] for s in TIMED]) ** (1 / len(TIMED)))
 
 
 def shortfall(candidate: Candidate, max_accuracy_drop: float, max_ece_increase: float, min_agreement: float) -> float:

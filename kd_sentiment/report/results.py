@@ -410,7 +410,8 @@ def dataset_section(dataset: str, parent) -> tuple[str, dict]:
 def candidate_lines(record: dict) -> list[str]:
     """Each student's `quantize --mode auto` candidates, as its run logged them on its choice texts:
     what each graph computes in (INT8 only where it holds integer nodes), agreement and accuracy
-    change by their 95% bounds, ECE change, speed; the deployed one marked, its frontier figure named."""
+    change by their 95% bounds, ECE change, speed (against ONNX Runtime fp32 and plain optimum INT8, in
+    the same rounds); the deployed one marked, its frontier figure named."""
     lines = []
     for student, runs in record["students"].items():
         run = read_run(runs["quantize"]) if runs.get("quantize") else None
@@ -425,13 +426,15 @@ def candidate_lines(record: dict) -> list[str]:
                   f"`{run.info.run_id}`, figure `figures/quantize_candidates.png` there; speed: geometric mean of "
                   "one real text and batches of 1 and 32 against ONNX Runtime fp32):", "",
                   "| candidate | graph | agreement (95% bound) | accuracy change (95% bound) | ECE change | speed | "
-                  "within budget |", "|---|---|---|---|---|---|---|"]
+                  "vs optimum INT8 | within budget |", "|---|---|---|---|---|---|---|---|"]
         for row in frame.sort_values("speed", ascending=False).itertuples():
             graph = "int8" if row.integer_nodes else f"{row.precision} (float)"
             mark = " (deployed)" if row.candidate == run.data.tags.get("recipe") else ""
             lines.append(f"| {row.candidate}{mark} | {graph} | {pct(row.choice_agreement)}% ({pct(row.choice_agreement_low)}%)"
                          f" | {-row.choice_accuracy_drop_points:+.2f} ({row.choice_accuracy_change_low_points:+.2f}) | "
-                         f"{row.choice_ece_change:+.4f} | {row.speed:.2f}x | {'yes' if row.within_budget else 'no'} |")
+                         f"{row.choice_ece_change:+.4f} | {row.speed:.2f}x | "
+                         f"{f'{row.speed_vs_peer:.2f}x' if 'speed_vs_peer' in frame else 'n/a'} | "
+                         f"{'yes' if row.within_budget else 'no'} |")
         lines.append("")
     return lines
 

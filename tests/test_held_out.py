@@ -34,6 +34,22 @@ def test_choice_judge_and_training_texts_are_disjoint_and_held_out():
     assert held.sample(5, seed=1) == held.sample(5, seed=1)
 
 
+def test_texts_trained_on_stay_out_whatever_their_spaces_and_a_small_pool_is_shared():
+    """A transfer set is read stripped: ' train 150 ' trained on as 'train 150' must not be judged; a
+    validation text the parent also trained on neither; too few held-out texts for both samples are
+    shared in their proportion, never all taken by the choice."""
+    full = splits(n_train=40, n_validation=20)
+    full.train.loc[0, "text"], full.validation.loc[0, "text"] = " train 0 ", "train 1"
+    trained_on = ["train 0", "train 1"]
+    held = held_out.held_out(full, trained_on, choice_samples=2000, judge_samples=5000, seed=0)
+    picked = set(held.choose["text"]) | set(held.judge["text"])
+    assert not {" train 0 ", "train 1", "train 0"} & picked
+    assert len(held.choose) + len(held.judge) == 40 + 20 - 3  # both copies of "train 1" and " train 0 " dropped
+    assert len(held.choose) == (40 + 20 - 3) * 2000 // 7000 and len(held.judge) > len(held.choose)
+    with pytest.raises(UserError, match="cannot give both texts to choose on and texts to judge on"):
+        held_out.held_out(splits(n_train=2, n_validation=0), [], 2000, 5000, 0)
+
+
 def test_a_judge_file_with_training_texts_is_refused_by_row(tmp_path):
     full = splits()
     trained_on = [f"train {i}" for i in range(100)]

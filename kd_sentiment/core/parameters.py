@@ -313,8 +313,9 @@ class QuantizeArgs:
                                       read=optional_count)
     choice_samples: int = param(2000, "held-out texts (never judged) auto chooses on and the served temperature is "
                                       "fitted on")
-    mode: str = param("auto", "auto: the fastest candidate (ONNX Runtime INT8 recipes, OpenVINO fp32/bf16/INT8) "
-                              "within max_accuracy_drop and min_agreement on validation, measured on this CPU; "
+    mode: str = param("auto", "auto: the fastest candidate (ONNX Runtime INT8 recipes, QAD, NNCF, OpenVINO "
+                              "fp32/bf16/INT8) within max_accuracy_drop, max_ece_increase and min_agreement on the "
+                              "choice texts, measured on this CPU; "
                               "dynamic / static: the fixed ONNX Runtime recipe (activations quantized on the fly / "
                               "ranges calibrated on train)", choices=("auto", *QUANTIZATION_MODES))
     max_accuracy_drop: float = param(0.5, "largest accuracy (and macro-recall) drop vs the fp32 parent, in points: "
@@ -324,8 +325,8 @@ class QuantizeArgs:
                                           "vs the fp32 parent's, each scaled by its own temperature")
     min_agreement: float = param(0.97, "smallest share of predictions equal to the fp32 parent's, read as the "
                                        "one-sided 95%% lower confidence bound of the share seen on auto's choice "
-                                       "texts (a guard against a broken graph: INT8's flips are near-ties that "
-                                       "cost no accuracy; README, Step 3)")
+                                       "texts and on the judged ones (a guard against a broken graph: INT8's "
+                                       "flips are near-ties that cost no accuracy; README, Step 3)")
     candidates: str = param("", "auto: only these candidates, comma-separated (e.g. openvino-f32,ort-static; the "
                                 "names of quantize_candidates.json); empty: every candidate this CPU can run")
     fixed_length: int = param(128, "auto: tokens per text when timing candidates (the benchmark's fixed length)")
@@ -338,8 +339,9 @@ class QuantizeArgs:
     float_ffn_output: bool = param(False, "dynamic mode: keep the feed-forward output projections (after GELU) in "
                                           "float; their outlier activations cost INT8 the most accuracy (static "
                                           "mode always does)")
-    calibration_samples: int = param(300, "seeded sample of train texts: calibration of static INT8 (static mode, "
-                                          "auto's static candidates) and auto's sensitivity_texts")
+    calibration_samples: int = param(300, "seeded sample of the texts neither chosen nor judged on (the parent's "
+                                          "training texts and the held-out ones left over): calibration of static "
+                                          "INT8, NNCF and QAD, and auto's sensitivity_texts")
     sensitivity_texts: int = param(200, "auto: calibration texts each node's INT8 sensitivity is measured on, for "
                                         "the candidate that keeps the most sensitive nodes float (one quantization "
                                         "and pass per node: most of auto's time on a 6-layer model); 0 skips it")

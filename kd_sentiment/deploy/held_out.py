@@ -28,7 +28,7 @@ ENOUGH_TO_JUDGE = 5000  # texts the gate should rest on; fewer is logged and war
 class HeldOut:
     """Three disjoint sets of texts: what chooses, what judges, what calibration and QAD may train on."""
 
-    choose: pd.DataFrame | None  # auto: held-out texts (text, label) the choice reads; a fixed recipe: None
+    choose: pd.DataFrame         # held-out texts (text, label) auto chooses on and the temperature is fitted on
     judge: pd.DataFrame          # held-out texts (text, label) the gate reads
     train: list[str]             # the parent's training texts and the held-out texts neither chooses nor judges
     source: str                  # where the judged texts come from
@@ -78,34 +78,36 @@ def read_judge_file(path: str, label_names: list[str]) -> pd.DataFrame:
 
 
 def refuse_overlap(judge: pd.DataFrame, seen: set[str], source: str) -> None:
-    """A UserError naming the first judged row whose text a training step saw."""
-    overlap = judge["text"].isin(seen)
+    """A UserError naming the first judged row whose text (stripped) a training step saw."""
+    overlap = judge["text"].str.strip().isin(seen)
     if overlap.any():
         row = int(overlap.to_numpy().nonzero()[0][0])
         raise UserError(f"{source}: row {row + 1} ({int(overlap.sum())} row(s) in all) is a text the parent trained "
                         f"on: {judge['text'].iloc[row][:60]!r}. Judge on texts no training step saw; drop them.")
 
 
-def held_out(full: Splits, training: list[str], choice_samples: int | None, judge_samples: int | None,
+def held_out(full: Splits, training: list[str], choice_samples: int, judge_samples: int | None,
              seed: int, judge_file: str = "") -> HeldOut:
-    """The texts that choose (None when `choice_samples` is None), judge and train, disjoint;
-    `full`: the parent's dataset without subsets, `training`: the texts the parent trained on."""
-    seen = set(training)
-    pool = pd.concat([full.validation, full.train[~full.train["text"].isin(seen)]], ignore_index=True)
-    pool = pool.drop_duplicates("text").reset_index(drop=True)  # a text is in one set only
+    """The texts that choose, judge and train, disjoint; `full`: the parent's dataset without subsets,
+    `training`: the texts the parent trained on (compared stripped: a transfer set is read stripped).
+    Where the held-out texts cannot fill both samples they are shared in the samples' proportion, so
+    the choice never takes every text the gate needed."""
+    seen = {text.strip() for text in training}
+    pool = pd.concat([full.validation, full.train], ignore_index=True)
+    pool = pool[~pool["text"].str.strip().isin(seen)].drop_duplicates("text").reset_index(drop=True)
     judge, source = None, "validation+unused-train"
     if judge_file:
         judge = read_judge_file(judge_file, full.label_names)
         refuse_overlap(judge, seen, f"judge_texts {judge_file}")
         pool = pool[~pool["text"].isin(set(judge["text"]))].reset_index(drop=True)
         source = str(judge_file)
-    choose = None
-    if choice_samples is not None:
-        choose, pool = stratified_take(pool, choice_samples, seed, "choice_samples")
+    judged = 0 if judge is not None else judge_samples or max(len(pool) - choice_samples, choice_samples)
+    n_choose = min(choice_samples, len(pool) * choice_samples // (choice_samples + judged))
+    if n_choose < 1 or (judge is None and len(pool) - n_choose < 1):
+        raise UserError(f"{len(pool)} held-out text(s) (the parent trained on the rest) cannot give both texts to "
+                        f"choose on and texts to judge on; give judge_texts, or quantize a parent trained on fewer.")
+    choose, pool = stratified_take(pool, n_choose, seed, "choice_samples")
     if judge is None:
-        if pool.empty:
-            raise UserError(f"no held-out text is left to judge on after choice_samples={choice_samples}; "
-                            "lower choice_samples or give judge_texts.")
         judge, pool = stratified_take(pool, judge_samples or len(pool), seed, "judge_samples")
-    return HeldOut(None if choose is None else choose.reset_index(drop=True), judge.reset_index(drop=True),
-                   training + pool["text"].tolist(), source)
+    return HeldOut(choose.reset_index(drop=True), judge.reset_index(drop=True), training + pool["text"].tolist(),
+                   source)

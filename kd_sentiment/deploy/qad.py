@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from kd_sentiment.core.errors import UserError
 from kd_sentiment.training.loop import collate, length_grouped_batches, model_inputs, tokenize
+from kd_sentiment.training.steps import step_accelerator
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,8 @@ def distil(model, tokenizer, quantized_nodes: list[str], texts: list[str], calib
     if steps <= 0 or not texts:
         raise UserError(f"QAD needs steps > 0 and training texts (steps={steps}, {len(texts)} texts).")
     set_seed(seed)
-    accelerator = Accelerator()
+    # fp32 whatever precision an earlier step of the pipeline's process trained in: the simulation is of INT8
+    accelerator = step_accelerator(cpu=False, mixed_precision="no")
     reference = copy.deepcopy(model).eval()
     wrapped = wrap(model, sorted({module_name(node) for node in quantized_nodes}), 63 if reduce_range else 127)
     model.to(accelerator.device)

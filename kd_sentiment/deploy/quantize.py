@@ -221,6 +221,10 @@ def settle(args: QuantizeArgs) -> Plan:
         candidates.refuse_too_few_texts(args.choice_samples, args.min_agreement)
     held = held_out.held_out(full, held_out.parent_training_texts(parent.run_id, trained, full), args.choice_samples,
                              args.judge_samples, args.seed, args.judge_texts)
+    if args.mode == "auto" and len(held.choose) < args.choice_samples:  # fewer held-out texts than asked for
+        log.warning("quantize: %d held-out texts to choose on (choice_samples=%d)", len(held.choose),
+                    args.choice_samples)
+        candidates.refuse_too_few_texts(len(held.choose), args.min_agreement)
     if len(held.judge) < held_out.ENOUGH_TO_JUDGE:
         log.warning("quantize: the gate rests on %d held-out texts, fewer than %d; its bounds are wide",
                     len(held.judge), held_out.ENOUGH_TO_JUDGE)

@@ -573,7 +573,8 @@ def graph_of(quantize_run) -> str:
 
 
 def int8_verdict(quantize_metrics: dict, graph: str) -> str:
-    """The INT8 target: an INT8 graph whose gate passed on at least INT8_MIN_JUDGED held-out texts."""
+    """The INT8 target: an INT8 graph judged on at least INT8_MIN_JUDGED held-out texts whose accuracy
+    and macro-recall bounds and ECE change hold the target's thresholds."""
     if graph != "int8":
         return f"**not met** (a {graph} graph)"
     if "gate_passed" not in quantize_metrics:
@@ -581,7 +582,10 @@ def int8_verdict(quantize_metrics: dict, graph: str) -> str:
     judged = int(quantize_metrics["n_judge"])
     if judged < INT8_MIN_JUDGED:
         return f"**not met** (judged on {judged} texts, fewer than {INT8_MIN_JUDGED})"
-    return verdict(bool(quantize_metrics["gate_passed"]))
+    # the target's own thresholds, not the run's (a run may have been given a wider budget)
+    return verdict(all(round(quantize_metrics[f"gate_{m}_change_low_points"], 9) >= -INT8_MAX_DROP_POINTS
+                       for m in ("accuracy", "macro_recall"))
+                   and quantize_metrics["gate_ece_change"] <= INT8_MAX_ECE_INCREASE)
 
 
 def int8_gate_lines(dataset: str, student: str, e: dict) -> list[str]:

@@ -31,6 +31,11 @@ def preset_name(features: dict) -> str:
     return "avx512" if features["avx512"] else "avx2"
 
 
+def seven_bit_weights(features: dict, reduce_range: bool | None) -> bool:
+    """`reduce_range` where chosen, else 7-bit weights on x86 without VNNI (see `quantize_onnx`)."""
+    return (not features["vnni"] and not features["arm64"]) if reduce_range is None else reduce_range
+
+
 def _int8_ops(path: Path) -> dict[str, int]:
     """How many nodes of each quantization-related operator the graph at `path` holds."""
     import onnx
@@ -196,7 +201,7 @@ def _recipe(graph, source: Path, features: dict, static: bool, per_channel: bool
         config.operators_to_quantize = [op for op in config.operators_to_quantize
                                         if getattr(op, "value", op) not in EMBEDDING_OPS]
     # The vnni and arm64 presets fix reduce_range=False; an explicit choice still wins.
-    config.reduce_range = (not features["vnni"] and not features["arm64"]) if reduce_range is None else reduce_range
+    config.reduce_range = seven_bit_weights(features, reduce_range)
     return config
 
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from accelerate.utils import set_seed
 
 from kd_sentiment.core.errors import UserError
+from kd_sentiment.training.losses import UNLABELLED, distillation_loss
 from kd_sentiment.training.loop import collate, length_grouped_batches, model_inputs, tokenize
 from kd_sentiment.training.steps import step_accelerator
 
@@ -133,8 +134,8 @@ def distil(model, tokenizer, quantized_nodes: list[str], texts: list[str], calib
         with torch.no_grad():
             target = reference(**inputs).logits
         logits = model(**inputs).logits
-        loss = F.kl_div(F.log_softmax(logits / TEMPERATURE, -1), F.log_softmax(target / TEMPERATURE, -1),
-                        reduction="batchmean", log_target=True) * TEMPERATURE ** 2
+        unlabelled = torch.full((len(logits),), UNLABELLED, device=logits.device)  # the KD term alone
+        loss = distillation_loss(logits, unlabelled, target, TEMPERATURE, alpha=1.0)
         accelerator.backward(loss)
         optimizer.step()
         schedule.step()
@@ -161,8 +162,7 @@ def qad_graph(fp32_dir: Path, unfused: Path, out: Path, texts: list[str], calibr
 
     graph = onnx.load(str(unfused), load_external_data=False).graph
     nodes = int8_recipes.static_matmuls(graph)
-    features = cpu_features()
-    narrow = (not features["vnni"] and not features["arm64"]) if reduce_range is None else reduce_range
+    narrow = int8_recipes.seven_bit_weights(cpu_features(), reduce_range)
     model = AutoModelForSequenceClassification.from_pretrained(fp32_dir)
     tokenizer = load_tokenizer(str(fp32_dir))
     cost = distil(model, tokenizer, nodes, texts, calibration_texts, max_length, steps, learning_rate, narrow, seed)
